@@ -1,0 +1,213 @@
+"""The `rcg` command: one subcommand per pipeline stage, plus generation and model tools.
+
+Every subcommand reads params.yaml (`--params`), optionally switches preset (`--preset`) and takes
+`--set key=value` overrides; the resolved config is validated before any work starts. Stage code
+lives in `rcg.stages.<name>.run`; this file only parses arguments and wires them through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from rcg import config as config_mod
+from rcg.io import PipelineError
+
+# Telemetry off unless the user says otherwise: nothing may wait on the network.
+for _k, _v in {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+EPILOG = """\
+examples:
+  rcg shard                                 # Fashion-MNIST -> data/shards (the embedded default)
+  rcg shard --set shard.source=folder --set shard.folder=/data/imagenet --preset imagenet256
+  rcg train-rdm --preset tiny --set train_rdm.steps=50
+  dvc repro                                 # the whole pipeline, only what is stale
+"""
+
+# subcommand -> (module under rcg.stages, one-line help, longer description)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "shard": (
+        "shard",
+        "image source -> WebDataset shards + manifest",
+        "Read the source named by shard.source (Fashion-MNIST idx files, or an image folder in "
+        "ImageNet layout or flat) and write data/shards/{train,val}/*.tar and manifest.json. "
+        "Unusable files are skipped and listed with their reason in the manifest.",
+    ),
+    "encoder": (
+        "encoder",
+        "convert an official SSL checkpoint, or pretrain MoCo v3 on the train shards",
+        "With encoder.checkpoint set, load it strictly (MoCo v3, DINO, iBOT or DeiT format) and "
+        "write models/encoder/; otherwise pretrain MoCo v3 on the train shards (resumable). "
+        "Writes metrics/encoder.json with kNN accuracy against a random init and raw pixels.",
+    ),
+    "encode": (
+        "encode",
+        "shards -> representations (orig + flip views) in Parquet",
+        "Run the frozen encoder over every train and val sample and its horizontal flip, and "
+        "write data/features/{train,val}.parquet and summary.json.",
+    ),
+    "train-rdm": (
+        "train_rdm",
+        "train the representation diffusion model (and its class-conditional twin)",
+        "Train the RDM on the cached train representations; writes models/rdm/ and "
+        "metrics/rdm.json (Frechet distances of RDM samples against train and val reps).",
+    ),
+    "sample-reps": (
+        "sample_reps",
+        "sample representations from the trained RDM to Parquet",
+        "Draw --n representations from the RDM (class-conditional with --class) and write them "
+        "to a Parquet file.",
+    ),
+    "train-generator": (
+        "train_generator",
+        "train the image generator conditioned on reps, labels or nothing",
+        "Train the pixel generator with --condition rep (RCG), none (unconditional baseline) or "
+        "label (class-label baseline); resumable checkpoints in models/generator/<condition>/.",
+    ),
+    "generate": (
+        "generate",
+        "generate images: RDM samples -> image generator (optionally guided)",
+        "Sample representations from the RDM and decode them with the representation-conditioned "
+        "generator; or condition on given images / interpolate between two images.",
+    ),
+    "evalnet": (
+        "evalnet",
+        "train the domain classifier used as an evaluation feature extractor",
+        "Train a small classifier on the labelled train split; its features score generated "
+        "images when Inception weights are not available. Writes metrics/evalnet.json.",
+    ),
+    "evaluate": (
+        "evaluate",
+        "score every generation mode with torch-fidelity",
+        "Generate evaluate.n_samples images per mode and compute Frechet distance, IS, KID, "
+        "precision and recall; writes metrics/eval.json and plots/.",
+    ),
+    "report": (
+        "report",
+        "print the evaluation table as Markdown beside the paper's numbers",
+        "Read metrics/eval.json and print one row per generation mode.",
+    ),
+    "promote": (
+        "promote",
+        "move the @champion alias to a registered generator version if its fd is better",
+        "Compare the fd of a registered model version with the current @champion and move the "
+        "alias only when the new one is better.",
+    ),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument(
+        "--preset",
+        choices=config_mod.PRESET_NAMES,
+        help="use this preset instead of the one named in params.yaml",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train_rdm.lr=1e-4 (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_stage_options(name: str, p: argparse.ArgumentParser) -> None:
+    """Options that only one subcommand has; everything else comes from params.yaml."""
+    if name == "sample-reps":
+        p.add_argument("--n", type=int, default=1000, help="how many representations")
+        p.add_argument("--class", dest="class_id", type=int, default=None,
+                       help="class index for the class-conditional RDM (default: unconditional)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default="data/samples/reps.parquet", help="output Parquet file")
+    elif name == "train-generator":
+        p.add_argument("--condition", choices=["rep", "none", "label"], default="rep",
+                       help="rep: RCG; none: unconditional baseline; label: class-label baseline")
+    elif name == "generate":
+        p.add_argument("--n", type=int, default=64, help="how many images")
+        p.add_argument("--class", dest="class_id", type=int, default=None,
+                       help="class index, through the class-conditional RDM")
+        p.add_argument("--cfg", type=float, default=0.0, help="guidance scale (0: none)")
+        p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="linear",
+                       help="constant scale, or the reference's linearly increasing one")
+        p.add_argument("--steps", type=int, default=None, help="sampling steps (default: params)")
+        p.add_argument("--from-image", default=None,
+                       help="condition on this image's representation (paper Fig. 6)")
+        p.add_argument("--interpolate", nargs=2, default=None, metavar=("IMG_A", "IMG_B"),
+                       help="interpolate between two images' representations (paper Fig. 7)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default="outputs/generate", help="output folder for PNGs + grid")
+    elif name == "promote":
+        p.add_argument("--version", default=None, help="model version (default: the latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rcg",
+        description="RCG: self-supervised representation generation for unconditional image "
+        "generation (Li, Katabi & He, NeurIPS 2024), as a DVC/Prefect/MLflow pipeline.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, short, long) in STAGES.items():
+        p = sub.add_parser(name, help=short, description=long)
+        _add_common(p)
+        _add_stage_options(name, p)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    overrides: dict[str, Any] = config_mod.parse_set(args.overrides)
+    if args.preset:
+        overrides["preset"] = args.preset
+    return config_mod.load(args.params, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    log = logging.getLogger("rcg")
+    try:
+        cfg = load_config(args)
+    except config_mod.ConfigError as e:
+        print(f"rcg {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"rcg.stages.{STAGES[args.command][0]}")
+    extra = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in {"command", "params", "preset", "overrides", "verbose"}
+    }
+    log.info("%s: preset=%s", args.command, cfg.preset)
+    t0 = time.perf_counter()
+    try:
+        module.run(cfg, **extra)
+    except (FileNotFoundError, PipelineError, config_mod.ConfigError) as e:
+        # Expected user-facing failures (missing input, bad data): one clear line, no traceback.
+        print(f"rcg {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    log.info("%s: done in %.1fs", args.command, time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Typed configuration: params.yaml -> preset -> dataclasses -> plain functions.
+
+Resolution order (later wins):
+  1. the dataclass defaults below: the embedded default preset (Fashion-MNIST on a laptop CPU);
+  2. the preset named by ``preset:`` in params.yaml (``rcg/presets/<name>.yaml``, overrides only);
+  3. the stage blocks of params.yaml (the user's own overrides; ``dvc exp run -S train_rdm.lr=1e-4``);
+  4. ``--set key=value`` on the command line.
+
+Every key is checked before any work starts: an unknown key, a missing block or a value of the wrong
+type raises :class:`ConfigError` naming the dotted key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESET_NAMES = ("tiny", "default", "imagenet256")
+
+
+class ConfigError(ValueError):
+    """A params.yaml or preset value that cannot be used; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage blocks. One dataclass per block of params.yaml; a comment on every default says why.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardConfig:
+    """`rcg shard`: turn an image source into WebDataset shards (DESIGN.md, stage `shard`)."""
+
+    source: Literal["fashion_mnist", "folder"] = "fashion_mnist"  # the embedded default
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"  # Debian `dataset-fashion-mnist`
+    folder: str = ""  # image folder: ImageNet layout (train/<class>/*) or flat, unlabelled
+    val_fraction: float = 0.0  # held-out share for a folder without val/ (0: no val split)
+    min_size: int = 8  # images whose shorter side is below this are skipped (too small to use)
+    max_per_split: int = 0  # cap on images per split (0: all); the tiny preset uses a few hundred
+    shard_size: int = 10000  # samples per .tar; 10k FMNIST samples are ~3 MB
+    workers: int = 2  # processes re-encoding images that are not already PNG/JPEG
+    out_dir: str = "data/shards"
+
+
+@dataclass
+class DataConfig:
+    """How every later stage reads the shards (one reader, rcg.data.loader)."""
+
+    shards_dir: str = "data/shards"
+    image_size: int = 28  # side of the square images the models see
+    channels: int = 1  # 1 for grayscale Fashion-MNIST, 3 for photographs
+    num_workers: int = 2  # DataLoader workers; shards are split across them
+    shuffle_buffer: int = 2000  # samples kept for WebDataset's in-memory shuffle
+
+
+@dataclass
+class EncoderConfig:
+    """`rcg encoder`: the frozen SSL encoder (REFERENCE.md section 1; MoCo v3)."""
+
+    checkpoint: str = ""  # official checkpoint file; empty = pretrain MoCo v3 on the train shards
+    checkpoint_format: Literal["mocov3", "dino", "ibot", "deit"] = "mocov3"
+    arch: str = "vit_fmnist"  # name in rcg.encoders.vit.ARCHS
+    img_size: int = 28  # encoder input side; inputs are normalised then resized bicubic to it
+    patch_size: int = 7  # 28 px / 7 = 16 tokens: fast enough for CPU pretraining (ENVIRONMENT.md)
+    embed_dim: int = 192
+    depth: int = 2
+    num_heads: int = 3
+    proj_hidden_dim: int = 1024  # MoCo v3 uses 4096; smaller keeps the CPU preset fast
+    rep_dim: int = 256  # the representation RCG conditions on (projector output)
+    # MoCo v3 pretraining (used only when `checkpoint` is empty)
+    epochs: float = 4.0
+    batch_size: int = 256
+    lr: float = 1.5e-4  # base lr per 256 images (MoCo v3: lr = blr * batch / 256)
+    weight_decay: float = 0.1
+    warmup_epochs: float = 0.5
+    temperature: float = 0.2  # InfoNCE temperature (MoCo v3 ViT recipe)
+    momentum: float = 0.99  # base momentum of the key encoder, cosine-increased to 1
+    pred_hidden_dim: int = 1024
+    knn_k: int = 20
+    ckpt_every: int = 200  # optimiser steps between resumable checkpoints
+    seed: int = 0
+    out_dir: str = "models/encoder"
+    metrics_file: str = "metrics/encoder.json"
+
+
+@dataclass
+class EncodeConfig:
+    """`rcg encode`: representations of every sample and its flip to Parquet."""
+
+    batch_size: int = 512
+    out_dir: str = "data/features"
+
+
+@dataclass
+class RDMConfig:
+    """`rcg train-rdm`: the representation diffusion model (REFERENCE.md section 2)."""
+
+    width: int = 512  # paper: 1536
+    depth: int = 6  # residual blocks; paper: 12
+    time_embed_dim: int = 256
+    class_embed_dim: int = 512
+    class_cond: bool = True  # also train the class-conditional RDM when features carry labels
+    timesteps: int = 1000
+    beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"
+    linear_start: float = 0.0015
+    linear_end: float = 0.0195
+    steps: int = 6000
+    batch_size: int = 512
+    lr: float = 5.12e-4  # reference: blr 1e-6 x global batch 512, constant
+    weight_decay: float = 0.01
+    ema_decay: float = 0.9999
+    ckpt_every: int = 1000
+    sample_steps: int = 250  # DDIM steps at sampling time (reference: 250 of 1000)
+    eta: float = 1.0
+    n_eval: int = 5000  # samples for the Frechet distances in metrics/rdm.json
+    seed: int = 0
+    out_dir: str = "models/rdm"
+    metrics_file: str = "metrics/rdm.json"
+
+
+@dataclass
+class GeneratorConfig:
+    """`rcg train-generator`: the representation-conditioned image generator (REFERENCE.md 3.2)."""
+
+    arch: str = "dit_fmnist"  # name in rcg.generators.REGISTRY
+    conditions: list[str] = field(default_factory=lambda: ["rep", "none", "label"])
+    rep_drop_prob: float = 0.1  # share of reps swapped for the learned fake_latent (for CFG)
+    timesteps: int = 1000
+    beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "linear"
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    sample_every: int = 1000
+    sample_steps: int = 50
+    seed: int = 0
+    out_dir: str = "models/generator"
+
+
+@dataclass
+class EvalNetConfig:
+    """`rcg evalnet`: the domain classifier whose features score generated images."""
+
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 2e-3
+    seed: int = 0
+    out_dir: str = "models/evalnet"
+    metrics_file: str = "metrics/evalnet.json"
+
+
+@dataclass
+class EvaluateConfig:
+    """`rcg evaluate`: every generation mode scored with torch-fidelity (REFERENCE.md section 4)."""
+
+    extractor: Literal["evalnet", "inception"] = "evalnet"
+    inception_weights: str = ""  # local weights file for standard FID (no download here)
+    modes: list[str] = field(
+        default_factory=lambda: ["uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle"]
+    )
+    n_samples: int = 2000
+    batch_size: int = 250
+    sample_steps: int = 50
+    cfg: float = 1.0
+    cfg_schedule: Literal["constant", "linear"] = "linear"
+    seed: int = 0
+    metrics_file: str = "metrics/eval.json"
+    plots_dir: str = "plots"
+    cache_dir: str = "data/fidelity_cache"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: where runs go. The default is a local file store inside the project (git-ignored)."""
+
+    uri: str = "file:./mlruns"
+    enabled: bool = True
+    experiment_prefix: str = "rcg"
+    registered_model: str = "rcg-generator"
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration: one attribute per params.yaml block."""
+
+    preset: str = "default"
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train_rdm: RDMConfig = field(default_factory=RDMConfig)
+    train_generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    evalnet: EvalNetConfig = field(default_factory=EvalNetConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        (inner,) = get_args(tp)
+        return f"list[{_type_name(inner)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming `key` and the expected type."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = get_args(tp)
+        return [_check_value(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"{key}: union types are not supported in config dataclasses")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        # YAML reads `1e-4` as a string (YAML 1.1), so accept numeric strings for floats.
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> None:
+    """Set `overrides` on dataclass `obj` in place, validating every key and type."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {overrides!r}")
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{dotted}: unknown key (known keys here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, key), value, dotted + ".")
+        else:
+            setattr(obj, key, _check_value(dotted, value, tp))
+
+
+def _block_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """The overrides a preset applies on top of the dataclass defaults (`default` has none)."""
+    if name not in PRESET_NAMES:
+        raise ConfigError(f"preset: expected one of {', '.join(PRESET_NAMES)}, got {name!r}")
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage blocks")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Turn `["train_rdm.lr=1e-4", "preset=tiny"]` into a nested dict, values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train_rdm.lr=1e-4")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(params: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from a params.yaml mapping and optional `--set` overrides.
+
+    params.yaml must name a `preset` and have every stage block (an empty block `{}` is fine);
+    a missing block is an error so that a typo in a block name cannot silently fall back to defaults.
+    """
+    if not isinstance(params, dict):
+        raise ConfigError("params: expected a mapping at the top of params.yaml")
+    params = _merge(params, overrides or {})
+    if "preset" not in params:
+        raise ConfigError("preset: missing key (expected one of: " + ", ".join(PRESET_NAMES) + ")")
+    preset = _check_value("preset", params["preset"], str)
+    for block in _block_names():
+        if block not in params:
+            raise ConfigError(f"{block}: missing key (expected a mapping; use {{}} for no overrides)")
+    cfg = Config(preset=preset)
+    _apply(cfg, {k: v for k, v in preset_overrides(preset).items()}, "")
+    _apply(cfg, {k: (v or {}) for k, v in params.items() if k != "preset"}, "")
+    return cfg
+
+
+def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate params.yaml (see `resolve`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return resolve(params, overrides)

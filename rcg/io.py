@@ -1,0 +1,63 @@
+"""Small file helpers shared by every stage: atomic writes and JSON outputs.
+
+Every output of the pipeline is written to a temporary file beside its destination and renamed into
+place, so an interrupted run never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class PipelineError(RuntimeError):
+    """A user-facing failure (bad input, missing upstream output): the CLI prints it in one line."""
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The project's logger for `name` (configured once by the CLI)."""
+    return logging.getLogger(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically (DVC metrics files, manifests, configs)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming the file in the error when it is missing or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (has the stage that writes it run?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None

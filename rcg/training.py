@@ -1,0 +1,200 @@
+"""What every training stage shares: torchrun/DDP set-up, seeding, EMA, resumable checkpoints.
+
+The encoder (MoCo v3), the RDM and the image generator all train through these pieces, so resume,
+EMA and distributed behaviour are the same everywhere. Launch any stage under `torchrun` unchanged:
+`setup_distributed` reads the environment torchrun sets and does nothing without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rcg.io import atomic_path, get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def cleanup_distributed() -> None:
+    """Tear down the process group if `setup_distributed` made one."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Module:
+    """DDP-wrap `model` when running under torchrun with more than one process."""
+    if not info.distributed:
+        return model
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=find_unused
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside a DDP wrapper (for state dicts and EMA)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; each rank gets `seed + rank` as in the reference."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision: bf16 autocast on CPU and GPU (bf16 needs no GradScaler)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class EMA:
+    """Exponential moving average of a model's weights (REFERENCE.md 2.3, LitEma).
+
+    With `warmup=True` the decay at update n is min(decay, (1 + n) / (10 + n)), so early averages
+    are not dominated by the random initialisation; the reference RDM does this, DiT does not.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        self.model = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        src = unwrap(model).state_dict()
+        for name, ema_t in self.model.state_dict().items():
+            t = src[name]
+            if ema_t.dtype.is_floating_point:
+                ema_t.lerp_(t.detach(), 1.0 - d)
+            else:
+                ema_t.copy_(t)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
+
+
+class Checkpointer:
+    """Resumable training state in `<dir>/checkpoint-last.pt`, written atomically.
+
+    Holds whatever the stage passes (model, EMA, optimiser, step, RNG states); `load` returns None
+    when there is nothing to resume, so a stage calls it unconditionally at start-up. The
+    `fingerprint` (e.g. a hash of the stage's config block) guards against resuming a run whose
+    settings have since changed: such a checkpoint is ignored, with a log line saying so.
+    """
+
+    def __init__(
+        self, directory: str | Path, fingerprint: str = "", name: str = "checkpoint-last.pt"
+    ) -> None:
+        self.path = Path(directory) / name
+        self.fingerprint = fingerprint
+
+    def save(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["fingerprint"] = self.fingerprint
+        state["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location=map_location, weights_only=False)
+        except Exception as e:  # a truncated file cannot come from atomic writes, but say so clearly
+            raise RuntimeError(f"{self.path}: cannot read checkpoint ({e}); delete it to start over") from e
+        if state.get("fingerprint", "") != self.fingerprint:
+            log.warning("%s was written with other settings; starting over", self.path)
+            return None
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        log.info("resuming from %s (step %s)", self.path, state.get("step"))
+        return state
+
+
+def fingerprint(*objs: Any) -> str:
+    """A short stable hash of config objects (dataclasses or plain data), for `Checkpointer`."""
+    import dataclasses
+    import hashlib
+    import json
+
+    plain = [dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in objs]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def main_process_first(info: DistInfo) -> Iterator[None]:
+    """Let rank 0 do something (e.g. write a file) before the other ranks read it."""
+    if info.distributed and not info.is_main:
+        dist.barrier()
+    yield
+    if info.distributed and info.is_main:
+        dist.barrier()
