@@ -1,0 +1,1 @@
+"""Image data: sources (Fashion-MNIST, folders), shard writing, and the shared shard reader."""

@@ -1,0 +1,132 @@
+"""The one shard reader every stage shares (WebDataset), in two modes.
+
+- `once`: every sample exactly once across DDP ranks and DataLoader workers (shards are split by
+  node, then by worker, never shuffled): encoding and evaluation.
+- `train`: an endless stream of resampled shards with an in-memory shuffle buffer; each rank and
+  worker draws with its own seed. Training loops count steps, not epochs.
+
+Batches are dicts: {"key": list[str], "image": float [B, C, H, W] in [0, 1], "label": int64 [B]},
+with label -1 for unlabelled samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from rcg.config import DataConfig
+from rcg.data.images import decode, resize_crop, to_tensor
+from rcg.io import PipelineError, read_json
+from rcg.training import DistInfo
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    """The shard stage's manifest.json (counts, classes, skipped files)."""
+    path = Path(shards_dir) / "manifest.json"
+    if not path.exists():
+        raise PipelineError(f"{path}: no shard manifest (run `rcg shard` first)")
+    return read_json(path)
+
+
+def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
+    """The split's shard files in order; an error naming the folder when there are none."""
+    folder = Path(shards_dir) / split
+    urls = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
+    if not urls:
+        raise PipelineError(f"{folder}: no shards for split {split!r} (run `rcg shard` first)")
+    return urls
+
+
+class _Decode:
+    """Shard sample -> {"key", "image", "label"}; a picklable callable for DataLoader workers."""
+
+    def __init__(self, size: int, channels: int, random_crop: bool, transform: Transform | None):
+        self.size, self.channels, self.random_crop, self.transform = size, channels, random_crop, transform
+        self._rng: np.random.Generator | None = None
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        data = sample.get("png", sample.get("jpg"))
+        if data is None:
+            raise PipelineError(f"{sample.get('__url__')}: sample {sample['__key__']} has no image")
+        if self.random_crop and self._rng is None:
+            # Seeded from torch's per-worker seed, so workers differ but runs are reproducible.
+            self._rng = np.random.default_rng(torch.initial_seed() % 2**32)
+        img = resize_crop(decode(data, self.channels), self.size, self._rng if self.random_crop else None)
+        image = to_tensor(img)
+        if self.transform is not None:
+            image = self.transform(image)
+        cls = sample.get("cls")
+        label = int(cls) if cls is not None else -1
+        return {"key": sample["__key__"], "image": image, "label": label}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "key": [s["key"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+    }
+
+
+def image_dataset(
+    data_cfg: DataConfig,
+    split: str,
+    mode: Literal["once", "train"],
+    transform: Transform | None = None,
+    seed: int = 0,
+) -> wds.WebDataset:
+    """The per-sample WebDataset pipeline for `split` (see the module docstring for the modes)."""
+    urls = shard_urls(data_cfg.shards_dir, split)
+    dec = _Decode(data_cfg.image_size, data_cfg.channels, random_crop=(mode == "train"), transform=transform)
+    if mode == "once":
+        ds = wds.WebDataset(
+            urls,
+            shardshuffle=False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,  # a worker may get no shard when shards < workers x ranks
+        )
+    elif mode == "train":
+        ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)
+        ds = ds.shuffle(data_cfg.shuffle_buffer)
+    else:
+        raise ValueError(f"mode must be 'once' or 'train', got {mode!r}")
+    return ds.map(dec)
+
+
+def make_loader(
+    data_cfg: DataConfig,
+    split: str,
+    mode: Literal["once", "train"],
+    batch_size: int,
+    transform: Transform | None = None,
+    info: DistInfo | None = None,
+    drop_last: bool | None = None,
+    num_workers: int | None = None,
+) -> Iterable[dict[str, Any]]:
+    """A DataLoader over the shards of `split` yielding dict batches (module docstring).
+
+    `info` is accepted for symmetry with the training code; rank and world size are read from
+    torch.distributed by WebDataset's node splitter. `drop_last` defaults to True in `train` mode
+    (equal batch shapes for DDP) and False in `once` mode (nothing may be lost).
+    """
+    del info  # splitting by node reads torch.distributed directly
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    ds = image_dataset(data_cfg, split, mode, transform)
+    drop = (mode == "train") if drop_last is None else drop_last
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        drop_last=drop,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,169 @@
+"""Image sources the shard stage reads: Fashion-MNIST idx files, and image folders.
+
+A source yields `Item`s in a fixed order (so shards are byte-identical across runs). Reading and
+checking the bytes happens later, in parallel workers (`rcg.data.images.prepare`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rcg.io import PipelineError
+
+# Fashion-MNIST's class names, in label order (Xiao, Rasul & Vollgraf 2017).
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample to shard: a file on disk (`path`) or raw 8-bit pixels (`pixels`)."""
+
+    key: str  # stable WebDataset key, unique within its split
+    label: int | None
+    path: str | None = None
+    pixels: np.ndarray | None = None  # uint8 [H, W] (grayscale), for idx sources
+
+
+@dataclass
+class Source:
+    """What a source found: items per split, class names, and a fingerprint of the input."""
+
+    splits: dict[str, list[Item]]
+    classes: list[str]
+    fingerprint: str
+    description: str
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (LeCun's MNIST format: big-endian header, then uint8 data)."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:
+        raise PipelineError(f"{path}: cannot read idx file ({e})") from None
+    if len(raw) < 4:
+        raise PipelineError(f"{path}: not an idx file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise PipelineError(f"{path}: not a uint8 idx file (magic {raw[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise PipelineError(f"{path}: truncated idx file ({data.size} of {int(np.prod(dims))} bytes)")
+    return data.reshape(dims)
+
+
+def fashion_mnist(directory: str | Path, max_per_split: int = 0) -> Source:
+    """Fashion-MNIST from the Debian `dataset-fashion-mnist` idx files: train -> train, test -> val."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PipelineError(
+            f"{directory}: Fashion-MNIST not found (install Debian's dataset-fashion-mnist, "
+            "or set shard.fashion_mnist_dir)"
+        )
+    splits: dict[str, list[Item]] = {}
+    h = hashlib.sha256()
+    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+        img_path, lbl_path = directory / img_name, directory / lbl_name
+        for p in (img_path, lbl_path):
+            if not p.exists():
+                raise PipelineError(f"{p}: missing Fashion-MNIST file")
+            h.update(p.name.encode() + p.read_bytes())
+        images, labels = _read_idx(img_path), _read_idx(lbl_path)
+        if len(images) != len(labels):
+            raise PipelineError(f"{img_path}: {len(images)} images but {len(labels)} labels")
+        n = len(images) if max_per_split <= 0 else min(max_per_split, len(images))
+        splits[split] = [
+            Item(key=f"{split}_{i:06d}", label=int(labels[i]), pixels=images[i]) for i in range(n)
+        ]
+    return Source(splits, list(FASHION_MNIST_CLASSES), h.hexdigest()[:16], f"fashion-mnist:{directory}")
+
+
+def _key_for(rel: Path) -> str:
+    # WebDataset splits a file name at its first dot into key and extension, so keys carry no dots.
+    stem = rel.with_suffix("").as_posix()
+    return stem.replace(".", "_")
+
+
+def _list_images(root: Path) -> list[Path]:
+    """Every file under `root`, sorted; non-image suffixes are kept so they get a recorded skip."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _fingerprint_files(paths: list[Path], root: Path) -> str:
+    # Names, sizes and mtimes: cheap, and changes whenever the collection changes.
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p.relative_to(root).as_posix()}\0unreadable\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _split_of(key: str, val_fraction: float) -> str:
+    """Deterministic held-out assignment by key hash (stable when files are added or removed)."""
+    if val_fraction <= 0:
+        return "train"
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if u < val_fraction else "train"
+
+
+def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int = 0) -> Source:
+    """An image folder: ImageNet layout (`train/<class>/*`, optional `val/<class>/*`) or flat.
+
+    A folder with a `train/` subfolder is read as ImageNet layout with class labels taken from the
+    folder names of `train/`; anything else is a flat, unlabelled collection (all files, recursively).
+    """
+    root = Path(root)
+    if not str(root) or not root.exists():
+        raise PipelineError(f"{root}: image folder not found (set shard.folder)")
+    if not root.is_dir():
+        raise PipelineError(f"{root}: not a folder")
+    splits: dict[str, list[Item]] = {"train": [], "val": []}
+    all_files: list[Path] = []
+    if (root / "train").is_dir():
+        classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        if not classes:
+            raise PipelineError(f"{root / 'train'}: no class folders (expected train/<class>/*)")
+        index = {c: i for i, c in enumerate(classes)}
+        has_val = (root / "val").is_dir()
+        for split_dir in ("train", "val"):
+            if not (root / split_dir).is_dir():
+                continue
+            for path in _list_images(root / split_dir):
+                all_files.append(path)
+                rel = path.relative_to(root / split_dir)
+                cls = rel.parts[0] if len(rel.parts) > 1 else None
+                key = _key_for(rel)
+                split = split_dir if has_val else _split_of(key, val_fraction)
+                label = index.get(cls) if cls is not None else None
+                # Files outside a known class folder are kept as items; `prepare` records the skip.
+                splits[split].append(Item(key=key, label=label if label is not None else -1, path=str(path)))
+    else:
+        classes = []
+        for path in _list_images(root):
+            all_files.append(path)
+            key = _key_for(path.relative_to(root))
+            splits[_split_of(key, val_fraction)].append(Item(key=key, label=None, path=str(path)))
+    if not all_files:
+        raise PipelineError(f"{root}: no files found (empty folder)")
+    if max_per_split > 0:
+        splits = {s: items[:max_per_split] for s, items in splits.items()}
+    splits = {s: items for s, items in splits.items() if items}
+    return Source(splits, classes, _fingerprint_files(all_files, root), f"folder:{root}")
