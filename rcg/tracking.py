@@ -88,6 +88,32 @@ class Tracker:
             mlflow.set_tags(tags)
 
 
+def configure(cfg: Config) -> None:
+    """Point MLflow at the configured tracking URI (creating the local SQLite folder if needed)."""
+    import mlflow
+
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+
+
+def ensure_experiment(cfg: Config, name: str) -> str:
+    """Create (or find) experiment `name`, with artifacts under tracking.artifact_dir when local."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if not cfg.tracking.uri.startswith(("http://", "https://", "databricks")):
+            location = Path(cfg.tracking.artifact_dir).resolve().as_uri()
+        exp_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
 @contextlib.contextmanager
 def stage_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
     """Open an MLflow run for `stage`: params of its block logged once, standard tags set."""
@@ -97,9 +123,9 @@ def stage_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.tracking.uri)
+    configure(cfg)
     family = FAMILIES.get(stage, stage)
-    mlflow.set_experiment(f"{cfg.tracking.experiment_prefix}-{family}")
+    ensure_experiment(cfg, f"{cfg.tracking.experiment_prefix}-{family}")
     tags = {
         "git_commit": git_commit(),
         "stage": stage,

@@ -59,12 +59,12 @@ def _to_8bit(img: Image.Image) -> tuple[Image.Image, str]:
         arr = np.asarray(img).astype(np.float64)
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L"), f"{mode} scaled to 8-bit"
+        return Image.fromarray(arr), f"{mode} scaled to 8-bit"
     if mode == "F":
         arr = np.asarray(img)
         lo, hi = float(arr.min()), float(arr.max())
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo)
-        return Image.fromarray((arr * 255).round().astype(np.uint8), mode="L"), "float image scaled"
+        return Image.fromarray((arr * 255).round().astype(np.uint8)), "float image scaled"
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         if img.mode == "RGB":
@@ -85,7 +85,7 @@ def _to_8bit(img: Image.Image) -> tuple[Image.Image, str]:
 def prepare(item: Item, min_size: int) -> Prepared | Skip:
     """Check one item and return its shard bytes, or the reason it is skipped."""
     if item.pixels is not None:
-        img = Image.fromarray(np.ascontiguousarray(item.pixels), mode="L")
+        img = Image.fromarray(np.ascontiguousarray(item.pixels, dtype=np.uint8))
         return Prepared(item.key, item.label, "png", encode_png(img))
     assert item.path is not None
     path = Path(item.path)

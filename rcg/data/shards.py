@@ -74,10 +74,11 @@ class _ShardSink:
     def abort(self, exc: BaseException) -> None:
         """Drop the shard being written (its temp file is removed; no partial .tar appears)."""
         if self._ctx is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+            for close in (self._writer.close, self._file.close):
+                try:
+                    close()
+                except (OSError, ValueError):
+                    pass  # the disk may be full; the temp file is removed below either way
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
             self._writer = self._file = self._ctx = None
 

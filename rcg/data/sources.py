@@ -101,7 +101,10 @@ def _key_for(rel: Path) -> str:
 
 def _list_images(root: Path) -> list[Path]:
     """Every file under `root`, sorted; non-image suffixes are kept so they get a recorded skip."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Symlinks are kept even when dangling, so a broken link is a recorded skip, not a silent miss.
+    return sorted(
+        p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
+    )
 
 
 def _fingerprint_files(paths: list[Path], root: Path) -> str:

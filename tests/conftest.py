@@ -1,0 +1,67 @@
+"""Shared test set-up: offline, CPU-only, quiet telemetry, and a tiny Fashion-MNIST workspace.
+
+`tiny_workspace` is a session-wide project folder (params.yaml with `preset: tiny`) whose shards
+were built by the real shard stage from the Debian Fashion-MNIST files; tests that need shards chdir
+into a copy-free view of it with `in_workspace`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}.items():
+    os.environ[_k] = _v
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tiny_params(**blocks: dict) -> str:
+    """A params.yaml text with `preset: tiny` and the given block overrides."""
+    import yaml
+
+    from rcg.config import Config
+
+    names = [f for f in Config.__dataclass_fields__ if f != "preset"]
+    data = {"preset": "tiny", **{n: blocks.get(n, {}) for n in names}}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder with tiny-preset Fashion-MNIST shards, built once per test session."""
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"{FMNIST_DIR}: Fashion-MNIST missing; `make test` installs dataset-fashion-mnist")
+    ws = tmp_path_factory.mktemp("tiny")
+    (ws / "params.yaml").write_text(tiny_params())
+    from rcg import config
+    from rcg.stages import shard
+
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        shard.run(config.load("params.yaml"))
+    finally:
+        os.chdir(cwd)
+    return ws
+
+
+@pytest.fixture
+def in_workspace(tiny_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project folder sharing the session's shards (symlinked), as the working directory."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").symlink_to(tiny_workspace / "data" / "shards")
+    shutil.copy(tiny_workspace / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,240 @@
+"""The shard stage: every source, every kind of bad input, determinism and interrupted writes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from skimage import data as skdata
+
+from rcg import config
+from rcg.data import sources
+from rcg.data.shards import write_shards
+from rcg.io import PipelineError, read_json
+from rcg.stages import shard as shard_stage
+from tests.conftest import tiny_params
+
+
+def _photo(name: str) -> Image.Image:
+    """A real photograph bundled with scikit-image (astronaut, chelsea, coffee, rocket...)."""
+    return Image.fromarray(getattr(skdata, name)())
+
+
+def _save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kw)
+    return path
+
+
+@pytest.fixture
+def messy_imagenet(tmp_path: Path) -> Path:
+    """ImageNet layout with good photos and every kind of bad input the stage must survive."""
+    root = tmp_path / "imagenet"
+    tr, va = root / "train", root / "val"
+    astro, cat, coffee, rocket = (_photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket"))
+    # Good files: kept byte for byte.
+    _save(astro, tr / "people" / "astronaut.jpg", "JPEG", quality=90)
+    _save(cat, tr / "animals" / "chelsea.png", "PNG")
+    _save(coffee.convert("L"), tr / "animals" / "coffee_gray.jpg", "JPEG")
+    _save(rocket, va / "people" / "rocket.jpg", "JPEG")
+    _save(cat, va / "animals" / "cat.JPEG", "JPEG")
+    # Convertible files: usable, re-encoded once to 8-bit PNG.
+    _save(astro.convert("CMYK"), tr / "people" / "cmyk.jpg", "JPEG")
+    _save(cat.convert("P"), tr / "animals" / "palette.png", "PNG")
+    pal = cat.convert("P")
+    pal.info["transparency"] = 0
+    _save(pal, tr / "animals" / "palette_transparent.png", "PNG", transparency=0)
+    rgba = astro.convert("RGBA")
+    rgba.putalpha(128)
+    _save(rgba, tr / "people" / "alpha.png", "PNG")
+    sixteen = Image.fromarray(np.asarray(coffee.convert("L"), dtype=np.uint16) * 257)
+    _save(sixteen, tr / "animals" / "sixteen_bit.png", "PNG")
+    _save(rocket, tr / "people" / "rocket.bmp", "BMP")
+    _save(rocket, tr / "people" / "rocket_tiff.tif", "TIFF")
+    # Unusable files: each becomes a recorded skip.
+    (tr / "people" / "empty.jpg").write_bytes(b"")
+    good = (tr / "people" / "astronaut.jpg").read_bytes()
+    (tr / "people" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (tr / "animals" / "garbage.png").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tr / "animals" / "notes.txt").write_text("not an image")
+    _save(astro.resize((4, 4)), tr / "people" / "tiny.png", "PNG")
+    (tr / "people" / "dangling.jpg").symlink_to(tmp_path / "does-not-exist.jpg")
+    (tr / "stray.jpg").write_bytes(good)  # outside any class folder
+    return root
+
+
+EXPECTED_SKIPS = {
+    "empty.jpg": "empty file",
+    "truncated.jpg": "corrupt or truncated",
+    "garbage.png": "corrupt image",
+    "notes.txt": "not an image",
+    "tiny.png": "too small",
+    "dangling.jpg": "unreadable",
+    "stray.jpg": "not inside a class folder",
+}
+
+
+def _run_folder(root: Path, out: Path, **kw) -> dict:
+    src = sources.image_folder(root, kw.pop("val_fraction", 0.0))
+    return write_shards(src, out, shard_size=kw.pop("shard_size", 4), min_size=8, workers=kw.pop("workers", 1))
+
+
+def _samples(out: Path, split: str) -> dict[str, dict]:
+    got = {}
+    for tar in sorted((out / split).glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            got[s["__key__"]] = s
+    return got
+
+
+def test_imagenet_layout_with_bad_inputs(messy_imagenet: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    m = _run_folder(messy_imagenet, out)
+    assert m["classes"] == ["animals", "people"]
+    skipped = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
+    assert set(skipped) == set(EXPECTED_SKIPS)
+    for name, reason in EXPECTED_SKIPS.items():
+        assert reason in skipped[name], (name, skipped[name])
+    assert m["splits"]["train"]["written"] == 10 and m["splits"]["val"]["written"] == 2
+    assert m["splits"]["train"]["skipped"] == len(EXPECTED_SKIPS)
+    train = _samples(out, "train")
+    # Original bytes kept for plain PNG/JPEG; labels follow the class folders.
+    assert train["people/astronaut"]["jpg"] == (messy_imagenet / "train/people/astronaut.jpg").read_bytes()
+    assert train["animals/chelsea"]["png"] == (messy_imagenet / "train/animals/chelsea.png").read_bytes()
+    assert int(train["people/astronaut"]["cls"]) == 1 and int(train["animals/chelsea"]["cls"]) == 0
+    converted = {c["key"]: c["reason"] for c in m["converted"]}
+    for key in ("people/cmyk", "animals/palette", "animals/palette_transparent", "people/alpha",
+                "animals/sixteen_bit", "people/rocket", "people/rocket_tiff"):
+        assert key in converted and "png" in train[key]
+        img = Image.open(io.BytesIO(train[key]["png"]))
+        assert img.mode in ("L", "RGB") and img.size[0] >= 8
+    # 16-bit scaled, not clipped: the 8-bit values come back.
+    sixteen = np.asarray(Image.open(io.BytesIO(train["animals/sixteen_bit"]["png"])))
+    assert abs(int(sixteen.max()) - int(np.asarray(_photo("coffee").convert("L")).max())) <= 1
+    # Semi-transparent pixels composited over white: brighter than the source.
+    alpha = np.asarray(Image.open(io.BytesIO(train["people/alpha"]["png"])), dtype=float)
+    assert alpha.mean() > np.asarray(_photo("astronaut"), dtype=float).mean()
+    assert (out / "manifest.json").exists()
+
+
+def test_flat_folder_is_unlabelled_with_held_out_split(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    for i, name in enumerate(["astronaut", "chelsea", "coffee", "rocket"] * 5):
+        _save(_photo(name).resize((32, 32)), root / f"sub{i % 2}" / f"img{i:02d}.v1.png", "PNG")
+    m = _run_folder(root, tmp_path / "shards", val_fraction=0.3)
+    assert m["classes"] == [] and not m["labelled"]
+    assert m["splits"]["train"]["written"] + m["splits"]["val"]["written"] == 20
+    assert m["splits"]["val"]["written"] > 0
+    train = _samples(tmp_path / "shards", "train")
+    assert all("cls" not in s for s in train.values())
+    assert all("." not in k for k in train)  # dots in names never leak into keys
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+
+def test_fashion_mnist_idx_source(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "fmnist"
+    d.mkdir()
+    for split, (img_name, lbl_name) in sources.FASHION_MNIST_FILES.items():
+        n = 30 if split == "train" else 12
+        _write_idx(d / img_name, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(d / lbl_name, rng.integers(0, 10, (n,)))
+    m = write_shards(sources.fashion_mnist(d), tmp_path / "out", shard_size=8, min_size=8, workers=1)
+    assert m["splits"]["train"]["written"] == 30 and m["splits"]["val"]["written"] == 12
+    assert len(m["splits"]["train"]["shards"]) == 4  # 8 + 8 + 8 + 6
+    assert len(m["classes"]) == 10
+    s = _samples(tmp_path / "out", "train")["train_000003"]
+    got = np.asarray(Image.open(io.BytesIO(s["png"])))
+    images = gzip.decompress((d / "train-images-idx3-ubyte.gz").read_bytes())[16:]
+    assert np.array_equal(got, np.frombuffer(images, np.uint8).reshape(30, 28, 28)[3])
+    # A truncated idx file is a clear error naming the file.
+    raw = gzip.decompress((d / "train-images-idx3-ubyte.gz").read_bytes())
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(PipelineError, match="train-images-idx3-ubyte.gz: truncated"):
+        sources.fashion_mnist(d)
+
+
+def test_real_fashion_mnist_through_the_stage(tiny_workspace: Path) -> None:
+    m = read_json(tiny_workspace / "data/shards/manifest.json")
+    assert m["splits"]["train"]["written"] == 256 and m["splits"]["val"]["written"] == 256
+    assert m["classes"][0] == "T-shirt/top" and m["skipped"] == []
+    assert len(m["fingerprint"]) == 16
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_deterministic_and_parallel_equals_serial(messy_imagenet: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run_folder(messy_imagenet, a, workers=1)
+    _run_folder(messy_imagenet, b, workers=2)
+    assert _digest(a) == _digest(b)
+    _run_folder(messy_imagenet, a, workers=2)  # a rerun over existing output
+    assert _digest(a) == _digest(b)
+
+
+def test_interrupted_and_failing_writes_leave_no_complete_looking_output(
+    messy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    _run_folder(messy_imagenet, tmp_path / "clean")
+    calls = {"n": 0}
+    real_write = wds.TarWriter.write
+
+    def failing_write(self, obj):  # the disk fills up after 6 samples
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise OSError(28, "No space left on device")
+        return real_write(self, obj)
+
+    monkeypatch.setattr(wds.TarWriter, "write", failing_write)
+    with pytest.raises(PipelineError, match="writing shards failed: .*No space left"):
+        _run_folder(messy_imagenet, out)
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob("*.tmp"))
+    for tar in out.rglob("*.tar"):  # whatever is left is a complete shard, never a partial one
+        with tarfile.open(tar) as t:
+            assert len(t.getmembers()) == 2 * 4
+    monkeypatch.setattr(wds.TarWriter, "write", real_write)
+    _run_folder(messy_imagenet, out)  # the rerun gives the same result as a clean run
+    assert _digest(out) == _digest(tmp_path / "clean")
+
+
+def test_empty_and_missing_sources(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="no files found"):
+        sources.image_folder(tmp_path / "empty")
+    with pytest.raises(PipelineError, match="image folder not found"):
+        sources.image_folder(tmp_path / "nope")
+    with pytest.raises(PipelineError, match="Fashion-MNIST not found"):
+        sources.fashion_mnist(tmp_path / "nope")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    with pytest.raises(PipelineError, match="no usable images"):
+        write_shards(sources.image_folder(tmp_path / "junk"), tmp_path / "o", 4, 8, 1)
+
+
+def test_stage_from_params(messy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        tiny_params(shard={"source": "folder", "folder": str(messy_imagenet), "shard_size": 3})
+    )
+    shard_stage.run(config.load("params.yaml"))
+    m = read_json(tmp_path / "data/shards/manifest.json")
+    assert m["splits"]["train"]["shards"] == [f"train-{i:06d}.tar" for i in range(4)]
