@@ -1,7 +1,9 @@
 """Writing a source to WebDataset shards plus a manifest (DESIGN.md, stage `shard`).
 
 Layout: `<out>/<split>/<split>-%06d.tar` and `<out>/manifest.json`. Samples carry `.png`/`.jpg`
-(original bytes where possible) and `.cls` when labelled. Every shard is written to a temporary
+(original bytes where possible) and `.cls` when labelled. Shard k holds the usable images among
+input items [k * shard_size, (k + 1) * shard_size), so shards are written in parallel, one per
+worker process, and a shard may hold fewer samples when some files were skipped. Every shard is written to a temporary
 file and renamed, and the manifest is written last, so an interrupted run never leaves a set of
 shards that looks complete; tar headers carry fixed owner and mtime, so the same input always gives
 byte-identical shards.
@@ -11,15 +13,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Iterator
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
 
-from rcg.data.images import Prepared, Skip, prepare
+from rcg.data.images import Skip, prepare
 from rcg.data.sources import Item, Source
 from rcg.io import PipelineError, atomic_path, get_logger, write_json
 
@@ -27,114 +28,109 @@ log = get_logger(__name__)
 FORMAT_VERSION = 1
 
 
-def _prepared_stream(items: list[Item], min_size: int, workers: int) -> Iterator[Prepared | Skip]:
-    """Prepare items in order; parallel (ordered imap) when it pays."""
-    fn = partial(prepare, min_size=min_size)
-    if workers <= 1 or len(items) < 256:
-        yield from map(fn, items)
-        return
-    # fork keeps start-up cheap; ordered imap keeps the output deterministic.
-    ctx = mp.get_context("fork")
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(fn, items, chunksize=64)
+@dataclass(frozen=True)
+class _ShardJob:
+    """Input chunk `index` of a split: its usable items become `<split>-<index>.tar`."""
+
+    split_dir: Path
+    split: str
+    index: int
+    items: list[Item]
+    min_size: int
+    verify: str
 
 
-class _ShardSink:
-    """Rolls samples into `<split>-%06d.tar` files of `shard_size`, each written via temp + rename."""
+@dataclass
+class _ShardResult:
+    name: str | None  # None when every item of the chunk was skipped (no shard written)
+    written: int
+    skipped: list[dict[str, str]]
+    converted: list[dict[str, str]]
 
-    def __init__(self, split_dir: Path, split: str, shard_size: int) -> None:
-        self.split_dir, self.split, self.shard_size = split_dir, split, shard_size
-        self.paths: list[Path] = []
-        self._ctx: Any = None
-        self._file: Any = None
-        self._writer: wds.TarWriter | None = None
-        self._count = 0
 
-    def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None or self._count >= self.shard_size:
-            self.close()
-            path = self.split_dir / f"{self.split}-{len(self.paths):06d}.tar"
-            self.paths.append(path)
-            self._ctx = atomic_path(path)
-            self._file = open(self._ctx.__enter__(), "wb")
-            # Fixed owner and mtime make the tar bytes depend on the samples only.
-            self._writer = wds.TarWriter(self._file, user="rcg", group="rcg", mtime=0, encoder=False)
-            self._count = 0
-        self._writer.write(sample)
-        self._count += 1
+def _write_shard(job: _ShardJob) -> _ShardResult:
+    """Prepare one chunk of items and write its shard (temp file, then rename).
 
-    def close(self) -> None:
-        """Finish the current shard and rename it into place."""
-        if self._writer is not None:
-            self._writer.close()
-            self._file.close()
-            self._ctx.__exit__(None, None, None)
-            self._writer = self._file = self._ctx = None
-
-    def abort(self, exc: BaseException) -> None:
-        """Drop the shard being written (its temp file is removed; no partial .tar appears)."""
-        if self._ctx is not None:
-            for close in (self._writer.close, self._file.close):
-                try:
-                    close()
-                except (OSError, ValueError):
-                    pass  # the disk may be full; the temp file is removed below either way
-            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
-            self._writer = self._file = self._ctx = None
+    Shards are cut by *input* position, not by output count, so workers need no coordination: each
+    writes its own shard, and the result is the same whatever the number of workers.
+    """
+    path = job.split_dir / f"{job.split}-{job.index:06d}.tar"
+    skipped, converted, written = [], [], 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # Fixed owner and mtime make the tar bytes depend on the samples only.
+        writer = wds.TarWriter(f, user="rcg", group="rcg", mtime=0, encoder=False)
+        try:
+            for item in job.items:
+                res = prepare(item, job.min_size, job.verify)
+                if isinstance(res, Skip):
+                    skipped.append({"path": res.path, "reason": res.reason})
+                    continue
+                sample = {"__key__": res.key, res.ext: res.data}
+                if res.label is not None:
+                    sample["cls"] = str(res.label).encode()
+                writer.write(sample)
+                written += 1
+                if res.converted:
+                    converted.append({"key": res.key, "reason": res.converted})
+        finally:
+            try:
+                writer.close()
+            except (OSError, ValueError):
+                pass  # the original error (e.g. disk full) is the one to report
+    if written == 0:
+        path.unlink()
+    return _ShardResult(path.name if written else None, written, skipped, converted)
 
 
 def _write_split(
-    split: str, items: list[Item], out_dir: Path, shard_size: int, min_size: int, workers: int
+    split: str, items: list[Item], out_dir: Path, shard_size: int, min_size: int, workers: int,
+    verify: str,
 ) -> dict[str, Any]:
     split_dir = out_dir / split
     try:
         split_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PipelineError(f"{split_dir}: cannot create output folder: {e}") from e
-    written, skipped, converted = 0, [], []
-    seen: set[str] = set()
-    sink = _ShardSink(split_dir, split, shard_size)
+    jobs = [
+        _ShardJob(split_dir, split, k, items[i : i + shard_size], min_size, verify)
+        for k, i in enumerate(range(0, len(items), shard_size))
+    ]
+    results: list[_ShardResult] = []
+    bar = tqdm(total=len(items), desc=f"shard {split}", unit="img", mininterval=1.0)
     try:
-        for res in tqdm(_prepared_stream(items, min_size, workers), total=len(items),
-                        desc=f"shard {split}", unit="img", mininterval=1.0):
-            if isinstance(res, Skip):
-                skipped.append({"path": res.path, "reason": res.reason})
-                continue
-            if res.key in seen:
-                skipped.append({"path": res.key, "reason": "duplicate key (same name, other extension)"})
-                continue
-            seen.add(res.key)
-            sample = {"__key__": res.key, res.ext: res.data}
-            if res.label is not None:
-                sample["cls"] = str(res.label).encode()
-            sink.write(sample)
-            written += 1
-            if res.converted:
-                converted.append({"key": res.key, "reason": res.converted})
-        sink.close()
+        if workers <= 1 or len(jobs) == 1:
+            stream = map(_write_shard, jobs)
+            for r in stream:
+                results.append(r)
+                bar.update(r.written + len(r.skipped))
+        else:
+            # fork keeps start-up cheap; imap keeps results in shard order.
+            with mp.get_context("fork").Pool(workers) as pool:
+                for r in pool.imap(_write_shard, jobs):
+                    results.append(r)
+                    bar.update(r.written + len(r.skipped))
     except OSError as e:
-        sink.abort(e)
         raise PipelineError(f"{split_dir}: writing shards failed: {e}") from e
-    except BaseException as e:
-        sink.abort(e)
-        raise
-    # Remove shards a previous, larger run left behind, so the folder holds exactly this run.
-    keep = {p.name for p in sink.paths}
+    finally:
+        bar.close()
+    # Remove shards a previous run left behind, so the folder holds exactly this run's shards.
+    names = [r.name for r in results if r.name]
     for old in split_dir.glob(f"{split}-*.tar"):
-        if old.name not in keep:
+        if old.name not in names:
             old.unlink()
     return {
-        "written": written,
-        "skipped": len(skipped),
-        "converted": len(converted),
-        "shards": [p.name for p in sink.paths],
-        "_skipped": skipped,
-        "_converted": converted,
+        "written": sum(r.written for r in results),
+        "skipped": sum(len(r.skipped) for r in results),
+        "converted": sum(len(r.converted) for r in results),
+        "shards": names,
+        "_skipped": [s for r in results for s in r.skipped],
+        "_converted": [c for r in results for c in r.converted],
     }
 
 
 def write_shards(
-    source: Source, out_dir: str | Path, shard_size: int, min_size: int, workers: int
+    source: Source, out_dir: str | Path, shard_size: int, min_size: int, workers: int,
+    verify: str = "structure",
 ) -> dict[str, Any]:
     """Shard every split of `source` into `out_dir` and write `manifest.json`; returns the manifest."""
     out_dir = Path(out_dir)
@@ -155,7 +151,7 @@ def write_shards(
     }
     workers = max(1, min(workers, os.cpu_count() or 1))
     for split, items in source.splits.items():
-        info = _write_split(split, items, out_dir, shard_size, min_size, workers)
+        info = _write_split(split, items, out_dir, shard_size, min_size, workers, verify)
         manifest["skipped"].extend({"split": split, **s} for s in info.pop("_skipped"))
         manifest["converted"].extend({"split": split, **c} for c in info.pop("_converted"))
         manifest["splits"][split] = info

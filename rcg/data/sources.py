@@ -37,6 +37,7 @@ class Item:
     label: int | None
     path: str | None = None
     pixels: np.ndarray | None = None  # uint8 [H, W] (grayscale), for idx sources
+    skip: str | None = None  # reason the source already knows this file cannot be used
 
 
 @dataclass
@@ -146,6 +147,7 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
             raise PipelineError(f"{root / 'train'}: no class folders (expected train/<class>/*)")
         index = {c: i for i, c in enumerate(classes)}
         has_val = (root / "val").is_dir()
+        seen: set[tuple[str, str]] = set()
         for split_dir in ("train", "val"):
             if not (root / split_dir).is_dir():
                 continue
@@ -156,14 +158,22 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
                 key = _key_for(rel)
                 split = split_dir if has_val else _split_of(key, val_fraction)
                 label = index.get(cls) if cls is not None else None
-                # Files outside a known class folder are kept as items; `prepare` records the skip.
-                splits[split].append(Item(key=key, label=label if label is not None else -1, path=str(path)))
+                skip = None
+                if label is None:
+                    skip = "not inside a class folder of train/ (expected <split>/<class>/<image>)"
+                elif (split, key) in seen:
+                    skip = "duplicate key (same name, other extension)"
+                seen.add((split, key))
+                splits[split].append(Item(key=key, label=label, path=str(path), skip=skip))
     else:
         classes = []
+        keys: set[str] = set()
         for path in _list_images(root):
             all_files.append(path)
             key = _key_for(path.relative_to(root))
-            splits[_split_of(key, val_fraction)].append(Item(key=key, label=None, path=str(path)))
+            skip = "duplicate key (same name, other extension)" if key in keys else None
+            keys.add(key)
+            splits[_split_of(key, val_fraction)].append(Item(key=key, label=None, path=str(path), skip=skip))
     if not all_files:
         raise PipelineError(f"{root}: no files found (empty folder)")
     if max_per_split > 0:

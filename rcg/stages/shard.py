@@ -20,7 +20,7 @@ def run(cfg: Config) -> None:
     counts = {s: len(items) for s, items in source.splits.items()}
     log.info("source %s: %s candidate files, fingerprint %s", source.description, counts, source.fingerprint)
     with stage_run(cfg, "shard") as tracker:
-        manifest = write_shards(source, c.out_dir, c.shard_size, c.min_size, c.workers)
+        manifest = write_shards(source, c.out_dir, c.shard_size, c.min_size, c.workers, c.verify)
         tracker.log_metrics(
             {f"{s}_{k}": v[k] for s, v in manifest["splits"].items() for k in ("written", "skipped")}
         )
