@@ -45,7 +45,9 @@ class ShardConfig:
     min_size: int = 8  # images whose shorter side is below this are skipped (too small to use)
     max_per_split: int = 0  # cap on images per split (0: all); the tiny preset uses a few hundred
     shard_size: int = 10000  # samples per .tar; 10k FMNIST samples are ~3 MB
-    workers: int = 2  # processes re-encoding images that are not already PNG/JPEG
+    workers: int = 2  # processes writing shards in parallel (one shard per process at a time)
+    # "structure": PNG chunk CRCs / JPEG end marker, no pixel decode (fast); "decode": decode all
+    verify: Literal["structure", "decode"] = "structure"
     out_dir: str = "data/shards"
 
 
@@ -62,31 +64,48 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    """`rcg encoder`: the frozen SSL encoder (REFERENCE.md section 1; MoCo v3)."""
+    """`rcg encoder`: the frozen SSL encoder (REFERENCE.md section 1; MoCo v3).
+
+    With `checkpoint` set, an official file is converted (strictly) into models/encoder/; otherwise
+    MoCo v3 pretrains the architecture below on the train shards. The size fields apply when `arch`
+    is empty; a named `arch` (rcg.encoders.vit.ARCHS) brings its own size and ImageNet normalisation.
+    """
 
     checkpoint: str = ""  # official checkpoint file; empty = pretrain MoCo v3 on the train shards
-    checkpoint_format: Literal["mocov3", "dino", "ibot", "deit"] = "mocov3"
-    arch: str = "vit_fmnist"  # name in rcg.encoders.vit.ARCHS
+    checkpoint_format: Literal["mocov3", "dino", "ibot", "deit"] = "mocov3"  # layout of `checkpoint`
+    arch: str = ""  # e.g. mocov3_vit_base for the official ViT-B; empty = the size fields below
     img_size: int = 28  # encoder input side; inputs are normalised then resized bicubic to it
     patch_size: int = 7  # 28 px / 7 = 16 tokens: fast enough for CPU pretraining (ENVIRONMENT.md)
-    embed_dim: int = 192
-    depth: int = 2
-    num_heads: int = 3
+    embed_dim: int = 192  # ~0.9M-parameter backbone: trains at a few hundred images/s on 2 cores
+    depth: int = 2  # deeper ViTs learn less in a 10-minute CPU budget (issue 3 sizing runs)
+    num_heads: int = 3  # 64-d heads, as in ViT-S/B
+    mlp_ratio: float = 4.0  # standard ViT
     proj_hidden_dim: int = 1024  # MoCo v3 uses 4096; smaller keeps the CPU preset fast
     rep_dim: int = 256  # the representation RCG conditions on (projector output)
+    mean: list[float] = field(default_factory=lambda: [0.2860])  # Fashion-MNIST train pixel mean
+    std: list[float] = field(default_factory=lambda: [0.3530])  # Fashion-MNIST train pixel std
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
-    epochs: float = 4.0
-    batch_size: int = 256
+    epochs: float = 4.0  # sized so pretraining takes <= 10 min on 2 CPU cores
+    batch_size: int = 256  # global batch (split over torchrun ranks); negatives per query
     lr: float = 1.5e-4  # base lr per 256 images (MoCo v3: lr = blr * batch / 256)
-    weight_decay: float = 0.1
-    warmup_epochs: float = 0.5
+    weight_decay: float = 0.1  # MoCo v3 ViT recipe (AdamW)
+    warmup_epochs: float = 0.5  # linear warm-up, then half-cosine decay
     temperature: float = 0.2  # InfoNCE temperature (MoCo v3 ViT recipe)
     momentum: float = 0.99  # base momentum of the key encoder, cosine-increased to 1
-    pred_hidden_dim: int = 1024
-    knn_k: int = 20
+    pred_hidden_dim: int = 1024  # predictor MLP width (MoCo v3: 4096), scaled like the projector
+    freeze_patch_embed: bool = True  # MoCo v3's random fixed patch projection (training stability)
+    crop_min_scale: float = 0.2  # random-resized-crop area range [min, 1] (MoCo v3: 0.08)
+    jitter: float = 0.4  # brightness/contrast jitter strength (MoCo v3: 0.4)
+    blur_prob: float = 1.0  # Gaussian blur probability of view 1 (view 2: a tenth of it)
+    solarize_prob: float = 0.2  # solarisation probability of view 2 (MoCo v3: 0.2)
+    amp: bool = True  # bf16 autocast: ~2x faster on CPU, no GradScaler needed
+    knn_k: int = 20  # neighbours in the kNN check of metrics/encoder.json
+    knn_max_train: int = 0  # cap on train samples for the kNN check (0 = all)
     ckpt_every: int = 200  # optimiser steps between resumable checkpoints
+    log_every: int = 20  # optimiser steps between MLflow metric points
     seed: int = 0
     out_dir: str = "models/encoder"
+    checkpoint_dir: str = "checkpoints/encoder"  # resumable MoCo state (dvc: persist, no cache)
     metrics_file: str = "metrics/encoder.json"
 
 
@@ -94,34 +113,38 @@ class EncoderConfig:
 class EncodeConfig:
     """`rcg encode`: representations of every sample and its flip to Parquet."""
 
-    batch_size: int = 512
+    batch_size: int = 512  # images per forward (x2 with the flipped view); inference only
     out_dir: str = "data/features"
+    uniformity_samples: int = 10000  # reps used for the uniformity loss (pairwise, O(n^2))
 
 
 @dataclass
 class RDMConfig:
     """`rcg train-rdm`: the representation diffusion model (REFERENCE.md section 2)."""
 
-    width: int = 512  # paper: 1536
-    depth: int = 6  # residual blocks; paper: 12
-    time_embed_dim: int = 256
-    class_embed_dim: int = 512
-    class_cond: bool = True  # also train the class-conditional RDM when features carry labels
-    timesteps: int = 1000
-    beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"
-    linear_start: float = 0.0015
-    linear_end: float = 0.0195
-    steps: int = 6000
-    batch_size: int = 512
-    lr: float = 5.12e-4  # reference: blr 1e-6 x global batch 512, constant
-    weight_decay: float = 0.01
-    ema_decay: float = 0.9999
-    ckpt_every: int = 1000
+    arch: str = "small"  # size in rcg.rdm.RDM_ARCHS; 512 x 4 (~3M) fits a CPU budget; paper: "paper" (12 x 1536)
+    class_cond: bool = True  # also train the class-conditional RDM when the features carry labels
+    features_dir: str = "data/features"  # where `rcg encode` wrote {train,val}.parquet
+    timesteps: int = 1000  # T of the reference
+    beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"  # the reference's "linear"
+    linear_start: float = 0.0015  # reference beta_1
+    linear_end: float = 0.0195  # reference beta_T
+    parameterization: Literal["x0", "eps"] = "x0"  # the reference RDM predicts the clean rep
+    steps: int = 6000  # optimiser steps per RDM; 6000 x 512 = ~25 epochs of the 120k FMNIST reps (2 views)
+    batch_size: int = 512  # global batch, split over ranks (reference: 4 x 128)
+    lr: float = 5.12e-4  # reference: blr 1e-6 x global batch 512, constant, no warm-up
+    weight_decay: float = 0.01  # reference AdamW weight decay, on all parameters
+    ema_decay: float = 0.9999  # reference LitEma, with warm-up min(decay, (1+n)/(10+n))
+    ckpt_every: int = 1000  # steps between resumable checkpoints (checkpoints/train_rdm/)
+    log_every: int = 100  # steps between loss logs (MLflow, progress bar)
     sample_steps: int = 250  # DDIM steps at sampling time (reference: 250 of 1000)
-    eta: float = 1.0
-    n_eval: int = 5000  # samples for the Frechet distances in metrics/rdm.json
+    eta: float = 1.0  # DDIM eta (reference: 1.0 everywhere)
+    temperature: float = 1.0  # DDIM noise temperature (reference: 1.0; `--temp` is MAGE's, not this)
+    n_eval: int = 5000  # N: RDM samples and random real reps per Frechet distance in metrics/rdm.json
+    eval_batch_size: int = 2500  # samples per DDIM batch during evaluation (memory vs speed)
     seed: int = 0
     out_dir: str = "models/rdm"
+    checkpoint_dir: str = "checkpoints/train_rdm"
     metrics_file: str = "metrics/rdm.json"
 
 
