@@ -1,0 +1,238 @@
+"""MoCo v3 pretraining: loss, momentum encoder, schedules, augmentations, and the `encoder` stage
+(resume from checkpoints/encoder/, torchrun) on a few hundred Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcg import config as config_mod
+from rcg.encoders import load_encoder
+from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
+from rcg.encoders.knn import knn_top1
+from rcg.encoders.moco import MoCoV3, init_patch_embed, lr_at, momentum_at
+from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
+from rcg.training import Checkpointer
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec() -> EncoderSpec:
+    return EncoderSpec(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+                       head_hidden_dim=64, mean=(0.286,), std=(0.353,))
+
+
+def tiny_moco(temperature: float = 0.2) -> MoCoV3:
+    torch.manual_seed(0)
+    vit = build_vit(tiny_spec())
+    init_patch_embed(vit, freeze=True)
+    return MoCoV3(vit, 256, 64, temperature)
+
+
+def test_contrastive_loss_matches_infonce_formula():
+    model = tiny_moco(temperature=0.5)
+    q, k = torch.randn(8, 256), torch.randn(8, 256)
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.5
+    want = F.cross_entropy(logits, torch.arange(8)) * 2 * 0.5
+    torch.testing.assert_close(model.contrastive_loss(q, k), want)
+    # Perfectly matching, well separated pairs give a much smaller loss than random pairs.
+    model.temperature = 0.1
+    e = torch.eye(8, 256) * 10
+    assert model.contrastive_loss(e, e) < 0.1 * model.contrastive_loss(q, k)
+
+
+def test_momentum_encoder_is_an_ema_without_gradients():
+    model = tiny_moco()
+    assert not any(p.requires_grad for p in model.momentum_encoder.parameters())
+    with torch.no_grad():
+        for p in model.base_encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.momentum_encoder.parameters()]
+    model.update_momentum_encoder(0.9)
+    for b, q, k in zip(before, model.base_encoder.parameters(), model.momentum_encoder.parameters()):
+        torch.testing.assert_close(k, 0.9 * b + 0.1 * q)
+    model.update_momentum_encoder(0.0)
+    for q, k in zip(model.base_encoder.parameters(), model.momentum_encoder.parameters()):
+        torch.testing.assert_close(k, q)
+
+
+def test_patch_projection_is_frozen():
+    model = tiny_moco()
+    assert not model.base_encoder.patch_embed.proj.weight.requires_grad
+    assert not model.base_encoder.pos_embed.requires_grad
+    assert model.base_encoder.blocks[0].attn.qkv.weight.requires_grad
+
+
+def test_schedules():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    assert momentum_at(0, 100, 0.99) == pytest.approx(0.99)
+    assert momentum_at(50, 100, 0.99) == pytest.approx(0.995)
+    assert momentum_at(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_augment_views():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 28, 28, generator=g)
+    v1, v2 = two_view_recipes(0.2, 1.0, 0.2, 0.4)
+    a, b = augment(x, 28, v1, g), augment(x, 28, v2, g)
+    assert a.shape == b.shape == x.shape
+    assert a.min() >= 0 and a.max() <= 1 and b.min() >= 0 and b.max() <= 1
+    assert not torch.allclose(a, b)
+    # The whole image, always flipped, no photometric change: exactly the mirror image.
+    flip_only = ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=1.0, jitter_p=0.0, blur_p=0.0)
+    torch.testing.assert_close(augment(x, 28, flip_only, g), x.flip(-1), atol=1e-5, rtol=0)
+    # RGB batches at another output size.
+    rgb = augment(torch.rand(4, 3, 32, 32, generator=g), 16, v1, g)
+    assert rgb.shape == (4, 3, 16, 16)
+
+
+def test_moco_steps_reduce_the_loss_on_a_fixed_batch():
+    model = tiny_moco()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 1, 28, 28, generator=g)
+    spec = tiny_spec()
+    v1, v2 = preprocess(x, spec), preprocess(x.flip(-1), spec)
+    losses = []
+    for _ in range(15):
+        loss = model(v1, v2, 0.9)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_knn_top1():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.2, 1.0]])
+    assert knn_top1(train, labels, query, torch.tensor([0, 1, 1]), k=2) == 1.0
+    assert knn_top1(train, labels, query, torch.tensor([1, 1, 1]), k=2) == pytest.approx(2 / 3)
+
+
+# -------------------------------------------------------------------------- the encoder stage
+
+BLOCKS = [f.name for f in dataclasses.fields(config_mod.Config) if f.name != "preset"]
+
+
+def tiny_config(shards: Path, **sets) -> config_mod.Config:
+    params = {"preset": "tiny", **{b: {} for b in BLOCKS}}
+    overrides = config_mod.parse_set([f"{k}={v}" for k, v in sets.items()])
+    cfg = config_mod.resolve(params, overrides)
+    cfg.shard.out_dir = cfg.data.shards_dir = str(shards)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST idx files not installed")
+    from rcg.stages import shard
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    shard.run(tiny_config(out))
+    return out
+
+
+def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
+    from rcg.stages import encoder as stage
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(shards)
+    # Interrupt the first run after the checkpoint at step 2 (of 4).
+    calls = {"n": 0}
+    real_momentum = stage.momentum_at
+
+    def interrupted(step, total, m0):
+        calls["n"] += 1
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_momentum(step, total, m0)
+
+    monkeypatch.setattr(stage, "momentum_at", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(cfg)
+    ckpt = Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()
+    assert ckpt is not None and ckpt["step"] == 2
+    assert not Path("models/encoder/encoder.json").exists()
+
+    monkeypatch.setattr(stage, "momentum_at", real_momentum)
+    stage.run(cfg)
+    meta = json.loads(Path("models/encoder/encoder.json").read_text())
+    assert meta["source"] == "mocov3-pretrain"
+    assert meta["training"]["resumed_from_step"] == 2 and meta["training"]["steps"] == 4
+    metrics = json.loads(Path("metrics/encoder.json").read_text())
+    for key in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["knn_train_samples"] == 256 and metrics["knn_val_samples"] == 256
+    assert metrics["wall_time_s"] > 0
+    assert metrics["knn_top1_pixels"] > 0.5  # 10 classes: far above chance even on 256 images
+    enc = load_encoder("models/encoder")
+    assert enc.spec.in_chans == 1 and enc.spec.embed_dim == 32
+    assert enc(torch.rand(3, 1, 28, 28)).shape == (3, 256)
+
+    # A finished run is not redone; a changed setting starts over instead of resuming.
+    assert Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()["step"] == 4
+    changed = tiny_config(shards, **{"encoder.temperature": 0.1})
+    assert stage.training_fingerprint(changed) != stage.training_fingerprint(cfg)
+    assert stage.training_fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == stage.training_fingerprint(cfg)
+
+
+def test_encoder_stage_converts_an_official_checkpoint(shards, tmp_path, monkeypatch):
+    from rcg.stages import encoder as stage
+
+    monkeypatch.chdir(tmp_path)
+    spec = EncoderSpec(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, head_hidden_dim=64)
+    vit = build_vit(spec)
+    state = {"module.base_encoder." + k: v for k, v in vit.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "moco.pth.tar")
+    cfg = tiny_config(shards)
+    # A size not in ARCHS: name it through the size fields with ImageNet normalisation, 3 channels.
+    cfg.encoder.checkpoint = str(tmp_path / "moco.pth.tar")
+    cfg.encoder.img_size, cfg.encoder.patch_size, cfg.encoder.embed_dim = 32, 8, 64
+    cfg.encoder.num_heads, cfg.encoder.proj_hidden_dim = 2, 64
+    cfg.encoder.mean, cfg.encoder.std = list(spec.mean), list(spec.std)
+    stage.run(cfg)
+    enc = load_encoder("models/encoder")
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        want = stage.RepEncoder(spec, vit)(x)
+    torch.testing.assert_close(enc(x), want)
+    assert json.loads(Path("metrics/encoder.json").read_text())["knn_top1"] is not None
+
+
+@pytest.mark.slow
+def test_encoder_stage_under_torchrun(shards, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    params = {"preset": "tiny", **{b: {} for b in BLOCKS}}
+    params["shard"] = {"out_dir": str(shards)}
+    params["data"] = {"shards_dir": str(shards)}
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "rcg.cli", "encoder"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics/encoder.json").read_text())
+    assert metrics["steps"] == 4 and metrics["knn_top1"] is not None
