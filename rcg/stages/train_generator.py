@@ -1,0 +1,315 @@
+"""`rcg train-generator`: train the image generator on the shards (DESIGN.md step 3; REFERENCE.md 3.2).
+
+One code path, three conditions (paper Table 9a, same architecture and budget):
+- ``rep``: RCG. Each crop's representation conditions the generator; ``rep_drop_prob`` of them are
+  swapped for the learned ``fake_latent`` inside the model so guidance works at sampling time.
+- ``none``: the unconditional baseline the paper beats.
+- ``label``: a class embedding where the representation would go (with a null class for guidance).
+
+The representation comes from the same augmented crop the generator sees. With ``rep_source:
+cache`` (the default) it is looked up in the encode stage's Parquet cache by (key, orig|flip): exact
+when the only augmentation is the horizontal flip, since the cache holds both views of the same
+decoded image; the first batch is checked against the encoder once. ``rep_source: encoder`` runs the
+frozen encoder on every batch (random crops, ImageNet). benchmarks/bench_dit.py measures both.
+
+AdamW, linear warm-up then constant lr, gradient clipping, EMA, bf16 autocast, a resumable checkpoint
+every ``ckpt_every`` steps (raising ``steps`` continues a finished run), MLflow step metrics and a
+sample grid every ``sample_every`` steps. Runs unchanged under torchrun (DDP).
+
+Outputs: models/generator/<condition>/generator.{safetensors,json} (EMA weights),
+checkpoints/train_generator/<condition>/checkpoint-last.pt, metrics/generator_<condition>.json,
+plots/generator_<condition>.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rcg.config import Config, GeneratorConfig
+from rcg.diffusion import Diffusion
+from rcg.generators import build_generator, make_diffusion, save_generator
+from rcg.generators.vae import Codec, codec_for
+from rcg.io import PipelineError, get_logger, write_json
+from rcg.tracking import Tracker, stage_run
+from rcg.training import (
+    EMA,
+    Checkpointer,
+    DistInfo,
+    autocast,
+    cleanup_distributed,
+    fingerprint,
+    seed_everything,
+    setup_distributed,
+    unwrap,
+    wrap_ddp,
+)
+
+log = get_logger(__name__)
+
+# Settings that do not change what is learned: excluded from the checkpoint fingerprint, so a run
+# can be extended (more steps) or re-logged without starting over.
+_RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_eta", "sampler",
+             "grid_size", "threads", "conditions", "checkpoint_dir", "metrics_dir", "plots_dir", "out_dir",
+             "verify_cache")
+
+
+# --------------------------------------------------------------------------------------------------
+# Representations of the training crops
+# --------------------------------------------------------------------------------------------------
+
+
+class RepCache:
+    """The encode stage's reps indexed by (key, view): view 1 = the horizontally flipped image."""
+
+    def __init__(self, path: str | Path) -> None:
+        from rcg.features import read_features
+
+        feats = read_features(path)
+        self.index: dict[tuple[str, int], int] = {}
+        for i, (k, v) in enumerate(zip(feats.keys, feats.views)):
+            self.index[(k, 1 if v == "flip" else 0)] = i
+        self.reps = feats.reps
+        self.path = Path(path)
+
+    def lookup(self, keys: list[str], flipped: Tensor) -> Tensor:
+        try:
+            rows = [self.index[(k, int(f))] for k, f in zip(keys, flipped.tolist())]
+        except KeyError as e:
+            raise PipelineError(f"{self.path}: no cached rep for sample {e.args[0]} (rerun `rcg encode`)") from None
+        return self.reps[torch.as_tensor(rows)]
+
+
+def verify_cache(cache_reps: Tensor, encoder: nn.Module, images: Tensor, path: Path) -> float:
+    """Max |cached - encoder(crop)| on one batch; a stale or inexact cache is an error."""
+    with torch.no_grad():
+        fresh = encoder(images).float()
+    err = float((fresh - cache_reps.to(fresh.device)).abs().max())
+    # Reps are standardised (unit std); 0.05 allows for bf16 autocast in the encode stage.
+    if err > 0.05:
+        raise PipelineError(
+            f"{path}: cached representations differ from the encoder's by up to {err:.3f}; the cache is "
+            "stale or the augmentation is not flip-only. Rerun `rcg encode` or set train_generator.rep_source=encoder"
+        )
+    return err
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def model_kwargs(cfg: Config, condition: str, codec: Codec, num_classes: int) -> dict[str, Any]:
+    """Constructor kwargs of the generator (stored in generator.json to rebuild it)."""
+    channels, size = codec.latent_shape(cfg.data.channels, cfg.data.image_size)
+    return dict(
+        input_size=size,
+        in_channels=channels,
+        condition=condition,
+        rep_dim=cfg.encoder.rep_dim,
+        num_classes=max(num_classes, 1),
+        rep_drop_prob=cfg.train_generator.rep_drop_prob,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    diffusion: Diffusion,
+    opt: torch.optim.Optimizer,
+    z: Tensor,
+    cond: dict[str, Tensor],
+    gcfg: GeneratorConfig,
+    device: torch.device,
+) -> float:
+    """One optimiser step of the diffusion loss; returns the loss."""
+    with autocast(device, gcfg.amp):
+        loss = diffusion.training_loss(model, z, cond)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if gcfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), gcfg.grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def sample_grid(
+    model: nn.Module, diffusion: Diffusion, codec: Codec, cond: dict[str, Tensor], n: int,
+    gcfg: GeneratorConfig, shape: tuple[int, int, int], device: torch.device,
+) -> Tensor:
+    """n images in [0, 1] from `model` with fixed noise (seed), for progress grids."""
+    from rcg.sampling import sample_images
+
+    return sample_images(model, diffusion, codec, n, cond, shape=shape, steps=gcfg.sample_steps,
+                         sampler=gcfg.sampler, eta=gcfg.sample_eta, seed=gcfg.seed, amp=gcfg.amp,
+                         device=device, batch_size=n, progress=False)
+
+
+def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
+    """Stage entry point (`rcg train-generator --condition rep|none|label`)."""
+    if options:
+        log.debug("ignoring options %s", options)
+    info = setup_distributed()
+    try:
+        train(cfg, condition, info)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: Config, condition: str, info: DistInfo) -> Path:
+    """Train one generator; returns its model directory."""
+    from rcg.data.loader import make_loader, read_manifest
+
+    gcfg = cfg.train_generator
+    if condition not in ("rep", "none", "label"):
+        raise PipelineError(f"--condition must be rep, none or label, got {condition!r}")
+    if gcfg.threads > 0:
+        torch.set_num_threads(gcfg.threads)
+    seed_everything(gcfg.seed, info.rank)
+    device = info.device
+    classes = list(read_manifest(cfg.data.shards_dir).get("classes", []))
+    if condition == "label" and not classes:
+        raise PipelineError(f"{cfg.data.shards_dir}/manifest.json: no classes, so the label baseline cannot train")
+
+    codec = codec_for(gcfg.vae, gcfg.vae_scale or None).to(device)
+    kwargs = model_kwargs(cfg, condition, codec, len(classes))
+    model = build_generator(gcfg.arch, **kwargs).to(device)
+    diffusion_meta = {"timesteps": gcfg.timesteps, "beta_schedule": gcfg.beta_schedule,
+                      "parameterization": gcfg.parameterization}
+    diffusion = make_diffusion(diffusion_meta)
+    ema = EMA(model, gcfg.ema_decay, warmup=True)  # warm-up: short CPU runs would keep the init otherwise
+    opt = torch.optim.AdamW(model.parameters(), lr=gcfg.lr, betas=(0.9, 0.95), weight_decay=gcfg.weight_decay)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("generator %s (%s, %.2fM params) on %s, condition=%s", gcfg.arch, codec.meta()["type"],
+             n_params / 1e6, device, condition)
+
+    run_cfg = dataclasses.replace(gcfg, **{k: getattr(GeneratorConfig(), k) for k in _RUN_ONLY})
+    ckpt = Checkpointer(Path(gcfg.checkpoint_dir) / condition,
+                        fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition))
+    step, elapsed, resumed_from = 0, 0.0, None
+    state = ckpt.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed, resumed_from = int(state["step"]), float(state.get("elapsed", 0.0)), int(state["step"])
+    ddp = wrap_ddp(model, info)
+
+    cache = encoder = None
+    if condition == "rep":
+        if gcfg.rep_source == "cache":
+            cache = RepCache(Path(cfg.encode.out_dir) / "train.parquet")
+        if gcfg.rep_source == "encoder" or (gcfg.verify_cache and step == 0 and info.is_main):
+            from rcg.encoders import load_encoder
+
+            encoder = load_encoder(cfg.encoder.out_dir, device)
+
+    shape = (kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])
+    out_dir = Path(gcfg.out_dir) / condition
+    plot_path = Path(gcfg.plots_dir) / f"generator_{condition}.png"
+    grid_cond: dict[str, Tensor] = {}
+    loader = iter(make_loader(cfg.data, "train", "train", gcfg.batch_size, info=info))
+
+    with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
+        tracker.set_tags({"condition": condition, "arch": gcfg.arch})
+        losses: list[float] = []
+        images_seen, t_start = 0, time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=gcfg.steps, initial=step, desc=f"train generator ({condition})", disable=not info.is_main)
+        while step < gcfg.steps:
+            batch = next(loader)
+            x = batch["image"].to(device, non_blocking=True)
+            flipped = (torch.rand(x.shape[0]) < 0.5) if gcfg.hflip else torch.zeros(x.shape[0], dtype=torch.bool)
+            x = torch.where(flipped.to(device)[:, None, None, None], x.flip(-1), x)  # the augmented crop
+            cond: dict[str, Tensor] = {}
+            if condition == "rep":
+                if cache is not None:
+                    cond["rep"] = cache.lookup(batch["key"], flipped).to(device)
+                    if encoder is not None and gcfg.rep_source == "cache":
+                        err = verify_cache(cond["rep"], encoder, x, cache.path)
+                        log.info("cached reps match the encoder on the first batch (max abs diff %.2g)", err)
+                        encoder = None  # checked once; free it
+                else:
+                    with torch.no_grad(), autocast(device, gcfg.amp):
+                        cond["rep"] = encoder(x).float()
+            elif condition == "label":
+                cond["label"] = batch["label"].to(device)
+            if not grid_cond and condition != "none":
+                grid_cond = {k: v[: gcfg.grid_size].clone() for k, v in cond.items()}
+            with torch.no_grad():
+                z = codec.encode(x)
+            for group in opt.param_groups:
+                group["lr"] = gcfg.lr * min(1.0, (step + 1) / max(1, gcfg.warmup_steps))
+            loss = train_step(ddp, diffusion, opt, z, cond, gcfg, device)
+            if not math.isfinite(loss):
+                raise PipelineError(f"train_generator ({condition}): loss became {loss} at step {step}; lower train_generator.lr")
+            ema.update(model)
+            step += 1
+            losses.append(loss)
+            images_seen += x.shape[0] * info.world_size
+            bar.update(1)
+            if step % gcfg.log_every == 0 or step == gcfg.steps:
+                dt = time.perf_counter() - t_start
+                rate = images_seen / max(dt, 1e-9)
+                bar.set_postfix(loss=f"{sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]):.4f}", img_s=f"{rate:.0f}")
+                tracker.log_metrics({"loss": sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]),
+                                     "images_per_s": rate, "lr": opt.param_groups[0]["lr"]}, step=step)
+            if info.is_main and (step % gcfg.ckpt_every == 0 or step == gcfg.steps):
+                ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                           "step": step, "elapsed": elapsed + time.perf_counter() - t_start})
+            if info.is_main and gcfg.sample_every > 0 and step % gcfg.sample_every == 0 and step < gcfg.steps:
+                _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
+        bar.close()
+        train_seconds = time.perf_counter() - t_start
+        if info.is_main:
+            meta = {
+                "arch": gcfg.arch,
+                "kwargs": kwargs,
+                "condition": condition,
+                "codec": codec.meta(),
+                "diffusion": diffusion_meta,
+                "data": {"image_size": cfg.data.image_size, "channels": cfg.data.channels},
+                "classes": classes,
+                "sampling": {"sampler": gcfg.sampler, "steps": gcfg.sample_steps, "eta": gcfg.sample_eta,
+                             "amp": gcfg.amp},
+                "params": n_params,
+                "step": step,
+            }
+            save_generator(out_dir, ema.model, meta)
+            _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
+            tail = losses[-gcfg.log_every:] or [float("nan")]
+            metrics = {
+                "condition": condition,
+                "arch": gcfg.arch,
+                "params": n_params,
+                "steps": step,
+                "resumed_from": resumed_from,
+                "final_loss": sum(tail) / len(tail),
+                "train_seconds_this_run": round(train_seconds, 1),
+                "train_seconds_total": round(elapsed + train_seconds, 1),
+                "images_per_s": round(images_seen / max(train_seconds, 1e-9), 1),
+            }
+            write_json(Path(gcfg.metrics_dir) / f"generator_{condition}.json", metrics)
+            tracker.log_metrics({"train_seconds_total": metrics["train_seconds_total"]}, step=step)
+            tracker.log_artifact(out_dir / "generator.json", "model")
+            log.info("generator (%s) -> %s; %d steps in %.0fs (%.0f img/s); grid in %s", condition, out_dir,
+                     step, train_seconds, metrics["images_per_s"], plot_path)
+    return out_dir
+
+
+def _write_grid(model: nn.Module, diffusion: Diffusion, codec: Codec, cond: dict[str, Tensor], gcfg: GeneratorConfig,
+                shape: tuple[int, int, int], device: torch.device, path: Path, tracker: Tracker, step: int) -> None:
+    """A grid of EMA samples (for `rep`: the first batch's real reps, i.e. oracle conditioning)."""
+    from rcg.sampling import save_grid
+
+    n = gcfg.grid_size if not cond else min(gcfg.grid_size, next(iter(cond.values())).shape[0])
+    images = sample_grid(model, diffusion, codec, cond, n, gcfg, shape, device)
+    save_grid(images, path)
+    tracker.log_artifact(path, f"samples/step_{step:07d}")
