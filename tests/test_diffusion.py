@@ -18,6 +18,15 @@ from rcg.diffusion import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and far faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def dummy_model(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """A fixed, t-dependent nonlinear 'network' for golden values."""
     return scale * torch.tanh(x) * (0.5 + t.to(x.dtype)[:, None] / 2000.0)

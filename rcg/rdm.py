@@ -1,0 +1,285 @@
+"""The representation diffusion model (RDM): a residual MLP denoiser over 256-d representations.
+
+REFERENCE.md 2.2 (`SimpleMLP` of the official code): input projection, a sinusoidal timestep embedding of
+the network width followed by a 2-layer MLP, residual blocks LN-SiLU-Linear with the time (and class)
+embedding added in the middle, zero-initialised output layers, and an LN-SiLU-zero-Linear head. The
+class-conditional RDM (paper section 4.3) adds a learned class embedding to every block the same way.
+
+Differences from the reference, all deliberate:
+- the input is a plain [B, D] tensor (the reference squeezes a [B, D, 1, 1] "image", which breaks at B=1);
+- the class embedding lives inside the network, so the EMA covers it too (the reference keeps its
+  `ClassEmbedder` outside the EMA);
+- the unconditional RDM has no class table at all (the reference computes an unused 1-class embedding).
+
+This module also holds the artifact format (`models/rdm/rdm{,_class}.{safetensors,json}`), `load_rdm`
+and `sample_reps`, which the image-generation pipeline calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rcg.diffusion import Diffusion, ddim_sample, make_betas
+from rcg.io import PipelineError, atomic_path, get_logger, read_json, write_json
+
+log = get_logger(__name__)
+
+# Named sizes (width = model_channels = bottleneck_channels in the reference; depth = num_res_blocks).
+# `paper` is the reference's 12 x 1536 (~63M parameters); the others keep CPU presets fast.
+RDM_ARCHS: dict[str, dict[str, int]] = {
+    "tiny": dict(width=64, depth=2, time_embed_dim=32, class_embed_dim=32),  # tests: trains in seconds
+    "small": dict(width=512, depth=4, time_embed_dim=256, class_embed_dim=256),  # ~2.6M: Fashion-MNIST on CPU
+    "base": dict(width=1024, depth=8, time_embed_dim=256, class_embed_dim=512),  # ~19M: mid-size datasets
+    "paper": dict(width=1536, depth=12, time_embed_dim=256, class_embed_dim=512),  # REFERENCE.md 2.1
+}
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / (dim/2)) (cos first,
+    as in the reference; REFERENCE.md 2.2)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def _zero(module: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """x + Linear0(SiLU(LN(Linear(SiLU(LN(x))) + emb_proj(SiLU(emb)) [+ ctx_proj(SiLU(ctx))])))."""
+
+    def __init__(self, width: int, emb_dim: int, context_dim: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, width))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, width))
+        self.context_layers = (
+            nn.Sequential(nn.SiLU(), nn.Linear(context_dim, width)) if context_dim else None
+        )
+        self.out_layers = nn.Sequential(
+            nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout), _zero(nn.Linear(width, width))
+        )
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.in_layers(x)  # (B, W)
+        h = h + self.emb_layers(emb)  # additive time conditioning
+        if self.context_layers is not None and context is not None:
+            h = h + self.context_layers(context)  # additive class conditioning
+        return x + self.out_layers(h)  # (B, W); zero-init: each block starts as the identity
+
+
+class RDMNet(nn.Module):
+    """The RDM denoiser `SimpleMLP` (REFERENCE.md 2.2): (x_t [B, D], t [B], y [B]?) -> x0-hat [B, D]."""
+
+    def __init__(
+        self,
+        rep_dim: int = 256,
+        width: int = 1536,
+        depth: int = 12,
+        time_embed_dim: int = 256,
+        num_classes: int = 0,
+        class_embed_dim: int = 512,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.rep_dim, self.width, self.num_classes = rep_dim, width, num_classes
+        self.input_proj = nn.Linear(rep_dim, width)
+        # The sinusoid has the network width (1536 in the reference), projected to time_embed_dim.
+        self.time_embed = nn.Sequential(
+            nn.Linear(width, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        self.class_embed = nn.Embedding(num_classes, class_embed_dim) if num_classes > 0 else None
+        ctx = class_embed_dim if num_classes > 0 else 0
+        self.blocks = nn.ModuleList(
+            [ResBlock(width, time_embed_dim, ctx, dropout) for _ in range(depth)]
+        )
+        self.out = nn.Sequential(
+            nn.LayerNorm(width, eps=1e-6), nn.SiLU(), _zero(nn.Linear(width, rep_dim))
+        )
+
+    @property
+    def class_cond(self) -> bool:
+        return self.class_embed is not None
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.width))  # (B, E)
+        context = None
+        if self.class_embed is not None:
+            if y is None:
+                raise ValueError("the class-conditional RDM needs class labels y")
+            context = self.class_embed(y.long())  # (B, C)
+        h = self.input_proj(x)  # (B, W)
+        for block in self.blocks:
+            h = block(h, emb, context)  # (B, W)
+        return self.out(h)  # (B, D)
+
+
+def build_rdm(arch: str, rep_dim: int = 256, num_classes: int = 0) -> RDMNet:
+    """An RDM of a named size (`RDM_ARCHS`); num_classes > 0 makes it class-conditional."""
+    if arch not in RDM_ARCHS:
+        raise PipelineError(f"train_rdm.arch: unknown RDM size {arch!r} (known: {', '.join(RDM_ARCHS)})")
+    return RDMNet(rep_dim=rep_dim, num_classes=num_classes, **RDM_ARCHS[arch])
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifacts: models/rdm/<name>.safetensors + <name>.json
+# --------------------------------------------------------------------------------------------------
+
+
+def artifact_name(class_cond: bool) -> str:
+    """`rdm` for the unconditional RDM, `rdm_class` for the class-conditional one."""
+    return "rdm_class" if class_cond else "rdm"
+
+
+def save_rdm(model: RDMNet, meta: dict[str, Any], out_dir: str | Path, name: str) -> Path:
+    """Write `<out_dir>/<name>.safetensors` (weights) and `<name>.json` (everything to rebuild it)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(out / f"{name}.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": "rcg-rdm"})
+    write_json(out / f"{name}.json", meta)
+    return out / f"{name}.safetensors"
+
+
+@dataclass
+class RDMBundle:
+    """A trained RDM ready to sample: EMA network (eval mode), its diffusion and its metadata."""
+
+    model: RDMNet
+    diffusion: Diffusion
+    meta: dict[str, Any]
+
+    @property
+    def class_cond(self) -> bool:
+        return self.model.class_cond
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def rep_dim(self) -> int:
+        return self.model.rep_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def make_meta(
+    model: RDMNet,
+    arch: str,
+    diffusion_cfg: dict[str, Any],
+    sampling: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON beside the weights: architecture kwargs, diffusion settings, sampling defaults."""
+    return {
+        "format": "rcg-rdm",
+        "arch": arch,
+        "model": {
+            "rep_dim": model.rep_dim,
+            "num_classes": model.num_classes,
+            **RDM_ARCHS[arch],
+        },
+        "diffusion": diffusion_cfg,
+        "sampling": sampling,
+        **(extra or {}),
+    }
+
+
+def bundle_from(model: RDMNet, meta: dict[str, Any]) -> RDMBundle:
+    """Wrap an in-memory network with its metadata (what `load_rdm` returns, without the files)."""
+    d = meta["diffusion"]
+    betas = make_betas(d["schedule"], d["timesteps"], d.get("linear_start"), d.get("linear_end"))
+    return RDMBundle(model.eval(), Diffusion(betas, d["parameterization"]), meta)
+
+
+def load_rdm(
+    model_dir: str | Path = "models/rdm", class_cond: bool = False, device: str | torch.device = "cpu"
+) -> RDMBundle:
+    """Load `rdm` (or `rdm_class` with class_cond=True) from `model_dir` for sampling."""
+    from safetensors.torch import load_file
+
+    name = artifact_name(class_cond)
+    wpath, jpath = Path(model_dir) / f"{name}.safetensors", Path(model_dir) / f"{name}.json"
+    if not wpath.exists() or not jpath.exists():
+        what = "class-conditional RDM (needs labelled features and train_rdm.class_cond)" if class_cond else "RDM"
+        raise PipelineError(f"{wpath}: no trained {what} here (run `rcg train-rdm` first)")
+    meta = read_json(jpath)
+    m = meta["model"]
+    model = RDMNet(
+        rep_dim=m["rep_dim"], width=m["width"], depth=m["depth"], time_embed_dim=m["time_embed_dim"],
+        num_classes=m["num_classes"], class_embed_dim=m["class_embed_dim"],
+    )
+    model.load_state_dict(load_file(str(wpath)), strict=True)
+    return bundle_from(model.to(device).requires_grad_(False), meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_reps(
+    bundle: RDMBundle,
+    n: int,
+    class_ids: Tensor | int | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    temperature: float | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Draw n representations [n, D] (float32, CPU) from the RDM with DDIM (REFERENCE.md 2.4).
+
+    Defaults (steps, eta, temperature) come from the bundle's metadata: 250 steps, eta 1, temperature
+    1 in the reference. `class_ids` (one per sample, or one int for all) selects classes for the
+    class-conditional RDM; if it is omitted there, classes are drawn uniformly at random. Samples are
+    not re-standardised (as in the reference). The result depends on (seed, batch_size).
+    """
+    sampling = bundle.meta.get("sampling", {})
+    steps = int(steps if steps is not None else sampling.get("steps", 250))
+    eta = float(eta if eta is not None else sampling.get("eta", 1.0))
+    temperature = float(temperature if temperature is not None else sampling.get("temperature", 1.0))
+    g = torch.Generator().manual_seed(seed)
+    if class_ids is not None:
+        if not bundle.class_cond:
+            raise PipelineError("class ids given, but this RDM is unconditional (load_rdm(class_cond=True))")
+        ids = torch.as_tensor(class_ids, dtype=torch.long).flatten()
+        ids = ids.expand(n).clone() if ids.numel() == 1 else ids
+        if ids.numel() != n:
+            raise ValueError(f"class_ids has {ids.numel()} entries for n={n} samples")
+        if ids.min() < 0 or ids.max() >= bundle.num_classes:
+            raise PipelineError(f"class ids must be in [0, {bundle.num_classes}), got {ids.min()}..{ids.max()}")
+    elif bundle.class_cond:
+        ids = torch.randint(0, bundle.num_classes, (n,), generator=g)
+    else:
+        ids = None
+    device = bundle.device
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        kwargs = {"y": ids[start : start + b].to(device)} if ids is not None else None
+        x = ddim_sample(
+            bundle.model, bundle.diffusion, (b, bundle.rep_dim), steps, eta=eta,
+            temperature=temperature, model_kwargs=kwargs, generator=g, device=device,
+            progress=progress,
+        )
+        out.append(x.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, bundle.rep_dim)

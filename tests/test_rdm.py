@@ -1,0 +1,320 @@
+"""The RDM: network, artifacts, sampling, the train-rdm / sample-reps stages, DDP, and the FD metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rcg import config
+from rcg.features import read_features, to_table, write_features
+from rcg.io import PipelineError
+from rcg.metrics.frechet import feature_statistics, frechet_distance
+from rcg.rdm import (
+    RDMNet,
+    build_rdm,
+    bundle_from,
+    load_rdm,
+    make_meta,
+    sample_reps,
+    save_rdm,
+    timestep_embedding,
+)
+from tests.conftest import tiny_params
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic features: a labelled Gaussian mixture in 256-d, standardised per sample like real reps.
+# --------------------------------------------------------------------------------------------------
+
+
+def synthetic_reps(n: int, k: int = 4, dim: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(k, dim)) * 1.5
+    basis = rng.normal(size=(k, 8, dim))  # each class varies mostly along 8 directions
+    labels = rng.integers(0, k, size=n)
+    z = rng.normal(size=(n, 8))
+    x = means[labels] + np.einsum("nr,nrd->nd", z, basis[labels]) + 0.3 * rng.normal(size=(n, dim))
+    x = (x - x.mean(1, keepdims=True)) / x.std(1, ddof=1, keepdims=True)  # per-sample standardisation
+    return x.astype(np.float32), labels
+
+
+def write_synthetic_features(root: Path, n_train: int = 400, n_val: int = 100, labelled: bool = True) -> None:
+    """data/features/{train,val}.parquet with both views (the flip view is a slightly perturbed copy)."""
+    for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        x, y = synthetic_reps(n, seed=seed)
+        flip = x + 0.05 * np.random.default_rng(seed + 10).normal(size=x.shape).astype(np.float32)
+        keys = [f"{split}-{i:06d}" for i in range(n)]
+        labels = [int(v) for v in y] if labelled else [None] * n
+        tables = [to_table(keys, labels, ["orig"] * n, x), to_table(keys, labels, ["flip"] * n, flip)]
+        write_features(root / "data" / "features" / f"{split}.parquet", tables)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small MLPs run fastest on one thread, and far faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def rdm_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write_synthetic_features(tmp_path)
+    (tmp_path / "params.yaml").write_text(tiny_params())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------------
+
+
+def test_network_matches_reference_shape_and_init() -> None:
+    paper = build_rdm("paper")
+    n_params = sum(p.numel() for p in paper.parameters())
+    assert 62.5e6 < n_params < 63.0e6  # REFERENCE.md 2.2: ~62.7M
+    del paper
+    net = build_rdm("tiny", num_classes=3)
+    x = torch.randn(1, 256)  # batch 1 works (the reference's squeeze() does not)
+    out = net(x, torch.tensor([10]), torch.tensor([2]))
+    assert out.shape == (1, 256)
+    assert torch.all(out == 0)  # zero-initialised head: the untrained RDM predicts x0 = 0
+    with pytest.raises(ValueError):
+        net(x, torch.tensor([10]))
+    # each block starts as the identity (zero-initialised output Linear)
+    h = torch.randn(4, 64)
+    emb = torch.randn(4, net.blocks[0].emb_layers[1].in_features)
+    ctx = torch.randn(4, 32)
+    assert torch.equal(net.blocks[0](h, emb, ctx), h)
+
+
+def test_timestep_embedding_is_cos_then_sin() -> None:
+    e = timestep_embedding(torch.tensor([0, 3]), 8)
+    assert torch.equal(e[0], torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]))
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(4) / 4)
+    torch.testing.assert_close(e[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
+
+
+def test_class_conditioning_changes_output_after_training_step() -> None:
+    net = build_rdm("tiny", num_classes=2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, t = torch.randn(8, 256), torch.randint(0, 1000, (8,))
+    y = torch.tensor([0, 1] * 4)
+    for _ in range(3):  # zero-initialised layers pass gradient to the class path from the 2nd step
+        opt.zero_grad()
+        (net(x, t, y) - y[:, None].float()).pow(2).mean().backward()
+        opt.step()
+    a = net(x, t, torch.zeros(8, dtype=torch.long))
+    b = net(x, t, torch.ones(8, dtype=torch.long))
+    assert not torch.allclose(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Artifacts and sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def _meta(net: RDMNet) -> dict:
+    diff = {"schedule": "sqrt_linear", "timesteps": 100, "linear_start": 0.0015, "linear_end": 0.0195,
+            "parameterization": "x0"}
+    return make_meta(net, "tiny", diff, {"steps": 5, "eta": 1.0, "temperature": 1.0})
+
+
+def test_save_load_round_trip_and_sample_reps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = build_rdm("tiny", num_classes=3)
+    for p in net.parameters():  # make the zero-initialised layers non-trivial
+        p.data.add_(0.05 * torch.randn_like(p))
+    save_rdm(net, _meta(net), tmp_path, "rdm_class")
+    meta = json.loads((tmp_path / "rdm_class.json").read_text())
+    assert meta["model"]["num_classes"] == 3 and meta["model"]["width"] == 64
+    bundle = load_rdm(tmp_path, class_cond=True)
+    x, t, y = torch.randn(5, 256), torch.randint(0, 100, (5,)), torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(bundle.model(x, t, y), net(x, t, y))
+
+    a = sample_reps(bundle, 7, class_ids=torch.tensor([0, 1, 2, 0, 1, 2, 0]), seed=3, batch_size=3)
+    b = sample_reps(bundle, 7, class_ids=torch.tensor([0, 1, 2, 0, 1, 2, 0]), seed=3, batch_size=3)
+    c = sample_reps(bundle, 7, class_ids=torch.tensor([0, 1, 2, 0, 1, 2, 0]), seed=4, batch_size=3)
+    assert a.shape == (7, 256) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    same_class = sample_reps(bundle, 4, class_ids=1, seed=3)
+    assert same_class.shape == (4, 256)
+    with pytest.raises(PipelineError):
+        sample_reps(bundle, 2, class_ids=5)
+    with pytest.raises(PipelineError):
+        load_rdm(tmp_path, class_cond=False)  # only the class-conditional one exists here
+
+    uncond = bundle_from(build_rdm("tiny"), _meta(build_rdm("tiny")))
+    with pytest.raises(PipelineError):
+        sample_reps(uncond, 2, class_ids=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frechet distance through torch-fidelity
+# --------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_matches_closed_form_for_gaussians() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, d = 200_000, 4
+    std_a, std_b = torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([1.0, 1.0, 1.0, 3.0])
+    mean_b = torch.tensor([1.0, 0.0, -2.0, 0.0])
+    a = torch.randn(n, d, generator=g) * std_a
+    b = torch.randn(n, d, generator=g) * std_b + mean_b
+    expected = float((mean_b**2).sum() + ((std_a - std_b) ** 2).sum())  # diagonal covariances
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+    assert frechet_distance(a.numpy(), feature_statistics(a)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError):
+        feature_statistics(torch.zeros(1, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------------
+
+
+def test_train_rdm_stage_end_to_end_and_resume(rdm_workspace: Path) -> None:
+    from rcg.stages import train_rdm
+
+    cfg = config.load("params.yaml")
+    train_rdm.run(cfg)
+    for name in ("rdm", "rdm_class"):
+        assert (rdm_workspace / "models" / "rdm" / f"{name}.safetensors").exists()
+        assert (rdm_workspace / "models" / "rdm" / f"{name}.json").exists()
+    m = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
+    for key in ("fd_train", "fd_val", "fd_floor_train", "fd_floor_val"):
+        assert np.isfinite(m[key]) and m[key] > 0, key
+    assert m["n_eval"] == cfg.train_rdm.n_eval
+    cc = m["class_cond"]
+    assert set(cc["per_class"]) == {"0", "1", "2", "3"}
+    for key in ("fd_per_class_train", "fd_per_class_floor_train", "fd_per_class_val", "fd_train"):
+        assert np.isfinite(cc[key]), key
+    ckpt = torch.load(rdm_workspace / "checkpoints/train_rdm/uncond/checkpoint-last.pt", weights_only=False)
+    assert ckpt["step"] == cfg.train_rdm.steps
+
+    # raising the step budget resumes from the checkpoint instead of starting over
+    cfg2 = config.load("params.yaml", {"train_rdm": {"steps": cfg.train_rdm.steps + 10, "class_cond": False}})
+    train_rdm.run(cfg2)
+    m2 = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
+    assert m2["train_steps"] == cfg.train_rdm.steps + 10
+    ckpt = torch.load(rdm_workspace / "checkpoints/train_rdm/uncond/checkpoint-last.pt", weights_only=False)
+    assert ckpt["step"] == cfg.train_rdm.steps + 10
+    assert "class_cond" not in m2
+    assert not (rdm_workspace / "models" / "rdm" / "rdm_class.safetensors").exists()  # no stale model
+
+    # sample-reps through the CLI
+    from rcg.cli import main
+
+    out = rdm_workspace / "samples.parquet"
+    assert main(["sample-reps", "--n", "6", "--out", str(out)]) == 0
+    f = read_features(out)
+    assert f.keys == [f"sample-{i:06d}" for i in range(6)] and f.views == ["orig"] * 6
+    assert f.reps.shape == (6, 256) and bool((f.labels == -1).all())
+    assert main(["sample-reps", "--n", "3", "--class", "1", "--out", str(out)]) == 1  # rdm_class gone
+
+
+def test_class_conditional_sample_reps_cli(rdm_workspace: Path) -> None:
+    from rcg.cli import main
+
+    assert main(["train-rdm", "--set", "train_rdm.steps=5", "--set", "train_rdm.n_eval=40"]) == 0
+    out = rdm_workspace / "class2.parquet"
+    assert main(["sample-reps", "--n", "3", "--class", "2", "--seed", "1", "--out", str(out)]) == 0
+    f = read_features(out)
+    assert f.labels.tolist() == [2, 2, 2] and f.reps.shape == (3, 256)
+
+
+def test_unlabelled_features_train_only_the_unconditional_rdm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_synthetic_features(tmp_path, n_train=100, n_val=40, labelled=False)
+    (tmp_path / "params.yaml").write_text(tiny_params(train_rdm={"steps": 4, "n_eval": 50}))
+    monkeypatch.chdir(tmp_path)
+    from rcg.stages import train_rdm
+
+    train_rdm.run(config.load("params.yaml"))
+    assert (tmp_path / "models/rdm/rdm.safetensors").exists()
+    assert not (tmp_path / "models/rdm/rdm_class.safetensors").exists()
+    assert "class_cond" not in json.loads((tmp_path / "metrics/rdm.json").read_text())
+
+
+def test_missing_features_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "params.yaml").write_text(tiny_params())
+    monkeypatch.chdir(tmp_path)
+    from rcg.stages import train_rdm
+
+    with pytest.raises(PipelineError, match="train.parquet"):
+        train_rdm.run(config.load("params.yaml"))
+
+
+def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
+    """A tiny RDM trained briefly must beat its untrained self by a wide margin in FD to the data."""
+    from rcg.stages.train_rdm import train_rdm_model
+
+    from rcg.training import DistInfo
+
+    cfg = config.load("params.yaml", {"train_rdm": {"steps": 300, "ema_decay": 0.99, "lr": 2e-3}})
+    rc = cfg.train_rdm
+    f = read_features("data/features/train.parquet")
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    torch.manual_seed(0)
+    untrained = build_rdm("tiny")
+    ema_net, summary = train_rdm_model(rc, f.reps.clone(), None, info)
+    meta = _meta(ema_net)
+    meta["diffusion"]["timesteps"] = 1000
+    stats = feature_statistics(f.reps)
+    fd_trained = frechet_distance(sample_reps(bundle_from(ema_net, meta), 300, steps=20), stats)
+    fd_untrained = frechet_distance(sample_reps(bundle_from(untrained, meta), 300, steps=20), stats)
+    assert summary["steps"] == 300
+    assert fd_trained < 0.5 * fd_untrained, (fd_trained, fd_untrained)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun compatibility: two gloo ranks on CPU end with identical weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, workdir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    os.chdir(workdir)
+    from rcg.stages.train_rdm import train_rdm_model
+    from rcg.training import cleanup_distributed, setup_distributed
+
+    info = setup_distributed()
+    cfg = config.load("params.yaml", {"train_rdm": {"steps": 12, "batch_size": 32}})
+    f = read_features("data/features/train.parquet")
+    ema_net, _ = train_rdm_model(cfg.train_rdm, f.reps.clone(), f.labels.clone(), info, num_classes=4)
+    net_state = torch.load(Path(cfg.train_rdm.checkpoint_dir) / "class" / "checkpoint-last.pt",
+                           weights_only=False) if rank == 0 else None
+    torch.save({"ema": ema_net.state_dict(), "ckpt_step": None if net_state is None else net_state["step"]},
+               f"rank{rank}.pt")
+    cleanup_distributed()
+
+
+def test_ddp_two_gloo_ranks_end_with_identical_weights(rdm_workspace: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(rdm_workspace)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0 = torch.load(rdm_workspace / "rank0.pt", weights_only=False)
+    r1 = torch.load(rdm_workspace / "rank1.pt", weights_only=False)
+    assert r0["ckpt_step"] == 12
+    init = build_rdm("tiny", num_classes=4).state_dict()
+    changed = False
+    for k, v in r0["ema"].items():
+        assert torch.equal(v, r1["ema"][k]), k
+        changed |= not torch.equal(v, init[k])
+    assert changed  # they trained, and trained in lockstep
