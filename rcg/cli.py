@@ -141,7 +141,8 @@ def _add_stage_options(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--n", type=int, default=64, help="how many images")
         p.add_argument("--class", dest="class_id", type=int, default=None,
                        help="class index, through the class-conditional RDM")
-        p.add_argument("--cfg", type=float, default=0.0, help="guidance scale (0: none)")
+        p.add_argument("--cfg", dest="cfg_scale", type=float, default=0.0,
+                       help="guidance scale w: cond + w (cond - uncond) (0: none)")
         p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="linear",
                        help="constant scale, or the reference's linearly increasing one")
         p.add_argument("--steps", type=int, default=None, help="sampling steps (default: params)")
