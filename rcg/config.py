@@ -155,7 +155,6 @@ class GeneratorConfig:
     # Model (rcg.generators.REGISTRY). The default is sized for 28 px on 2 shared CPU cores; see
     # issue 5's closing note for the loss-vs-wall-time measurements behind it.
     arch: str = "dit_fmnist"
-    conditions: list[str] = field(default_factory=lambda: ["rep", "none", "label"])  # what dvc trains
     rep_drop_prob: float = 0.1  # share of reps swapped for the learned fake_latent (reference: 0.1)
     vae: str = ""  # diffusers AutoencoderKL folder for latent space (256 px); empty = pixel space
     vae_scale: float = 0.0  # latent scale; 0 = the VAE config's scaling_factor (SD VAE: 0.18215)
@@ -182,7 +181,7 @@ class GeneratorConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default (1 is faster on a busy shared CPU)
     ckpt_every: int = 500  # optimiser steps between resumable checkpoints
     log_every: int = 50  # steps between MLflow loss/throughput metrics
-    sample_every: int = 1000  # steps between sample grids (plots/ and MLflow)
+    sample_every: int = 1000  # steps between sample grids (<out_dir>/<condition>/samples.png, MLflow)
     # Sampling (the grids here and `rcg generate`)
     sampler: Literal["ddim", "ddpm"] = "ddim"  # ddpm = ancestral over respaced steps (reference)
     sample_steps: int = 50
@@ -191,8 +190,7 @@ class GeneratorConfig:
     seed: int = 0
     checkpoint_dir: str = "checkpoints/train_generator"  # + /<condition>/checkpoint-last.pt
     metrics_dir: str = "metrics"  # metrics/generator_<condition>.json
-    plots_dir: str = "plots"  # plots/generator_<condition>.png
-    out_dir: str = "models/generator"
+    out_dir: str = "models/generator"  # + /<condition>/generator.{safetensors,json}, samples.png
 
 
 @dataclass
