@@ -16,9 +16,9 @@ AdamW, linear warm-up then constant lr, gradient clipping, EMA, bf16 autocast, a
 every ``ckpt_every`` steps (raising ``steps`` continues a finished run), MLflow step metrics and a
 sample grid every ``sample_every`` steps. Runs unchanged under torchrun (DDP).
 
-Outputs: models/generator/<condition>/generator.{safetensors,json} (EMA weights),
-checkpoints/train_generator/<condition>/checkpoint-last.pt, metrics/generator_<condition>.json,
-plots/generator_<condition>.png.
+Outputs: models/generator/<condition>/generator.{safetensors,json} (EMA weights) and samples.png
+(a grid of EMA samples; for `rep` conditioned on real reps), checkpoints/train_generator/<condition>/
+checkpoint-last.pt, metrics/generator_<condition>.json.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ log = get_logger(__name__)
 # Settings that do not change what is learned: excluded from the checkpoint fingerprint, so a run
 # can be extended (more steps) or re-logged without starting over.
 _RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_eta", "sampler",
-             "grid_size", "threads", "conditions", "checkpoint_dir", "metrics_dir", "plots_dir", "out_dir",
+             "grid_size", "threads", "checkpoint_dir", "metrics_dir", "out_dir",
              "verify_cache")
 
 
@@ -212,7 +212,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
 
     shape = (kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])
     out_dir = Path(gcfg.out_dir) / condition
-    plot_path = Path(gcfg.plots_dir) / f"generator_{condition}.png"
+    plot_path = out_dir / "samples.png"
     grid_cond: dict[str, Tensor] = {}
     loader = iter(make_loader(cfg.data, "train", "train", gcfg.batch_size, info=info))
 
