@@ -1,0 +1,150 @@
+"""`rcg train-generator`: the three conditions end to end, the rep cache, resume (tiny preset)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcg.generators import load_generator
+from rcg.io import PipelineError
+from rcg.stages import train_generator
+from tests.generator_workspace import build, chdir, load_cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gen_root(tiny_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards + encoder + features (no RDM: training the generator does not need it)."""
+    return build(tiny_workspace, tmp_path_factory.mktemp("gen"), rdm=False)
+
+
+@pytest.fixture
+def ws(gen_root: Path, tmp_path: Path) -> Path:
+    """A fresh project folder sharing the module's inputs, as the working directory."""
+    for name in ("data", "models"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "data" / "shards").symlink_to(gen_root / "data" / "shards")
+    (tmp_path / "data" / "features").symlink_to(gen_root / "data" / "features")
+    (tmp_path / "models" / "encoder").symlink_to(gen_root / "models" / "encoder")
+    (tmp_path / "params.yaml").write_text((gen_root / "params.yaml").read_text())
+    with chdir(tmp_path):
+        yield tmp_path
+
+
+def _metrics(condition: str) -> dict:
+    return json.loads(Path(f"metrics/generator_{condition}.json").read_text())
+
+
+@pytest.mark.parametrize("condition", ["rep", "none", "label"])
+def test_each_condition_trains_and_saves(ws: Path, condition: str) -> None:
+    cfg = load_cfg()
+    train_generator.run(cfg, condition=condition)
+    out = Path("models/generator") / condition
+    model, diffusion, meta = load_generator(out)
+    assert meta["condition"] == condition and meta["step"] == cfg.train_generator.steps
+    assert meta["kwargs"]["input_size"] == 28 and meta["kwargs"]["in_channels"] == 1
+    assert meta["classes"] and len(meta["classes"]) == 10
+    assert (out / "samples.png").stat().st_size > 0
+    m = _metrics(condition)
+    assert m["steps"] == cfg.train_generator.steps and m["resumed_from"] is None
+    assert m["final_loss"] > 0 and m["train_seconds_total"] > 0
+    assert Path(f"checkpoints/train_generator/{condition}/checkpoint-last.pt").exists()
+    if condition == "label":
+        assert model.cond.y_embedder.num_embeddings == 11
+    if condition == "rep":
+        assert model.cond.fake_latent.shape == (1, 256)
+
+
+def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_cfg()  # tiny: 6 steps, a checkpoint every 3
+    real_step = train_generator.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated interruption at step 5")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_generator, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator.run(cfg, condition="rep")
+    state = torch.load("checkpoints/train_generator/rep/checkpoint-last.pt", weights_only=False)
+    assert state["step"] == 3
+    assert not Path("models/generator/rep/generator.safetensors").exists()
+
+    monkeypatch.setattr(train_generator, "train_step", real_step)
+    calls["n"] = 0
+    counted = {"n": 0}
+
+    def counting_step(*args, **kwargs):
+        counted["n"] += 1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_generator, "train_step", counting_step)
+    train_generator.run(cfg, condition="rep")
+    assert counted["n"] == 3  # only the steps after the checkpoint
+    m = _metrics("rep")
+    assert m["resumed_from"] == 3 and m["steps"] == 6
+    _, _, meta = load_generator("models/generator/rep")
+    assert meta["step"] == 6
+
+    # Raising `steps` continues the finished run; changing what is learned starts over.
+    train_generator.run(load_cfg(train_generator__steps=8), condition="rep")
+    assert _metrics("rep")["resumed_from"] == 6 and counted["n"] == 5
+    train_generator.run(load_cfg(train_generator__lr=5e-4), condition="rep")
+    assert _metrics("rep")["resumed_from"] is None
+
+
+def test_stale_cache_is_detected(ws: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from rcg.features import read_features, to_table, write_features
+
+    f = read_features("data/features/train.parquet")
+    Path("data/features").unlink()  # the symlink; write a private, corrupted copy
+    Path("data/features").mkdir()
+    labels = [int(v) if v >= 0 else None for v in f.labels.tolist()]
+    write_features("data/features/train.parquet", [to_table(f.keys, labels, f.views, (f.reps + 1.0).numpy())])
+    assert pq.read_metadata("data/features/train.parquet").num_rows == len(f)
+    with pytest.raises(PipelineError, match="differ from the encoder"):
+        train_generator.run(load_cfg(), condition="rep")
+
+
+def test_encoder_on_the_fly_matches_cache(ws: Path) -> None:
+    """rep_source=encoder trains too, and the cache lookup returns the encoder's reps of the crop."""
+    from rcg.data.loader import make_loader
+    from rcg.encoders import load_encoder
+
+    cfg = load_cfg(train_generator__rep_source="encoder")
+    train_generator.run(cfg, condition="rep")
+    assert _metrics("rep")["steps"] == cfg.train_generator.steps
+
+    cache = train_generator.RepCache("data/features/train.parquet")
+    enc = load_encoder("models/encoder")
+    batch = next(iter(make_loader(cfg.data, "train", "once", 8)))
+    flipped = torch.tensor([False, True] * 4)
+    x = torch.where(flipped[:, None, None, None], batch["image"].flip(-1), batch["image"])
+    with torch.no_grad():
+        assert torch.allclose(cache.lookup(batch["key"], flipped), enc(x), atol=1e-4)
+
+
+def test_label_baseline_needs_labels(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rcg.data.loader as loader
+
+    manifest = loader.read_manifest("data/shards")
+    monkeypatch.setattr(loader, "read_manifest", lambda d: {**manifest, "classes": []})
+    with pytest.raises(PipelineError, match="no classes"):
+        train_generator.run(load_cfg(), condition="label")
+    with pytest.raises(PipelineError, match="rep, none or label"):
+        train_generator.run(load_cfg(), condition="labels")
