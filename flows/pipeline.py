@@ -1,0 +1,250 @@
+"""Prefect flow: the DVC pipeline, one task per stage (`dvc repro --single-item <stage>`), in DAG order.
+
+DESIGN.md, "Roles": DVC owns the DAG and what is stale, Prefect schedules. The flow reads the stages
+from DVC (flows.dag), applies the preset and overrides to params.yaml the way `dvc exp run -S` does,
+runs every stage as a task once its upstreams completed (independent stages run side by side), and
+saves the workspace as a DVC experiment named after the flow run. GPU stages carry the `gpu` tag,
+held to a Prefect concurrency limit (one stage per GPU slot). Transient faults are retried with
+exponential backoff; deterministic ones fail at once, with a report naming the stage and its log.
+Prefect result caching is off: DVC alone decides what needs to run.
+
+    python -m flows.pipeline run --preset tiny -S train_rdm.steps=10   # one run, in process
+    python -m flows.pipeline serve                                     # flow.serve on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.futures import PrefectFuture, wait
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import Task, exponential_backoff
+
+from flows import dvc as dvc_mod
+from flows.dag import DEFAULT_GPU_STAGES, Stage, read_stages, select
+
+GPU_TAG = "gpu"
+LOG_ROOT = "logs/flows"  # per flow run: one log file per stage, failure.md when something failed
+
+
+class PipelineFailed(RuntimeError):
+    """Raised by the flow when a stage failed; the message names the stage and its log."""
+
+
+def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect retry condition: retry only a StageFailed marked transient."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # an unreadable result is not evidence of a transient fault
+            return False
+    return isinstance(exc, dvc_mod.StageFailed) and exc.transient
+
+
+@task(
+    cache_policy=NO_CACHE,  # DVC decides what is stale; a Prefect cache would skip real work
+    persist_result=False,
+    retry_condition_fn=_retry_transient,
+)
+def dvc_stage(
+    stage: str,
+    project_dir: str,
+    log_dir: str,
+    exp_name: str | None = None,
+    force: bool = False,
+    transient_patterns: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run one DVC stage with `dvc repro --single-item`; raise StageFailed on a non-zero exit."""
+    logger = get_run_logger()
+    log_path = Path(log_dir) / f"{stage}.log"
+    args = dvc_mod.dvc_cmd("repro", "--single-item", *(["--force"] if force else []), stage)
+    logger.info("stage %s: running `dvc repro --single-item %s`, log: %s", stage, stage, log_path)
+    t0 = time.perf_counter()
+    code, output = dvc_mod.run_logged(
+        args, project_dir, log_path, env=dvc_mod.dvc_env(exp_name), header=stage
+    )
+    seconds = round(time.perf_counter() - t0, 2)
+    if code != 0:
+        transient = dvc_mod.is_transient(code, output, transient_patterns or ())
+        logger.error(
+            "stage %s: exit code %d (%s) after %.1fs; last lines of %s:\n%s",
+            stage, code, "transient, may retry" if transient else "deterministic, no retry",
+            seconds, log_path, dvc_mod.tail(output, 15),
+        )
+        raise dvc_mod.StageFailed(stage, code, log_path, transient, dvc_mod.tail(output))
+    skipped = "didn't change, skipping" in output  # DVC's own words for an up-to-date stage
+    logger.info("stage %s: %s in %.1fs", stage, "up to date" if skipped else "done", seconds)
+    return {"stage": stage, "seconds": seconds, "skipped": skipped, "log": str(log_path)}
+
+
+def ensure_gpu_limit(slots: int) -> None:
+    """Create the `gpu` tag concurrency limit with `slots` slots unless one already exists.
+
+    An existing limit is left alone: it belongs to whoever runs the work pool (e.g. 8 on an 8-GPU
+    node, set with `prefect concurrency-limit create gpu 8`).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    if slots <= 0:
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag(GPU_TAG)
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
+
+
+def _failure_report(stages: list[Stage], states: dict[str, str], errors: dict[str, Exception],
+                    log_dir: Path) -> str:
+    lines = ["# rcg pipeline: failed", ""]
+    for name, exc in errors.items():
+        if isinstance(exc, dvc_mod.StageFailed):
+            kind = "transient (retries exhausted)" if exc.transient else "deterministic (no retry)"
+            lines += [
+                f"## stage `{name}`: exit code {exc.returncode}, {kind}",
+                f"log: `{exc.log_path}`",
+                "",
+                "```",
+                exc.tail,
+                "```",
+                "",
+            ]
+        else:
+            lines += [f"## stage `{name}`: {exc!r}", f"log: `{log_dir / (name + '.log')}`", ""]
+    lines += ["## all stages", "", "| stage | state |", "|---|---|"]
+    lines += [f"| {s.name} | {states.get(s.name, 'NOT RUN')} |" for s in stages]
+    return "\n".join(lines) + "\n"
+
+
+@flow(
+    name="rcg-pipeline",
+    persist_result=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=4),  # independent stages side by side
+)
+def rcg_pipeline(
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    targets: list[str] | None = None,
+    project_dir: str = ".",
+    gpu_stages: list[str] | None = None,
+    gpu_slots: int = 1,
+    retries: int = 2,
+    retry_backoff: float = 30.0,
+    transient_patterns: list[str] | None = None,
+    force: bool = False,
+    exp_name: str | None = None,
+    save_experiment: bool = True,
+) -> dict[str, str]:
+    """Run the DVC pipeline as Prefect tasks; return {stage: final state name}.
+
+    preset / overrides: written to params.yaml like `dvc exp run -S preset=... -S key=value`, so
+        the run is also a DVC experiment (saved as `exp_name`, default `prefect-<flow run name>`).
+    targets: only these stages and their upstreams (default: every stage in dvc.yaml).
+    gpu_stages: dvc.yaml entries tagged `gpu` (default: flows.dag.DEFAULT_GPU_STAGES).
+    gpu_slots: size of the `gpu` concurrency limit, created when missing (0: leave limits alone).
+    retries / retry_backoff: attempts after a transient failure, waits of backoff * 2^k seconds.
+    """
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    run_name = runtime_flow_run.get_name() or time.strftime("run-%Y%m%d-%H%M%S")
+    exp_name = exp_name or f"prefect-{run_name}"
+    log_dir = root / LOG_ROOT / run_name
+    gpu = DEFAULT_GPU_STAGES if gpu_stages is None else tuple(gpu_stages)
+
+    if preset or overrides:
+        applied = dvc_mod.set_params(root, preset, overrides or [])
+        logger.info("params.yaml: applied %s", " ".join(applied))
+    stages = select(read_stages(root), targets)
+    logger.info(
+        "%d stages in DAG order: %s (gpu: %s); logs in %s",
+        len(stages), ", ".join(s.name for s in stages),
+        ", ".join(s.name for s in stages if s.is_gpu(gpu)) or "none", log_dir,
+    )
+    if any(s.is_gpu(gpu) for s in stages):
+        ensure_gpu_limit(gpu_slots)
+
+    futures: dict[str, PrefectFuture] = {}
+    for s in stages:
+        options: dict[str, Any] = dict(
+            name=f"dvc-{s.base}",
+            task_run_name=s.name,
+            retries=retries,
+            retry_delay_seconds=exponential_backoff(retry_backoff)(retries) if retries else 0,
+            tags=[GPU_TAG, "stage"] if s.is_gpu(gpu) else ["stage"],
+        )
+        futures[s.name] = dvc_stage.with_options(**options).submit(
+            s.name, str(root), str(log_dir), exp_name, force, transient_patterns,
+            wait_for=[futures[u] for u in s.upstream if u in futures],
+        )
+    wait(list(futures.values()))
+
+    states: dict[str, str] = {}
+    errors: dict[str, Exception] = {}
+    for name, fut in futures.items():
+        state = fut.state
+        states[name] = state.name
+        if state.is_failed():
+            exc = state.result(raise_on_failure=False)
+            errors[name] = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    create_table_artifact(
+        key="rcg-pipeline-stages",
+        table=[{"stage": s.name, "state": states.get(s.name), "gpu": s.is_gpu(gpu)} for s in stages],
+        description=f"rcg pipeline stages, DVC experiment {exp_name}",
+    )
+    if errors:
+        report = _failure_report(stages, states, errors, log_dir)
+        (log_dir / "failure.md").parent.mkdir(parents=True, exist_ok=True)
+        (log_dir / "failure.md").write_text(report)
+        create_markdown_artifact(key="rcg-pipeline-failure", markdown=report)
+        first = next(iter(errors))
+        first_log = getattr(errors[first], "log_path", log_dir / f"{first}.log")
+        raise PipelineFailed(
+            f"stage {first!r} failed (log: {first_log}); "
+            f"{len(errors)} failed, report: {log_dir / 'failure.md'}"
+        )
+    if save_experiment:
+        include = [o for s in stages for o in s.cache_false_outs]
+        try:
+            logger.info("%s", dvc_mod.save_experiment(root, exp_name, include))
+        except RuntimeError as e:  # e.g. no git commit yet: the stages still ran fine
+            logger.warning("not saved as a DVC experiment: %s", e)
+    return states
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline run|serve`: one local run, or serve the flow on this machine."""
+    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["run", "serve"])
+    p.add_argument("--preset", default=None)
+    p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="params override, as in `dvc exp run -S`")
+    p.add_argument("--target", dest="targets", action="append", default=None)
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--gpu-slots", type=int, default=1)
+    p.add_argument("--name", default="rcg-local", help="deployment name for `serve`")
+    args = p.parse_args(argv)
+    params = dict(preset=args.preset, overrides=args.overrides, targets=args.targets,
+                  project_dir=args.project_dir, gpu_slots=args.gpu_slots)
+    if args.action == "serve":
+        rcg_pipeline.serve(name=args.name, parameters=params)
+        return 0
+    states = rcg_pipeline(**params)
+    print("\n".join(f"{k}: {v}" for k, v in states.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
