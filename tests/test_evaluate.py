@@ -1,0 +1,172 @@
+"""The evaluate stage end to end on tiny shards, with a stand-in generator, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from rcg import cli, config
+from rcg.features import to_table, write_features
+from rcg.io import PipelineError, read_json
+from rcg.metrics.fidelity import read_real_images
+from rcg.stages import evalnet as evalnet_stage
+from rcg.stages import evaluate as evaluate_stage
+from rcg.stages.report import format_report
+from tests.conftest import tiny_params
+
+MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03}
+
+
+class StandIn:
+    """Plays rcg.sampling.generate_images: real train images plus mode-dependent noise.
+
+    `label` returns images of the asked-for class, `rcg_class` of the *next* class (so its class
+    accuracy must come out low), `rcg` with guidance is cleaner than without.
+    """
+
+    def __init__(self, cfg: config.Config) -> None:
+        self.images, self.labels = read_real_images(cfg.data, "train")
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, cfg, mode, n, *, class_ids=None, reps=None, cfg_scale=0.0, cfg_schedule="linear",
+                 steps=None, seed=0, batch_size=250, progress=True) -> torch.Tensor:
+        self.calls.append(dict(mode=mode, n=n, class_ids=class_ids, reps=reps, cfg_scale=cfg_scale,
+                               cfg_schedule=cfg_schedule, steps=steps, seed=seed))
+        g = torch.Generator().manual_seed(seed)
+        if class_ids is not None:
+            k = int(self.labels.max()) + 1
+            want = class_ids if mode == "label" else (class_ids + 1) % k
+            idx = torch.stack([torch.nonzero(self.labels == c)[int(torch.randint(100, ()))
+                               % int((self.labels == c).sum())][0] for c in want])
+        else:
+            idx = torch.randint(len(self.images), (n,), generator=g)
+        x = self.images[idx].float() / 255.0
+        sigma = MODE_NOISE[mode] * (0.5 if cfg_scale > 0 else 1.0)
+        return (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+def _write_features(split: str, labels: list[int], seed: int) -> torch.Tensor:
+    reps = np.random.default_rng(seed).standard_normal((len(labels), 256)).astype(np.float32)
+    keys = [f"{split}{i:05d}" for i in range(len(labels))]
+    write_features(f"data/features/{split}.parquet", [to_table(keys, labels, ["orig"] * len(labels), reps)])
+    return torch.from_numpy(reps)
+
+
+@pytest.fixture
+def workspace(in_workspace: Path) -> Path:
+    """Tiny shards + a trained tiny evalnet + features files (train labels skewed towards class 3)."""
+    (in_workspace / "params.yaml").write_text(tiny_params(evalnet={"epochs": 6.0}))
+    evalnet_stage.run(config.load("params.yaml"))
+    _write_features("train", [3] * 50 + list(range(10)) * 5, seed=0)
+    _write_features("val", list(range(10)) * 4, seed=1)
+    Path("metrics/fake_train.json").write_text(json.dumps({"curve": [{"step": s, "loss": 1 / s} for s in (1, 2, 3)]}))
+    return in_workspace
+
+
+def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config.load("params.yaml")
+    ev = cfg.evaluate
+    gen = StandIn(cfg)
+    reads: list[str] = []
+    real_read = evaluate_stage.read_real_images
+    monkeypatch.setattr(evaluate_stage, "read_real_images",
+                        lambda data_cfg, split, n=0: (reads.append(split), real_read(data_cfg, split, n))[1])
+    res = evaluate_stage.evaluate(cfg, gen)
+
+    assert read_json(ev.metrics_file) == json.loads(json.dumps(res))
+    assert res["extractor"] == "evalnet" and "not FID" in res["fd_is"]
+    assert res["n_samples"] == ev.n_samples == 32 and res["n_reference"] == 256
+    assert set(res["modes"]) == set(ev.modes)
+    for row in [res["floor"], *res["modes"].values()]:
+        assert {"fd", "is", "kid", "precision", "recall", "seconds"} <= set(row)
+        assert all(np.isfinite(v) for v in row.values())
+    fd = {m: r["fd"] for m, r in res["modes"].items()}
+    assert fd["oracle"] < fd["uncond"] and res["floor"]["fd"] < fd["uncond"]
+    assert fd["rcg_cfg"] < fd["rcg"]  # the stand-in's guidance halves the noise
+
+    # Class-conditional quality: `label` samples show the asked-for class, `rcg_class` the next one.
+    acc = res["class_accuracy"]
+    assert set(acc) == {"label", "rcg_class"} and len(acc["label"]["per_class"]) == 10
+    assert acc["label"]["overall"] > acc["rcg_class"]["overall"] + 0.2
+    assert res["modes"]["label"]["class_accuracy"] == acc["label"]["overall"]
+
+    # What the generator was asked for.
+    calls = {c["mode"] if c["cfg_scale"] == 0 else "rcg_cfg": c for c in gen.calls if c["n"] == ev.n_samples}
+    assert calls["rcg_cfg"]["mode"] == "rcg" and calls["rcg_cfg"]["cfg_scale"] == ev.cfg
+    assert calls["rcg"]["cfg_scale"] == 0.0 and calls["uncond"]["class_ids"] is None
+    assert all(c["steps"] == ev.sample_steps for c in gen.calls)
+    assert torch.equal(calls["label"]["class_ids"], calls["rcg_class"]["class_ids"])
+    # Real train frequencies: 55 of 100 train labels are class 3 -> round(0.55 * 32) = 18 asks.
+    assert int((calls["label"]["class_ids"] == 3).sum()) == 18
+    val_reps = _read_val_reps()
+    assert all(any(torch.equal(r, v) for v in val_reps) for r in calls["oracle"]["reps"])
+
+    plots = Path(ev.plots_dir)
+    for mode in ev.modes:
+        assert (plots / f"samples_{mode}.png").stat().st_size > 0
+    assert (plots / "interpolation.png").exists() and (plots / "curves_fake_train.png").exists()
+    assert sorted(reads) == ["train", "val"]  # the floor's train images and the reference, once each
+
+    # A second run reuses the cached real-image features: no real image is read again.
+    reads.clear()
+    again = evaluate_stage.evaluate(cfg, StandIn(cfg))
+    assert reads == [] and again["floor"]["fd"] == pytest.approx(res["floor"]["fd"])
+
+    # The report: a Markdown table with every mode, the floor and the paper's numbers.
+    text = format_report(res, read_json(cfg.evalnet.metrics_file))
+    assert "| mode | fd (evalnet) |" in text and "5.07 / 142.5" in text and "floor" in text
+    for mode in ev.modes:
+        assert f"| {mode} (" in text
+    assert "FID |" not in text.split("\n\n")[2]  # the column is fd under evalnet, never FID
+
+
+def _read_val_reps() -> torch.Tensor:
+    from rcg.features import read_features
+
+    return read_features("data/features/val.parquet", view="orig").reps
+
+
+def test_unknown_mode_and_too_many_samples_are_clear_errors(in_workspace: Path) -> None:
+    cfg = config.load("params.yaml")
+    cfg.evaluate.modes = ["rcg", "dream"]
+    with pytest.raises(PipelineError, match="dream"):
+        evaluate_stage.evaluate(cfg, StandIn(cfg))
+    cfg = config.load("params.yaml")
+    cfg.evaluate.n_samples = 10**6
+    with pytest.raises(PipelineError, match="n_samples"):
+        evaluate_stage.evaluate(cfg, StandIn(cfg))
+
+
+def test_class_ids_follow_the_given_frequencies_exactly() -> None:
+    ids = evaluate_stage.class_ids_for(torch.tensor([1.0, 1.0, 2.0]), 10, seed=0)
+    counts = torch.bincount(ids, minlength=3).tolist()
+    assert sum(counts) == 10 and counts[2] == 5 and sorted(counts[:2]) == [2, 3]
+    assert torch.equal(ids, evaluate_stage.class_ids_for(torch.tensor([1.0, 1.0, 2.0]), 10, seed=0))
+
+
+def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    results = {
+        "extractor": "evalnet", "fd_is": "Frechet distance on evalnet features (not FID)", "n_samples": 100,
+        "n_reference": 200, "sample_steps": 5, "floor": {"fd": 0.5},
+        "modes": {"uncond": {"fd": 10.0}, "label": {"fd": 5.0}, "rcg": {"fd": 6.0}, "oracle": {"fd": 4.0},
+                  "rcg_class": {"fd": 6.5, "class_accuracy": 0.85}},
+    }
+    text = format_report(results)
+    assert "- [yes] rcg fd <= 0.7 x uncond fd" in text
+    assert "- [NO] rcg fd <= label fd" in text
+    assert "- [yes] oracle fd <= rcg fd" in text
+    assert "- [yes] rcg_class samples classified" in text
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(tiny_params())
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(results))
+    assert cli.main(["report"]) == 0
+    assert "| uncond (no condition) | 10.000 |" in capsys.readouterr().out
