@@ -27,8 +27,13 @@ def chdir(path: Path) -> Iterator[Path]:
 
 def build(tiny_workspace: Path, root: Path, rdm: bool = True) -> Path:
     """Populate `root` (shards symlinked from the session workspace) and return it."""
+    import torch
+
     from rcg.stages import encode, encoder, train_rdm
 
+    # Module-scoped fixtures run before function-scoped ones (e.g. a one-thread fixture); on a
+    # busy 2-core machine two threads are many times slower than one.
+    torch.set_num_threads(1)
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "data" / "shards").symlink_to(tiny_workspace / "data" / "shards")
     shutil.copy(tiny_workspace / "params.yaml", root / "params.yaml")
