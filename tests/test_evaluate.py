@@ -64,7 +64,6 @@ def workspace(in_workspace: Path) -> Path:
     evalnet_stage.run(config.load("params.yaml"))
     _write_features("train", [3] * 50 + list(range(10)) * 5, seed=0)
     _write_features("val", list(range(10)) * 4, seed=1)
-    Path("metrics/fake_train.json").write_text(json.dumps({"curve": [{"step": s, "loss": 1 / s} for s in (1, 2, 3)]}))
     return in_workspace
 
 
@@ -111,7 +110,7 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     plots = Path(ev.plots_dir)
     for mode in ev.modes:
         assert (plots / f"samples_{mode}.png").stat().st_size > 0
-    assert (plots / "interpolation.png").exists() and (plots / "curves_fake_train.png").exists()
+    assert (plots / "interpolation.png").exists()
     assert sorted(reads) == ["train", "val"]  # the floor's train images and the reference, once each
 
     # A second run reuses the cached real-image features: no real image is read again.
@@ -170,3 +169,29 @@ def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps(results))
     assert cli.main(["report"]) == 0
     assert "| uncond (no condition) | 10.000 |" in capsys.readouterr().out
+
+
+def test_training_curves_come_from_the_stages_mlflow_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rcg.metrics.plots import mlflow_curves
+    from rcg.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.resolve(yaml_params(), {"tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+    for cond, scale in (("rep", 1.0), ("none", 2.0)):
+        with stage_run(cfg, "train_generator") as tracker:
+            tracker.set_tags({"condition": cond})
+            for step in range(1, 6):
+                tracker.log_metrics({"loss": scale / step, "images_per_s": 10.0}, step=step)
+    with stage_run(cfg, "encode") as tracker:  # not a training stage: no curve
+        tracker.log_metrics({"rows": 1.0}, step=0)
+    paths = mlflow_curves(cfg.tracking, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["curves_train_generator_none.png", "curves_train_generator_rep.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    cfg.tracking.enabled = False
+    assert mlflow_curves(cfg.tracking, tmp_path / "plots2") == []
+
+
+def yaml_params() -> dict:
+    import yaml
+
+    return yaml.safe_load(tiny_params())

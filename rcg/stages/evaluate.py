@@ -42,7 +42,7 @@ from rcg.metrics.fidelity import (
     read_real_images,
     to_uint8,
 )
-from rcg.metrics.plots import save_grid, training_curves
+from rcg.metrics.plots import mlflow_curves
 from rcg.tracking import Tracker, stage_run
 
 log = get_logger(__name__)
@@ -117,7 +117,7 @@ def generate_mode(
             cfg_scale=scale,
             cfg_schedule=ev.cfg_schedule,
             steps=ev.sample_steps,
-            seed=seed + i,
+            seed=seed + 1000 * i,  # generate_images uses seed and seed + 1 inside a call
             batch_size=ev.batch_size,
             progress=True,
         )
@@ -148,6 +148,8 @@ def interpolation_strips(
 
 def evaluate(cfg: Config, generate: GenerateFn, tracker: Tracker | None = None) -> dict[str, Any]:
     """Score every configured mode; write metrics/eval.json and plots/; return the results."""
+    from rcg.sampling import save_grid  # upscales small images so the grids are readable
+
     ev = cfg.evaluate
     tracker = tracker or Tracker(False)
     t_stage = time.perf_counter()
@@ -240,8 +242,7 @@ def evaluate(cfg: Config, generate: GenerateFn, tracker: Tracker | None = None) 
         strips = interpolation_strips(generate, cfg, reps_val, steps=INTERP_STEPS)
         path = save_grid(strips, plots / "interpolation.png", nrow=INTERP_STEPS)
         tracker.log_artifact(path, "plots")
-    metrics_dir = Path(ev.metrics_file).parent
-    for path in training_curves(metrics_dir, plots, skip=(Path(ev.metrics_file).name,)):
+    for path in mlflow_curves(cfg.tracking, plots):
         tracker.log_artifact(path, "plots")
     results["seconds"] = round(time.perf_counter() - t_stage, 1)
     write_json(ev.metrics_file, results)
