@@ -193,10 +193,14 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 # Small presets: `dit_tiny` makes the tests run in seconds; `dit_fmnist` is sized for Fashion-MNIST
-# 28 px on 2 CPU cores (patch 4 -> 49 tokens; narrow and shallow so thousands of steps fit in minutes).
+# 28 px on CPU: patch 7 -> 16 tokens, 128 wide, 4 deep (1.3M parameters). Measured on one shared core
+# with bf16: ~880 img/s per CPU-second for a training step, 2.6x the patch-4 model's 340, and at equal
+# CPU time its held-out diffusion loss is as low or lower (issue 5 closing note). `dit_fmnist_p4` is
+# the finer, slower alternative for longer budgets.
 SMALL: dict[str, dict[str, int]] = {
     "dit_tiny": dict(depth=2, hidden_size=32, num_heads=2, patch_size=4),
-    "dit_fmnist": dict(depth=6, hidden_size=192, num_heads=3, patch_size=4),
+    "dit_fmnist": dict(depth=4, hidden_size=128, num_heads=2, patch_size=7),
+    "dit_fmnist_p4": dict(depth=4, hidden_size=128, num_heads=2, patch_size=4),
 }
 
 

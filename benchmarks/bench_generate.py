@@ -1,0 +1,92 @@
+"""RCG generation: the share of the RDM's sampling in the total time, at the default settings.
+
+Generation is RDM sampling (250 DDIM steps of a residual MLP on 256-d vectors) followed by the
+image generator (train_generator.sample_steps steps over whole images). The RDM should cost at most
+10% of the total (the paper: training and sampling the RDM is cheap next to the image generator).
+Both models are built at the default preset's sizes with random weights (speed does not depend on
+the weights) and saved where `rcg.sampling.generate_images` looks for them; the real `rcg` path is
+timed, with the RDM's part measured around `rcg.rdm.sample_reps`.
+
+    .venv/bin/python benchmarks/bench_generate.py [--n 500] [--batch 250] [--threads 1] [--cfg 0]
+
+The last line prints RDM time / total RCG generation time (<= 0.10 is the target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500, help="images (time per image is what matters)")
+    ap.add_argument("--batch", type=int, default=250, help="generator batch (evaluate.batch_size)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cfg", type=float, default=0.0, help="guidance scale (0: the RDM's worst case)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import rcg.rdm as rdm
+    from rcg.config import Config
+    from rcg.generators import build_generator, save_generator
+    from rcg.sampling import generate_images
+
+    cfg = Config()
+    rc, gc = cfg.train_rdm, cfg.train_generator
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.train_rdm.out_dir = os.path.join(tmp, "rdm")
+        cfg.train_generator.out_dir = os.path.join(tmp, "generator")
+        net = rdm.build_rdm(rc.arch, cfg.encoder.rep_dim)
+        meta = rdm.make_meta(
+            net, rc.arch,
+            {"schedule": rc.beta_schedule, "timesteps": rc.timesteps, "linear_start": rc.linear_start,
+             "linear_end": rc.linear_end, "parameterization": rc.parameterization},
+            {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": getattr(rc, "amp", False)},
+        )
+        rdm.save_rdm(net, meta, cfg.train_rdm.out_dir, "rdm")
+        kwargs = dict(input_size=cfg.data.image_size, in_channels=cfg.data.channels, condition="rep",
+                      rep_dim=cfg.encoder.rep_dim, num_classes=10, rep_drop_prob=gc.rep_drop_prob)
+        gen = build_generator(gc.arch, **kwargs)
+        save_generator(Path(cfg.train_generator.out_dir) / "rep", gen, {
+            "arch": gc.arch, "kwargs": kwargs, "condition": "rep", "codec": {"type": "pixel"},
+            "diffusion": {"timesteps": gc.timesteps, "beta_schedule": gc.beta_schedule,
+                          "parameterization": gc.parameterization},
+            "sampling": {"sampler": gc.sampler, "steps": gc.sample_steps, "eta": gc.sample_eta, "amp": gc.amp},
+        })
+
+        spent = {"rdm": 0.0}
+        real = rdm.sample_reps
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = real(*a, **kw)
+            spent["rdm"] += time.perf_counter() - t0
+            return out
+
+        rdm.sample_reps = timed
+        generate_images(cfg, "rcg", 8, steps=2, batch_size=8, progress=False)  # warm-up, loading
+        spent["rdm"] = 0.0
+        t0 = time.perf_counter()
+        generate_images(cfg, "rcg", args.n, cfg_scale=args.cfg, steps=cfg.evaluate.sample_steps,
+                        batch_size=args.batch, progress=False)
+        total = time.perf_counter() - t0
+        rdm.sample_reps = real
+
+    share = spent["rdm"] / total
+    print(f"RCG generation of {args.n} images, {args.threads} thread(s), shared CPU (expect noise):")
+    print(f"  RDM {rc.arch}: {rc.sample_steps} DDIM steps, {spent['rdm']:.2f} s "
+          f"({args.n / spent['rdm']:.0f} reps/s)")
+    print(f"  generator {gc.arch}: {cfg.evaluate.sample_steps} steps, cfg {args.cfg}, "
+          f"{total - spent['rdm']:.2f} s ({args.n / (total - spent['rdm']):.1f} img/s)")
+    print(f"RDM share of RCG generation time: {share:.3f}")
+
+
+if __name__ == "__main__":
+    main()
