@@ -25,11 +25,10 @@ def run(cfg: Config, version: str | None = None, **options: object) -> None:
         log.warning("promote: tracking.enabled is false, nothing registered (%s says so)", out)
         write_json(out, {"promoted": False, "reason": "tracking.enabled is false"})
         return
-    import mlflow
     from mlflow import MlflowClient
 
     from rcg.serving import log_generator, promote
-    from rcg.tracking import stage_run
+    from rcg.tracking import configure, stage_run
 
     name = cfg.tracking.registered_model
     if version is None:
@@ -38,7 +37,7 @@ def run(cfg: Config, version: str | None = None, **options: object) -> None:
             version = str(info.registered_model_version)
             tracker.set_tags({"registered_model": name, "registered_version": version})
         log.info("promote: registered %s version %s (%s)", name, version, info.model_uri)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
+    configure(cfg)  # the same store the run above used (stage_run configures it too)
     decision = promote(MlflowClient(), name, version)
     write_json(out, decision)
     log.info("promote: %s; decision in %s", decision["reason"], out)
