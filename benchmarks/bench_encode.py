@@ -1,0 +1,94 @@
+"""Encode-stage throughput against the bare encoder forward on the same batches (issue 3).
+
+Builds Fashion-MNIST shards in a temporary folder (or uses --shards), takes the default preset's
+encoder architecture (models/encoder if --model-dir exists, else a random init of the same size),
+then measures in one process:
+  baseline: the encoder forward on both views of every batch, images already in memory;
+  stage:    `rcg.stages.encode.encode_split` + the exactly-once check + the Parquet write, i.e. the
+            stage's whole per-split work from shards on disk to features on disk.
+The last line prints stage images/s divided by baseline images/s (target: >= 0.85).
+
+    .venv/bin/python benchmarks/bench_encode.py [--n 10000] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import torch
+
+from rcg import config as config_mod
+from rcg.data.loader import make_loader, read_manifest
+from rcg.encoders import RepEncoder, load_encoder
+from rcg.encoders.vit import build_vit
+from rcg.features import write_features
+from rcg.stages import encode, shard
+from rcg.stages.encoder import spec_from_config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=10000, help="images in the benchmark split")
+    p.add_argument("--shards", default="", help="existing shards folder (default: build temporary ones)")
+    p.add_argument("--model-dir", default="models/encoder", help="trained encoder, if present")
+    p.add_argument("--repeats", type=int, default=2, help="timed repetitions (best is kept)")
+    args = p.parse_args()
+
+    blocks = [f.name for f in dataclasses.fields(config_mod.Config) if f.name != "preset"]
+    cfg = config_mod.resolve({"preset": "default", **{b: {} for b in blocks}})
+    tmp = tempfile.TemporaryDirectory()
+    if args.shards:
+        cfg.data.shards_dir = args.shards
+    else:
+        cfg.shard.out_dir = cfg.data.shards_dir = str(Path(tmp.name) / "shards")
+        cfg.shard.max_per_split = args.n
+        t = time.perf_counter()
+        shard.run(cfg)
+        print(f"built {args.n} x 2 shards in {time.perf_counter() - t:.1f}s")
+    split = "val" if read_manifest(cfg.data.shards_dir)["splits"]["val"]["written"] else "train"
+    n = read_manifest(cfg.data.shards_dir)["splits"][split]["written"]
+
+    if (Path(args.model_dir) / "encoder.json").exists():
+        encoder = load_encoder(args.model_dir)
+        print(f"encoder: {args.model_dir}")
+    else:
+        spec = spec_from_config(cfg.encoder, cfg.data.channels)
+        torch.manual_seed(0)
+        encoder = RepEncoder(spec, build_vit(spec))
+        print("encoder: random init of the default architecture")
+    device = torch.device("cpu")
+    batches = [b["image"] for b in make_loader(cfg.data, split, "once", cfg.encode.batch_size)]
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                encoder(torch.cat([x, x.flip(-1)]))
+
+    def stage() -> None:
+        table = encode.encode_split(encoder, cfg, split, device, progress=False)
+        encode.check_exactly_once(table, n, split)
+        write_features(Path(tmp.name) / f"{split}.parquet", [table])
+
+    bare()  # warm-up (allocator, kernels) before either timing
+    results = {}
+    for name, fn in (("bare", bare), ("stage", stage)) * args.repeats:
+        t = time.perf_counter()
+        fn()
+        rate = n / (time.perf_counter() - t)
+        results[name] = max(results.get(name, 0.0), rate)
+        print(f"{name:5s}: {rate:8.0f} images/s (x2 views, {n} images, threads={torch.get_num_threads()})")
+    tmp.cleanup()
+    print(f"encode stage / bare encoder forward: {results['stage'] / results['bare']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
