@@ -182,6 +182,7 @@ def evaluate(cfg: Config, generate: GenerateFn, tracker: Tracker | None = None) 
     )
     log.info("evaluate: extractor %s (%s), %d samples per mode against %d val images",
              fe_name, fe_weights, n, n_ref)
+    tracker.set_tags({"extractor": fe_name, "fd_is_fid": str(fe_name == "inception-v3-compat")})
 
     t0 = time.perf_counter()
     train_real = LazyImages(n, lambda: read_real_images(cfg.data, "train", n)[0])
