@@ -30,7 +30,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 
-from flows import dvc as dvc_mod
+from flows import dvc_cli as dvc_mod
 from flows.dag import DEFAULT_GPU_STAGES, Stage, read_stages, select
 
 GPU_TAG = "gpu"

@@ -26,7 +26,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
 
-from flows import dvc as dvc_mod
+from flows import dvc_cli as dvc_mod
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

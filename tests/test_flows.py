@@ -21,7 +21,7 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-from flows import dvc as dvc_mod  # noqa: E402
+from flows import dvc_cli as dvc_mod  # noqa: E402
 from flows.dag import read_stages, select  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
