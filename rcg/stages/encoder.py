@@ -26,7 +26,16 @@ from rcg.encoders.augment import augment, two_view_recipes
 from rcg.encoders.checkpoints import load_checkpoint
 from rcg.encoders.knn import knn_top1
 from rcg.encoders.moco import MoCoV3, init_patch_embed, lr_at, momentum_at
-from rcg.encoders.vit import ARCHS, EncoderSpec, RepEncoder, build_vit, load_encoder, preprocess, save_encoder
+from rcg.encoders.vit import (
+    ARCHS,
+    EncoderSpec,
+    RepEncoder,
+    build_vit,
+    load_encoder,
+    preprocess,
+    save_encoder,
+    standardize,
+)
 from rcg.io import PipelineError, get_logger, write_json
 from rcg.tracking import Tracker, stage_run
 from rcg.training import (
@@ -176,8 +185,14 @@ def _load_images(cfg: Config, split: str, limit: int) -> tuple[torch.Tensor, tor
 
 
 @torch.inference_mode()
-def _reps(encoder: RepEncoder, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    return torch.cat([encoder(images[i : i + batch].float() / 255) for i in range(0, len(images), batch)])
+def _reps(encoder: RepEncoder, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised representations and CLS features of uint8 images, in one pass."""
+    reps, cls = [], []
+    for i in range(0, len(images), batch):
+        h = encoder.features(images[i : i + batch].float() / 255)  # (B, D) CLS after the final norm
+        cls.append(h)
+        reps.append(standardize(encoder.vit.head(h)))  # (B, rep_dim), as RepEncoder.forward
+    return torch.cat(reps), torch.cat(cls)
 
 
 def knn_report(cfg: Config, encoder: RepEncoder) -> dict[str, Any]:
@@ -191,16 +206,18 @@ def knn_report(cfg: Config, encoder: RepEncoder) -> dict[str, Any]:
     k = ecfg.knn_k
     log.info("kNN check (k=%d) on %d train / %d val images", k, len(xt), len(xv))
     out: dict[str, Any] = {"knn_k": k, "knn_train_samples": len(xt), "knn_val_samples": len(xv)}
-    out["knn_top1"] = knn_top1(_reps(encoder, xt), yt, _reps(encoder, xv), yv, k=k)
+    (rt, ct), (rv, cv) = _reps(encoder, xt), _reps(encoder, xv)
+    out["knn_top1"] = knn_top1(rt, yt, rv, yv, k=k)
+    out["knn_top1_cls"] = knn_top1(ct, yt, cv, yv, k=k)  # the backbone feature, before the projector
     torch.manual_seed(ecfg.seed)
     random_init = build_vit(encoder.spec)
     if encoder.spec.head == "mocov3":
         init_patch_embed(random_init, freeze=False)
     rnd = RepEncoder(encoder.spec, random_init)
-    out["knn_top1_random_init"] = knn_top1(_reps(rnd, xt), yt, _reps(rnd, xv), yv, k=k)
+    out["knn_top1_random_init"] = knn_top1(_reps(rnd, xt)[0], yt, _reps(rnd, xv)[0], yv, k=k)
     out["knn_top1_pixels"] = knn_top1(xt.float() / 255, yt, xv.float() / 255, yv, k=k)
-    log.info("kNN top-1: encoder %.4f, random init %.4f, pixels %.4f",
-             out["knn_top1"], out["knn_top1_random_init"], out["knn_top1_pixels"])
+    log.info("kNN top-1: encoder %.4f (CLS %.4f), random init %.4f, pixels %.4f", out["knn_top1"],
+             out["knn_top1_cls"], out["knn_top1_random_init"], out["knn_top1_pixels"])
     return out
 
 
