@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=250, help="generator batch (evaluate.batch_size)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cfg", type=float, default=0.0, help="guidance scale (0: the RDM's worst case)")
+    ap.add_argument("--gen-steps", type=int, default=None, help="generator steps (default: evaluate.sample_steps)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -74,7 +75,8 @@ def main() -> None:
         generate_images(cfg, "rcg", 8, steps=2, batch_size=8, progress=False)  # warm-up, loading
         spent["rdm"] = 0.0
         t0 = time.perf_counter()
-        generate_images(cfg, "rcg", args.n, cfg_scale=args.cfg, steps=cfg.evaluate.sample_steps,
+        gen_steps = args.gen_steps or cfg.evaluate.sample_steps
+        generate_images(cfg, "rcg", args.n, cfg_scale=args.cfg, steps=gen_steps,
                         batch_size=args.batch, progress=False)
         total = time.perf_counter() - t0
         rdm.sample_reps = real
@@ -83,7 +85,7 @@ def main() -> None:
     print(f"RCG generation of {args.n} images, {args.threads} thread(s), shared CPU (expect noise):")
     print(f"  RDM {rc.arch}: {rc.sample_steps} DDIM steps, {spent['rdm']:.2f} s "
           f"({args.n / spent['rdm']:.0f} reps/s)")
-    print(f"  generator {gc.arch}: {cfg.evaluate.sample_steps} steps, cfg {args.cfg}, "
+    print(f"  generator {gc.arch}: {gen_steps} steps, cfg {args.cfg}, "
           f"{total - spent['rdm']:.2f} s ({args.n / (total - spent['rdm']):.1f} img/s)")
     print(f"RDM share of RCG generation time: {share:.3f}")
 
