@@ -32,8 +32,8 @@ def under_torchrun() -> bool:
 
 
 def resolve_nproc(nproc: int | str) -> int:
-    """`nproc` as a number: an int >= 1, or "auto" = one process per visible GPU (1 without GPUs)."""
-    if nproc == "auto":
+    """`nproc` as a number: an int >= 1; "auto" or 0 = one process per visible GPU (1 without GPUs)."""
+    if nproc in ("auto", 0):
         import torch
 
         return max(1, torch.cuda.device_count())

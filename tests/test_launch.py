@@ -32,6 +32,8 @@ def test_relaunch_runs_every_rank_under_torchrun(tmp_path: Path, monkeypatch) ->
         monkeypatch.delenv(k, raising=False)
     calls = []
     assert maybe_relaunch(1, ["x"], execv=lambda *a: calls.append(a)) is False and not calls
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert maybe_relaunch(0, ["x"], execv=lambda *a: calls.append(a)) is False and not calls  # auto, no GPU
     (tmp_path / "probe.py").write_text(
         "import os, pathlib\n"
         "pathlib.Path('rank%s-of-%s' % (os.environ['RANK'], os.environ['WORLD_SIZE'])).touch()\n"
