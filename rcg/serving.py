@@ -130,7 +130,7 @@ class RCGGenerator(PythonModel):
             else [model_input] if isinstance(model_input, dict) else list(model_input)
         )
         steps = (params or {}).get("steps")
-        total = sum(int(r.get("n", 1)) for r in requests)
+        total = sum(_integer(r.get("n", 1), "n", i) for i, r in enumerate(requests))
         if total > MAX_IMAGES_PER_REQUEST:
             raise PipelineError(f"{total} images requested; at most {MAX_IMAGES_PER_REQUEST} per call")
         rows = []
