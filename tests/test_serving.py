@@ -108,6 +108,10 @@ def test_registry_round_trip_and_champion_moves_only_on_better_fd(project: confi
     again = decode_images(model.predict(pd.DataFrame([{"n": 2, "seed": 0}])))
     other = decode_images(model.predict(pd.DataFrame([{"n": 2, "seed": 5}])))
     assert np.array_equal(again, images[:2]) and not np.array_equal(other, images[:2])
+    with pytest.raises(Exception, match="class must be an integer"):
+        model.predict(pd.DataFrame([{"n": 1, "class": 1.5}]))
+    with pytest.raises(Exception, match="at most 1024"):
+        model.predict(pd.DataFrame([{"n": 1000}, {"n": 100}]))
 
     worse = _promote(project, fd=12.0)
     assert worse["version"] == "3" and not worse["promoted"] and "12 >= 10" in worse["reason"]
