@@ -135,6 +135,8 @@ class RDMConfig:
     lr: float = 5.12e-4  # reference: blr 1e-6 x global batch 512, constant, no warm-up
     weight_decay: float = 0.01  # reference AdamW weight decay, on all parameters
     ema_decay: float = 0.9999  # reference LitEma, with warm-up min(decay, (1+n)/(10+n))
+    amp: bool = True  # bf16 autocast (training and sampling): 3x faster on this CPU; reference: fp32
+    threads: int = 0  # torch CPU threads; 0 = torch's default (1 is faster on a busy shared CPU)
     ckpt_every: int = 1000  # steps between resumable checkpoints (checkpoints/train_rdm/)
     log_every: int = 100  # steps between loss logs (MLflow, progress bar)
     sample_steps: int = 250  # DDIM steps at sampling time (reference: 250 of 1000)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from rcg.diffusion import Diffusion, ddim_sample, make_betas
 from rcg.io import PipelineError, atomic_path, get_logger, read_json, write_json
+from rcg.training import autocast
 
 log = get_logger(__name__)
 
@@ -245,11 +246,12 @@ def sample_reps(
     batch_size: int = 1000,
     temperature: float | None = None,
     progress: bool = False,
+    amp: bool | None = None,
 ) -> Tensor:
     """Draw n representations [n, D] (float32, CPU) from the RDM with DDIM (REFERENCE.md 2.4).
 
-    Defaults (steps, eta, temperature) come from the bundle's metadata: 250 steps, eta 1, temperature
-    1 in the reference. `class_ids` (one per sample, or one int for all) selects classes for the
+    Defaults (steps, eta, temperature, amp = bf16 autocast) come from the bundle's metadata (the
+    reference: 250 steps, eta 1, temperature 1, fp32). `class_ids` (one per sample, or one int for all) selects classes for the
     class-conditional RDM; if it is omitted there, classes are drawn uniformly at random. Samples are
     not re-standardised (as in the reference). The result depends on (seed, batch_size).
     """
@@ -257,6 +259,7 @@ def sample_reps(
     steps = int(steps if steps is not None else sampling.get("steps", 250))
     eta = float(eta if eta is not None else sampling.get("eta", 1.0))
     temperature = float(temperature if temperature is not None else sampling.get("temperature", 1.0))
+    amp = bool(amp if amp is not None else sampling.get("amp", False))
     g = torch.Generator().manual_seed(seed)
     if class_ids is not None:
         if not bundle.class_cond:
@@ -272,12 +275,17 @@ def sample_reps(
     else:
         ids = None
     device = bundle.device
+
+    def model(x: Tensor, t: Tensor, **kw: Tensor) -> Tensor:
+        with autocast(device, amp):  # the DDIM update itself stays in fp32
+            return bundle.model(x, t, **kw).float()
+
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         kwargs = {"y": ids[start : start + b].to(device)} if ids is not None else None
         x = ddim_sample(
-            bundle.model, bundle.diffusion, (b, bundle.rep_dim), steps, eta=eta,
+            model, bundle.diffusion, (b, bundle.rep_dim), steps, eta=eta,
             temperature=temperature, model_kwargs=kwargs, generator=g, device=device,
             progress=progress,
         )

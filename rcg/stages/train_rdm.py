@@ -32,6 +32,7 @@ from rcg.training import (
     EMA,
     Checkpointer,
     DistInfo,
+    autocast,
     cleanup_distributed,
     fingerprint,
     seed_everything,
@@ -151,7 +152,8 @@ def train_rdm_model(
         t = torch.randint(0, diffusion.num_timesteps, (idx.numel(),), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         kwargs = {"y": labels_dev[idx]} if labels_dev is not None else None
-        loss = diffusion.training_loss(model, x0, kwargs, t=t, noise=noise)
+        with autocast(device, rc.amp):  # bf16 matmuls; the loss itself is taken in fp32
+            loss = diffusion.training_loss(model, x0, kwargs, t=t, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -288,6 +290,8 @@ def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def run(cfg: Config, **options: Any) -> None:
     """Train the RDM (and the class-conditional RDM), save them, score them into metrics/rdm.json."""
     rc = cfg.train_rdm
+    if rc.threads > 0:
+        torch.set_num_threads(rc.threads)
     info = setup_distributed()
     try:
         seed_everything(rc.seed, info.rank)
@@ -320,7 +324,7 @@ def run(cfg: Config, **options: Any) -> None:
                     continue
                 meta = make_meta(
                     ema_net, rc.arch, diffusion_meta(rc),
-                    {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature},
+                    {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
                     {"trained_steps": summary["steps"], "ema_decay": rc.ema_decay,
                      "features": str(fdir / "train.parquet"), "num_train_reps": int(train_reps.shape[0])},
                 )
