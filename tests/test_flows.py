@@ -126,9 +126,9 @@ def _span(events: list[dict], stage: str) -> tuple[float, float]:
     return start, end
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_harness():
-    """One temporary Prefect server for the whole session (it costs 8-19 s to start)."""
+    """One temporary Prefect server for every test here (it costs 8-19 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
