@@ -85,16 +85,16 @@ class EncoderConfig:
     mean: list[float] = field(default_factory=lambda: [0.2860])  # Fashion-MNIST train pixel mean
     std: list[float] = field(default_factory=lambda: [0.3530])  # Fashion-MNIST train pixel std
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
-    epochs: float = 4.0  # sized so pretraining takes <= 10 min on 2 CPU cores
+    epochs: float = 5.0  # 1172 steps, ~0.5 CPU-s each: <= 10 min on 2 unloaded CPU cores
     batch_size: int = 256  # global batch (split over torchrun ranks); negatives per query
-    lr: float = 1.5e-4  # base lr per 256 images (MoCo v3: lr = blr * batch / 256)
+    lr: float = 5e-4  # base lr per 256 images (lr = blr * batch / 256); MoCo v3: 1.5e-4; 2e-3+ hurt the rep kNN here
     weight_decay: float = 0.1  # MoCo v3 ViT recipe (AdamW)
     warmup_epochs: float = 0.5  # linear warm-up, then half-cosine decay
     temperature: float = 0.2  # InfoNCE temperature (MoCo v3 ViT recipe)
     momentum: float = 0.99  # base momentum of the key encoder, cosine-increased to 1
     pred_hidden_dim: int = 1024  # predictor MLP width (MoCo v3: 4096), scaled like the projector
     freeze_patch_embed: bool = True  # MoCo v3's random fixed patch projection (training stability)
-    crop_min_scale: float = 0.2  # random-resized-crop area range [min, 1] (MoCo v3: 0.08)
+    crop_min_scale: float = 0.4  # random-resized-crop area [min, 1] (MoCo v3: 0.08); 0.4 beat 0.2 by 0.02 kNN on FMNIST
     jitter: float = 0.4  # brightness/contrast jitter strength (MoCo v3: 0.4)
     blur_prob: float = 1.0  # Gaussian blur probability of view 1 (view 2: a tenth of it)
     solarize_prob: float = 0.2  # solarisation probability of view 2 (MoCo v3: 0.2)
