@@ -220,3 +220,18 @@ def test_wrong_format_is_named(tmp_path):
 def test_load_strict_accepts_exact_match():
     vit = build_vit(small_spec())
     load_strict(vit, {k: v.clone() for k, v in vit.state_dict().items()}, source="self")
+
+
+def test_spec_from_config_checks_channels_and_names():
+    from rcg.config import EncoderConfig
+    from rcg.stages.encoder import spec_from_config
+
+    spec = spec_from_config(EncoderConfig(), channels=1)
+    assert (spec.in_chans, spec.img_size, spec.patch_size, spec.rep_dim) == (1, 28, 7, 256)
+    assert spec.head == "mocov3" and spec.pos_embed == "sincos"
+    with pytest.raises(PipelineError, match="need 3 values"):
+        spec_from_config(EncoderConfig(), channels=3)
+    base = spec_from_config(EncoderConfig(arch="mocov3_vit_base"), channels=3)
+    assert (base.embed_dim, base.depth, base.num_heads, base.head_hidden_dim) == (768, 12, 12, 4096)
+    with pytest.raises(PipelineError, match="unknown 'vit_huge'"):
+        spec_from_config(EncoderConfig(arch="vit_huge"), channels=3)

@@ -145,6 +145,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
             if info.is_main and (step % ecfg.ckpt_every == 0 or step == total):
                 ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step})
         bar.close()
+        del batches  # stop the loader workers before the evaluation
     elapsed = time.perf_counter() - t0
     facts = {
         "steps": total,
