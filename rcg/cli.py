@@ -108,6 +108,10 @@ STAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Stages that train and therefore run under torchrun when dist.nproc_per_node asks for it.
+TRAINING_COMMANDS = ("encoder", "train-rdm", "train-generator", "evalnet")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument(
@@ -192,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"rcg {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    if args.command in TRAINING_COMMANDS:
+        from rcg.launch import maybe_relaunch
+
+        # dist.nproc_per_node > 1: this process becomes `torchrun ... -m rcg.cli <same args>`.
+        maybe_relaunch(cfg.dist.nproc_per_node, sys.argv[1:] if argv is None else list(argv))
     module = importlib.import_module(f"rcg.stages.{STAGES[args.command][0]}")
     extra = {
         k: v

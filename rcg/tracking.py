@@ -30,6 +30,7 @@ FAMILIES = {
     "generate": "generator",
     "evalnet": "evaluation",
     "evaluate": "evaluation",
+    "promote": "registry",
 }
 
 
