@@ -318,3 +318,22 @@ def test_ddp_two_gloo_ranks_end_with_identical_weights(rdm_workspace: Path) -> N
         assert torch.equal(v, r1["ema"][k]), k
         changed |= not torch.equal(v, init[k])
     assert changed  # they trained, and trained in lockstep
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_two_processes(rdm_workspace: Path) -> None:
+    """`rcg train-rdm` with dist.nproc_per_node=2 re-executes itself under torchrun (gloo on CPU)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "rcg.cli", "train-rdm", "--set", "dist.nproc_per_node=2",
+         "--set", "train_rdm.steps=10", "--set", "train_rdm.threads=1"],
+        cwd=rdm_workspace, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (rdm_workspace / "models/rdm/rdm.safetensors").exists()
+    assert (rdm_workspace / "models/rdm/rdm_class.safetensors").exists()
+    m = json.loads((rdm_workspace / "metrics/rdm.json").read_text())
+    assert m["train_steps"] == 10 and np.isfinite(m["fd_train"])

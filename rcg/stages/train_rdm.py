@@ -114,7 +114,7 @@ def train_rdm_model(
     data_id = [n, dim, num_classes, float(reps[:: max(1, n // 1000)].double().sum())]
     ckpt = Checkpointer(
         Path(rc.checkpoint_dir) / ("class" if class_cond else "uncond"),
-        fingerprint(train_keys, name, data_id, info.world_size),
+        fingerprint(train_keys, name, data_id),  # not the world size: the global batch is fixed
     )
     start = 0
     state = ckpt.load()
@@ -314,6 +314,9 @@ def run(cfg: Config, **options: Any) -> None:
 
         metrics: dict[str, Any] = {}
         with stage_run(cfg, "train_rdm", rank=info.rank) as tracker:
+            # Train every variant first (all ranks), then score on rank 0 alone, so no rank waits
+            # inside DDP for another rank's evaluation.
+            trained: list[tuple[str, RDMBundle, dict[str, Any]]] = []
             for class_cond in variants:
                 name = artifact_name(class_cond)
                 ema_net, summary = train_rdm_model(
@@ -330,7 +333,9 @@ def run(cfg: Config, **options: Any) -> None:
                 )
                 path = save_rdm(ema_net.cpu(), meta, out_dir, name)
                 log.info("%s: EMA weights written to %s", name, path)
-                bundle = bundle_from(ema_net.to(info.device), meta)
+                trained.append((name, bundle_from(ema_net.to(info.device), meta), summary))
+
+            for name, bundle, summary in trained:
                 t0 = time.perf_counter()
                 log.info("%s: scoring %d samples (%d DDIM steps)", name, min(rc.n_eval, len(train_reps)), rc.sample_steps)
                 scores = evaluate_rdm(bundle, rc, (train_reps, train_labels), val)
