@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cfg", type=float, default=0.0, help="guidance scale (0: the RDM's worst case)")
     ap.add_argument("--gen-steps", type=int, default=None, help="generator steps (default: evaluate.sample_steps)")
+    ap.add_argument("--arch", default=None, help="generator arch (default: train_generator.arch)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -40,6 +41,8 @@ def main() -> None:
     from rcg.sampling import generate_images
 
     cfg = Config()
+    if args.arch:
+        cfg.train_generator.arch = args.arch
     rc, gc = cfg.train_rdm, cfg.train_generator
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train_rdm.out_dir = os.path.join(tmp, "rdm")
