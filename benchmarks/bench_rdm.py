@@ -43,7 +43,7 @@ def time_bare(rc: RDMConfig, dim: int, steps: int, warmup: int, with_step: bool,
     """Seconds per step of forward + MSE + backward (+ AdamW step) on a fixed in-memory batch."""
     torch.manual_seed(0)
     net = build_rdm(rc.arch, dim, 10 if class_cond else 0)
-    opt = torch.optim.AdamW(net.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=rc.lr, weight_decay=rc.weight_decay, fused=True)  # as the stage
     x = torch.randn(rc.batch_size, dim)
     t = torch.randint(0, rc.timesteps, (rc.batch_size,))
     y = torch.randint(0, 10, (rc.batch_size,)) if class_cond else None
