@@ -13,6 +13,7 @@ exponent bytes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,11 @@ def read_features(path: str | Path, view: str | None = None) -> Features:
     rep_col = table["rep"].combine_chunks()
     d = rep_col.type.list_size
     values = rep_col.values.to_numpy(zero_copy_only=True)
-    reps = torch.from_numpy(values.reshape(len(table), d)) if len(table) else torch.zeros(0, d)
+    with warnings.catch_warnings():
+        # The buffer is a read-only memory map; torch warns because it cannot enforce that. Training
+        # only reads reps (batches are gathered by index into new tensors), so sharing is safe.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        reps = torch.from_numpy(values.reshape(len(table), d)) if len(table) else torch.zeros(0, d)
     labels = table["label"].to_numpy(zero_copy_only=False)
     labels = np.where(np.isnan(labels.astype(float)), -1, labels).astype(np.int64)
     return Features(
