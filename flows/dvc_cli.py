@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from rcg.tracking import flatten
+
 # Output that marks a failure as transient: running the same command again may well succeed.
 # Everything else (a Python traceback, a PipelineError, a config error) is deterministic: retrying
 # would fail the same way and only delay the report.
@@ -189,15 +191,6 @@ def _by_file(files: dict, default: str = "") -> dict:
     """{file: {"data": nested}} -> {"file:a.b": value}; keys of `default` carry no file prefix."""
     out: dict = {}
     for f, v in files.items():
-        out.update(_flat(v.get("data") or {}, "" if f == default else f"{f}:"))
+        out.update(flatten(v.get("data") or {}, "" if f == default else f"{f}:"))
     return out
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

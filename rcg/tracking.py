@@ -48,11 +48,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config or metrics as dotted keys."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -137,7 +138,7 @@ def stage_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
         block = getattr(cfg, stage, None)
         params = {"preset": cfg.preset}
         if block is not None:
-            params.update(_flatten(_asdict(block), f"{stage}."))
+            params.update(flatten(_asdict(block), f"{stage}."))
         # MLflow params are strings of at most 6000 chars; lists become their repr.
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         yield Tracker(True)

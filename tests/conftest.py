@@ -38,6 +38,17 @@ def tiny_params(**blocks: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (modules with small tensors opt in with `usefixtures`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project folder with tiny-preset Fashion-MNIST shards, built once per test session."""

@@ -18,13 +18,8 @@ from rcg.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one thread is fastest, and far faster than two on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dummy_model(x: torch.Tensor, t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

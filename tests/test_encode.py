@@ -24,7 +24,6 @@ from rcg.features import read_features, to_table
 from rcg.io import PipelineError
 from rcg.stages import encode as stage
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BLOCKS = [f.name for f in dataclasses.fields(config_mod.Config) if f.name != "preset"]
 
 
@@ -35,14 +34,9 @@ def tiny_config(shards: Path) -> config_mod.Config:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST idx files not installed")
-    from rcg.stages import shard
-
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    shard.run(tiny_config(out))
-    return out
+def shards(tiny_workspace: Path) -> Path:
+    """The session's tiny-preset Fashion-MNIST shards (tests/conftest.py), read-only here."""
+    return tiny_workspace / "data" / "shards"
 
 
 def write_random_encoder(model_dir: Path) -> RepEncoder:

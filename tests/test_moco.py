@@ -25,7 +25,6 @@ from rcg.encoders.moco import MoCoV3, init_patch_embed, lr_at, momentum_at
 from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
 from rcg.training import Checkpointer
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,14 +139,9 @@ def tiny_config(shards: Path, **sets) -> config_mod.Config:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST idx files not installed")
-    from rcg.stages import shard
-
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    shard.run(tiny_config(out))
-    return out
+def shards(tiny_workspace: Path) -> Path:
+    """The session's tiny-preset Fashion-MNIST shards (tests/conftest.py), read-only here."""
+    return tiny_workspace / "data" / "shards"
 
 
 def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):

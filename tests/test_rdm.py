@@ -54,13 +54,8 @@ def write_synthetic_features(root: Path, n_train: int = 400, n_val: int = 100, l
         write_features(root / "data" / "features" / f"{split}.parquet", tables)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small MLPs run fastest on one thread, and far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one thread is fastest, and far faster than two on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
