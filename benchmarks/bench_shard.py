@@ -26,15 +26,18 @@ from rcg.data.shards import write_shards
 
 
 def make_jpegs(root: Path, n: int, size: int) -> None:
-    """`n` JPEG crops of scikit-image's photographs in ImageNet layout (10 class folders)."""
+    """`n` JPEGs (random crops of scikit-image's photographs, resized to `size` x 3/4 `size`, the
+    aspect of a typical ImageNet photo) in ImageNet layout with 10 class folders."""
     rng = np.random.default_rng(0)
     photos = [np.asarray(getattr(skdata, k)()) for k in ("astronaut", "chelsea", "coffee", "rocket")]
     for i in range(n):
         p = photos[i % len(photos)]
-        y, x = rng.integers(0, p.shape[0] - size), rng.integers(0, p.shape[1] - size)
+        side = min(p.shape[:2]) // 2
+        y, x = rng.integers(0, p.shape[0] - side), rng.integers(0, p.shape[1] - side)
+        crop = Image.fromarray(p[y : y + side, x : x + side]).resize((size, size * 3 // 4))
         d = root / "train" / f"class{i % 10}"
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(p[y : y + size, x : x + size]).save(d / f"img{i:06d}.jpg", quality=90)
+        crop.save(d / f"img{i:06d}.jpg", quality=90)
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -49,7 +52,7 @@ def best_of(fn, repeats: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4000, help="number of JPEG files")
-    ap.add_argument("--size", type=int, default=128, help="side of each JPEG")
+    ap.add_argument("--size", type=int, default=128, help="width of each JPEG (500: ImageNet-like)")
     ap.add_argument("--skip-fmnist", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
