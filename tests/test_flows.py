@@ -4,7 +4,6 @@ DVC experiment, retries for transient faults only, failure report, sweep; plus t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,17 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-for _k, _v in {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
-
-from flows import dvc_cli as dvc_mod  # noqa: E402
-from flows.dag import read_stages, select  # noqa: E402
+# Telemetry is already off: tests/conftest.py sets the variables before any test module imports.
+from flows import dvc_cli as dvc_mod
+from flows.dag import read_stages, select
 
 ROOT = Path(__file__).resolve().parents[1]
 
