@@ -6,17 +6,19 @@ import gzip
 import hashlib
 import io
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from skimage import data as skdata
 
 from rcg import config
-from rcg.data import sources
+from rcg.data import images, shards, sources
 from rcg.data.shards import write_shards
 from rcg.io import PipelineError, read_json
 from rcg.stages import shard as shard_stage
@@ -189,29 +191,31 @@ def test_deterministic_and_parallel_equals_serial(messy_imagenet: Path, tmp_path
     assert _digest(a) == _digest(b)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_interrupted_and_failing_writes_leave_no_complete_looking_output(
-    messy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    messy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     out = tmp_path / "out"
     _run_folder(messy_imagenet, tmp_path / "clean")
     calls = {"n": 0}
-    real_write = wds.TarWriter.write
+    real_write = shards.TarShard.write_sample
 
-    def failing_write(self, obj):  # the disk fills up after 6 samples
+    def failing_write(self, key, members):  # the disk fills up after 6 samples
         calls["n"] += 1
         if calls["n"] > 6:
             raise OSError(28, "No space left on device")
-        return real_write(self, obj)
+        return real_write(self, key, members)
 
-    monkeypatch.setattr(wds.TarWriter, "write", failing_write)
+    monkeypatch.setattr(shards.TarShard, "write_sample", failing_write)
+    # With 2 workers the failure happens in the forked worker too (each counts its own samples).
     with pytest.raises(PipelineError, match="writing shards failed: .*No space left"):
-        _run_folder(messy_imagenet, out)
+        _run_folder(messy_imagenet, out, workers=workers)
     assert not (out / "manifest.json").exists()
     assert not list(out.rglob("*.tmp"))
     clean = _digest(tmp_path / "clean")
     for tar in out.rglob("*.tar"):  # whatever is left is a complete shard, never a partial one
         assert clean[str(tar.relative_to(out))] == hashlib.sha256(tar.read_bytes()).hexdigest()
-    monkeypatch.setattr(wds.TarWriter, "write", real_write)
+    monkeypatch.setattr(shards.TarShard, "write_sample", real_write)
     _run_folder(messy_imagenet, out)  # the rerun gives the same result as a clean run
     assert _digest(out) == _digest(tmp_path / "clean")
 
@@ -242,3 +246,104 @@ def test_stage_from_params(messy_imagenet: Path, tmp_path: Path, monkeypatch: py
     for name in names:  # shard k holds the usable files among input items 3k .. 3k+2
         with tarfile.open(tmp_path / "data/shards/train" / name) as t:
             assert 1 <= len(t.getmembers()) // 2 <= 3
+
+
+def test_tar_writer_writes_what_webdataset_tarwriter_writes(tmp_path: Path) -> None:
+    """The hand-built tar headers are tarfile's bytes, for plain, long and non-ASCII names."""
+    rng = np.random.default_rng(1)
+    samples = [
+        ("people/astronaut", {"jpg": rng.bytes(1000), "cls": b"1"}),
+        ("x" * 97, {"png": rng.bytes(512)}),  # name of exactly 100 bytes with ".png"
+        ("y" * 120, {"png": b""}),  # too long for ustar: tarfile's PAX header
+        ("ünïcode/çødé", {"jpg": rng.bytes(513), "cls": b"12"}),  # non-ASCII: PAX header too
+    ]
+    buf = io.BytesIO()
+    ref = wds.TarWriter(buf, user="rcg", group="rcg", mtime=0, encoder=False)
+    for key, members in samples:
+        ref.write({"__key__": key, **members})
+    ref.close()
+    tar = shards.TarShard(tmp_path / "t.tar")
+    for key, members in samples:
+        tar.write_sample(key, members)
+    tar.finish()
+    tar.close()
+    assert (tmp_path / "t.tar").read_bytes() == buf.getvalue()
+    got = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "t.tar"), shardshuffle=False)}
+    assert got["ünïcode/çødé"]["jpg"] == samples[3][1]["jpg"] and got["y" * 120]["png"] == b""
+
+
+def _plain_and_tricky_files(root: Path) -> dict[str, Path]:
+    """Files the byte-level checks accept, and look-alikes they must leave to PIL or reject."""
+    astro, cat = _photo("astronaut").resize((96, 72)), _photo("chelsea").resize((80, 60))
+    exif = Image.Exif()
+    exif[0x010F] = "rcg camera"  # Make
+    files = {
+        "baseline.jpg": _save(astro, root / "baseline.jpg", "JPEG", quality=85),
+        "progressive.jpg": _save(astro, root / "progressive.jpg", "JPEG", progressive=True),
+        "gray.jpg": _save(cat.convert("L"), root / "gray.jpg", "JPEG"),
+        "exif.jpg": _save(cat, root / "exif.jpg", "JPEG", exif=exif.tobytes()),  # an APP1 segment
+        "cmyk.jpg": _save(astro.convert("CMYK"), root / "cmyk.jpg", "JPEG"),
+        "rgb.png": _save(astro, root / "rgb.png", "PNG"),
+        "gray_interlaced.png": _save(cat.convert("L"), root / "gray_interlaced.png", "PNG", interlace=1),
+        "palette.png": _save(cat.convert("P"), root / "palette.png", "PNG"),
+        "rgba.png": _save(astro.convert("RGBA"), root / "rgba.png", "PNG"),
+        "sixteen.png": _save(Image.fromarray(np.full((20, 20), 40000, np.uint16)), root / "sixteen.png", "PNG"),
+        "small.jpg": _save(astro.resize((6, 5)), root / "small.jpg", "JPEG"),
+    }
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "hello")
+    files["text.png"] = _save(cat, root / "text.png", "PNG", pnginfo=info, dpi=(72, 72))
+    files["trns.png"] = _save(cat.convert("L"), root / "trns.png", "PNG", transparency=7)
+    jpg, png = files["baseline.jpg"].read_bytes(), files["rgb.png"].read_bytes()
+    for name, data in {
+        "cut.jpg": jpg[: len(jpg) * 2 // 3],  # header intact, end-of-image marker gone
+        "padded.jpg": jpg + b"\x00" * 7,  # NUL padding after EOI is fine
+        "cut_header.jpg": jpg[:40],
+        "cut.png": png[: len(png) // 2],
+        "no_iend.png": png[:-12],
+        "bitflip.png": png[:60] + bytes([png[60] ^ 1]) + png[61:],  # inside IDAT: CRC mismatch
+    }.items():
+        (root / name).write_bytes(data)
+        files[name] = root / name
+    return files
+
+
+def test_byte_level_checks_decide_as_pil_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare` with the byte-level checks gives the same result as the PIL-only path, file by file,
+    and really skips PIL for the plain JPEG/PNG files."""
+    files = _plain_and_tricky_files(tmp_path)
+    items = {n: sources.Item(key=n.replace(".", "_"), label=3, path=str(p)) for n, p in files.items()}
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(fp, *a, **kw):
+        opened.append(current)
+        return real_open(fp, *a, **kw)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    fast = {}
+    for current, item in items.items():
+        fast[current] = images.prepare(item, min_size=8)
+    monkeypatch.setattr(Image, "open", real_open)
+    monkeypatch.setattr(images, "_fast_prepare", lambda *a: None)
+    pil = {n: images.prepare(item, min_size=8) for n, item in items.items()}
+    for name in files:
+        a, b = fast[name], pil[name]
+        assert type(a) is type(b), (name, a, b)
+        if isinstance(a, images.Prepared):
+            assert a == b, name
+        else:
+            assert a.reason.split(":")[0] == b.reason.split(":")[0], (name, a.reason, b.reason)
+    assert isinstance(fast["cut.jpg"], images.Skip) and "end-of-image" in fast["cut.jpg"].reason
+    assert isinstance(fast["bitflip.png"], images.Skip) and "checksum" in fast["bitflip.png"].reason
+    assert "too small" in fast["small.jpg"].reason
+    plain = {"baseline.jpg", "progressive.jpg", "gray.jpg", "exif.jpg", "padded.jpg", "rgb.png",
+             "gray_interlaced.png", "text.png", "trns.png", "cut.jpg", "bitflip.png", "small.jpg"}
+    assert not plain & set(opened), sorted(plain & set(opened))  # decided without PIL
+    assert {"cmyk.jpg", "palette.png", "rgba.png", "sixteen.png"} <= set(opened)  # left to PIL
+
+
+def test_shard_stage_does_not_import_torch() -> None:
+    """torch makes every forked shard worker ~40 ms slower to start and stop, and the CLI 2 s slower."""
+    code = "import sys, rcg.stages.shard; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from tqdm import tqdm
 
 from rcg.data.images import Skip, prepare
@@ -26,6 +29,98 @@ from rcg.io import PipelineError, atomic_path, get_logger, write_json
 
 log = get_logger(__name__)
 FORMAT_VERSION = 1
+
+
+# --- Tar writing --------------------------------------------------------------------------------
+# WebDataset's TarWriter goes through tarfile: a TarInfo copy, a PAX check and a header built field
+# by field for every member, ~70 us each, which is most of the cost of sharding photos that need no
+# conversion. The shards written here are the same bytes tarfile writes in TarWriter's settings
+# (POSIX/PAX format, mode 0444, uid/gid 0, owner rcg:rcg, mtime 0; a test compares them), built from
+# a fixed 512-byte ustar template with only name, size and checksum filled in per member.
+BLOCK = tarfile.BLOCKSIZE  # 512: tar's unit; every member's data is padded to it
+RECORD = tarfile.RECORDSIZE  # 10240: the archive is padded to a whole record, as tarfile does
+_OWNER = b"rcg"
+_USTAR = bytearray(BLOCK)
+_USTAR[100:108] = b"0000444\0"  # mode: read-only, as TarWriter's default
+_USTAR[108:116] = b"0000000\0"  # uid
+_USTAR[116:124] = b"0000000\0"  # gid
+_USTAR[136:148] = b"00000000000\0"  # mtime 0: shard bytes depend on the samples only
+_USTAR[148:156] = b" " * 8  # checksum field counts as spaces while the checksum is summed
+_USTAR[156:157] = tarfile.REGTYPE
+_USTAR[257:265] = tarfile.POSIX_MAGIC  # "ustar\0" + version "00"
+_USTAR[265 : 265 + len(_OWNER)] = _OWNER  # uname
+_USTAR[297 : 297 + len(_OWNER)] = _OWNER  # gname
+_USTAR_SUM = sum(_USTAR)
+_PAD = bytes(BLOCK)
+
+
+def tar_header(name: str, size: int) -> bytes | bytearray:
+    """The tar header block(s) of a regular-file member `name` of `size` bytes.
+
+    ASCII names of up to 100 bytes (every key this stage makes from ordinary file names) use the
+    fixed ustar template; longer or non-ASCII names get tarfile's own PAX extended header, so any
+    name is stored exactly, as tarfile would store it.
+    """
+    if len(name) > 100 or not name.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "rcg", "rcg"
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    raw = name.encode("ascii")
+    head = _USTAR.copy()
+    head[: len(raw)] = raw
+    size_field = b"%011o\0" % size
+    head[124:136] = size_field
+    # The checksum is the byte sum with the checksum field as spaces; the template's part is fixed.
+    head[148:156] = b"%06o\0 " % (_USTAR_SUM + sum(raw) + sum(size_field))
+    return head
+
+
+class TarShard:
+    """A tar file written member by member with vectored writes (one system call per batch)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.pending: list[bytes | bytearray] = []
+        self.pending_bytes = 0
+        self.offset = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        """Append one member (header, data, zero padding to a whole block)."""
+        head = tar_header(name, len(data))
+        pad = -len(data) % BLOCK
+        self.pending += (head, data, _PAD[:pad]) if pad else (head, data)
+        n = len(head) + len(data) + pad
+        self.pending_bytes += n
+        self.offset += n
+        if self.pending_bytes >= 1 << 20 or len(self.pending) >= 512:
+            self.flush()
+
+    def write_sample(self, key: str, members: dict[str, bytes]) -> None:
+        """One WebDataset sample: members `<key>.<ext>` in sorted extension order (as TarWriter)."""
+        for ext in sorted(members):
+            self.add(f"{key}.{ext}", members[ext])
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        done = os.writev(self.fd, self.pending)
+        if done < self.pending_bytes:  # a short write (rare on regular files): finish it plainly
+            rest = memoryview(b"".join(self.pending))[done:]
+            while rest:
+                rest = rest[os.write(self.fd, rest) :]
+        self.pending, self.pending_bytes = [], 0
+
+    def finish(self) -> None:
+        """End of archive: two zero blocks, then zeros to a whole record (tarfile's layout)."""
+        end = 2 * BLOCK
+        end += -(self.offset + end) % RECORD
+        self.pending.append(bytes(end))
+        self.pending_bytes += end
+        self.offset += end
+        self.flush()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass(frozen=True)
@@ -56,30 +151,114 @@ def _write_shard(job: _ShardJob) -> _ShardResult:
     """
     path = job.split_dir / f"{job.split}-{job.index:06d}.tar"
     skipped, converted, written = [], [], 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # Fixed owner and mtime make the tar bytes depend on the samples only.
-        writer = wds.TarWriter(f, user="rcg", group="rcg", mtime=0, encoder=False)
+    with atomic_path(path) as tmp:
+        tar = TarShard(tmp)
         try:
             for item in job.items:
                 res = prepare(item, job.min_size, job.verify)
                 if isinstance(res, Skip):
                     skipped.append({"path": res.path, "reason": res.reason})
                     continue
-                sample = {"__key__": res.key, res.ext: res.data}
+                members = {res.ext: res.data}
                 if res.label is not None:
-                    sample["cls"] = str(res.label).encode()
-                writer.write(sample)
+                    members["cls"] = str(res.label).encode()
+                tar.write_sample(res.key, members)
                 written += 1
                 if res.converted:
                     converted.append({"key": res.key, "reason": res.converted})
+            tar.finish()
         finally:
-            try:
-                writer.close()
-            except (OSError, ValueError):
-                pass  # the original error (e.g. disk full) is the one to report
+            tar.close()
     if written == 0:
         path.unlink()
     return _ShardResult(path.name if written else None, written, skipped, converted)
+
+
+def _run_jobs(
+    jobs: list[_ShardJob], workers: int, progress: Callable[[_ShardResult], object]
+) -> list[_ShardResult]:
+    """Write every job's shard using `workers` processes (this one included); results in job order.
+
+    Each process takes the next job from a shared counter, so the work stays balanced whatever each
+    shard costs. Children are forked, so they inherit the job list (no item or sample is pickled)
+    and only each shard's small result (counts, skip reasons) comes back through a pipe. A
+    multiprocessing.Pool took ~0.1 s to start and stop here, a quarter of the time of sharding
+    4,000 photos; a forked child costs a few milliseconds.
+    """
+    results: list[_ShardResult | None] = [None] * len(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = r = _write_shard(job)
+            progress(r)
+        return results  # type: ignore[return-value]
+    ctx = mp.get_context("fork")
+    next_job = ctx.Value("l", 0)
+
+    def take() -> int:
+        with next_job.get_lock():
+            i = next_job.value
+            next_job.value = min(i + 1, len(jobs))
+        return i
+
+    def stop() -> None:  # after a failure: no process starts another shard
+        with next_job.get_lock():
+            next_job.value = len(jobs)
+
+    def child(conn: Connection) -> None:
+        try:
+            while (i := take()) < len(jobs):
+                conn.send((i, _write_shard(jobs[i])))
+            conn.send(None)
+        except BaseException as e:  # reported to the parent, which raises it
+            stop()
+            try:
+                conn.send(("error", e))
+            except Exception:  # an exception that does not pickle still fails the run
+                conn.send(("error", RuntimeError(repr(e))))
+        finally:
+            conn.close()
+
+    conns: list[Connection] = []
+    procs = []
+    for _ in range(workers - 1):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=child, args=(send,), daemon=True, name="rcg-shard")
+        proc.start()
+        send.close()
+        conns.append(recv)
+        procs.append(proc)
+    errors: list[BaseException] = []
+
+    def drain(timeout: float | None) -> None:
+        for conn in mp_wait(conns, timeout):
+            try:
+                msg = conn.recv()
+            except EOFError:  # the child died without a word (killed, out of memory)
+                msg = ("error", RuntimeError("a shard worker process died"))
+            if msg is None or msg[0] == "error":
+                conns.remove(conn)
+                if msg is not None:
+                    errors.append(msg[1])
+            else:
+                results[msg[0]] = msg[1]
+                progress(msg[1])
+
+    try:
+        while (i := take()) < len(jobs):
+            results[i] = r = _write_shard(jobs[i])
+            progress(r)
+            drain(0)
+    except BaseException:
+        stop()
+        raise
+    finally:
+        while conns:  # children finish the shard they are on; their results are read, then joined
+            drain(None)
+        for proc in procs:
+            proc.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
 
 
 def _write_split(
@@ -95,20 +274,9 @@ def _write_split(
         _ShardJob(split_dir, split, k, items[i : i + shard_size], min_size, verify)
         for k, i in enumerate(range(0, len(items), shard_size))
     ]
-    results: list[_ShardResult] = []
     bar = tqdm(total=len(items), desc=f"shard {split}", unit="img", mininterval=1.0)
     try:
-        if workers <= 1 or len(jobs) == 1:
-            stream = map(_write_shard, jobs)
-            for r in stream:
-                results.append(r)
-                bar.update(r.written + len(r.skipped))
-        else:
-            # fork keeps start-up cheap; imap keeps results in shard order.
-            with mp.get_context("fork").Pool(workers) as pool:
-                for r in pool.imap(_write_shard, jobs):
-                    results.append(r)
-                    bar.update(r.written + len(r.skipped))
+        results = _run_jobs(jobs, workers, lambda r: bar.update(r.written + len(r.skipped)))
     except OSError as e:
         raise PipelineError(f"{split_dir}: writing shards failed: {e}") from e
     finally:

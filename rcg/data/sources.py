@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,29 +95,49 @@ def fashion_mnist(directory: str | Path, max_per_split: int = 0) -> Source:
     return Source(splits, list(FASHION_MNIST_CLASSES), h.hexdigest()[:16], f"fashion-mnist:{directory}")
 
 
-def _key_for(rel: Path) -> str:
-    # WebDataset splits a file name at its first dot into key and extension, so keys carry no dots.
-    stem = rel.with_suffix("").as_posix()
-    return stem.replace(".", "_")
+def _key_for(rel: tuple[str, ...]) -> str:
+    """WebDataset key of a file at relative path `rel` (its parts): the path without the last suffix.
+
+    WebDataset splits a file name at its first dot into key and extension, so keys carry no dots.
+    """
+    name = rel[-1]
+    dot = name.rfind(".")
+    if 0 < dot < len(name) - 1:  # the suffix rule of pathlib (".x" and "x." have no suffix)
+        name = name[:dot]
+    return "/".join((*rel[:-1], name)).replace(".", "_")
 
 
-def _list_images(root: Path) -> list[Path]:
-    """Every file under `root`, sorted; non-image suffixes are kept so they get a recorded skip."""
-    # Symlinks are kept even when dangling, so a broken link is a recorded skip, not a silent miss.
-    return sorted(
-        p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
-    )
+def _list_images(root: Path) -> list[tuple[tuple[str, ...], str]]:
+    """Every file under `root` as (relative path parts, path), sorted by parts.
+
+    Non-image suffixes are kept so they get a recorded skip; names starting with a dot are left out.
+    Symlinks are kept even when dangling (a broken link is a recorded skip, not a silent miss) and
+    are not followed into directories. os.scandir gives each entry's type without a stat call.
+    """
+    found: list[tuple[tuple[str, ...], str]] = []
+    stack: list[tuple[tuple[str, ...], str]] = [((), str(root))]
+    while stack:
+        parts, folder = stack.pop()
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(((*parts, e.name), e.path))
+                elif not e.name.startswith(".") and (e.is_symlink() or e.is_file(follow_symlinks=False)):
+                    found.append(((*parts, e.name), e.path))
+    found.sort()
+    return found
 
 
-def _fingerprint_files(paths: list[Path], root: Path) -> str:
-    # Names, sizes and mtimes: cheap, and changes whenever the collection changes.
+def _fingerprint_files(files: list[tuple[tuple[str, ...], str]]) -> str:
+    """Relative names, sizes and mtimes: cheap, and changes whenever the collection changes."""
     h = hashlib.sha256()
-    for p in paths:
+    for rel, path in files:
+        name = "/".join(rel)
         try:
-            st = p.stat()
-            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            st = os.stat(path)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p.relative_to(root).as_posix()}\0unreadable\n".encode())
+            h.update(f"{name}\0unreadable\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -140,7 +161,7 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
     if not root.is_dir():
         raise PipelineError(f"{root}: not a folder")
     splits: dict[str, list[Item]] = {"train": [], "val": []}
-    all_files: list[Path] = []
+    all_files: list[tuple[tuple[str, ...], str]] = []
     if (root / "train").is_dir():
         classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
         if not classes:
@@ -151,10 +172,9 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
         for split_dir in ("train", "val"):
             if not (root / split_dir).is_dir():
                 continue
-            for path in _list_images(root / split_dir):
-                all_files.append(path)
-                rel = path.relative_to(root / split_dir)
-                cls = rel.parts[0] if len(rel.parts) > 1 else None
+            for rel, path in _list_images(root / split_dir):
+                all_files.append(((split_dir, *rel), path))
+                cls = rel[0] if len(rel) > 1 else None
                 key = _key_for(rel)
                 split = split_dir if has_val else _split_of(key, val_fraction)
                 label = index.get(cls) if cls is not None else None
@@ -164,19 +184,19 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
                 elif (split, key) in seen:
                     skip = "duplicate key (same name, other extension)"
                 seen.add((split, key))
-                splits[split].append(Item(key=key, label=label, path=str(path), skip=skip))
+                splits[split].append(Item(key=key, label=label, path=path, skip=skip))
     else:
         classes = []
         keys: set[str] = set()
-        for path in _list_images(root):
-            all_files.append(path)
-            key = _key_for(path.relative_to(root))
+        for rel, path in _list_images(root):
+            all_files.append((rel, path))
+            key = _key_for(rel)
             skip = "duplicate key (same name, other extension)" if key in keys else None
             keys.add(key)
-            splits[_split_of(key, val_fraction)].append(Item(key=key, label=None, path=str(path), skip=skip))
+            splits[_split_of(key, val_fraction)].append(Item(key=key, label=None, path=path, skip=skip))
     if not all_files:
         raise PipelineError(f"{root}: no files found (empty folder)")
     if max_per_split > 0:
         splits = {s: items[:max_per_split] for s, items in splits.items()}
     splits = {s: items for s, items in splits.items() if items}
-    return Source(splits, classes, _fingerprint_files(all_files, root), f"folder:{root}")
+    return Source(splits, classes, _fingerprint_files(all_files), f"folder:{root}")
