@@ -207,13 +207,17 @@ def _png_checked(data: bytes) -> tuple[str, int, int] | str | None:
 
 
 def read_file(path: str) -> bytes:
-    """All bytes of a file: one open, one fstat, one read of the whole file and the read that sees EOF."""
+    """All bytes of a file, with one open, one fstat and (normally) one read system call."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while chunks[-1]:  # a file that grew while being read is still read to its end
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) == size:  # all of it (a regular file's read is short only at its end)
+            return data
+        chunks = [data]  # the file changed size after fstat: read on to its end
+        while chunks[-1]:
             chunks.append(os.read(fd, 1 << 20))
-        return chunks[0] if len(chunks) == 2 else b"".join(chunks)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 

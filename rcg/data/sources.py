@@ -107,14 +107,20 @@ def _key_for(rel: tuple[str, ...]) -> str:
     return "/".join((*rel[:-1], name)).replace(".", "_")
 
 
-def _list_images(root: Path) -> list[tuple[tuple[str, ...], str]]:
-    """Every file under `root` as (relative path parts, path), sorted by parts.
+# A listed file: its path relative to the listed folder (as parts), its path, and "size\0mtime_ns"
+# (None when it cannot be stat'ed) for the fingerprint.
+Listed = tuple[tuple[str, ...], str, str | None]
+
+
+def _list_images(root: Path) -> list[Listed]:
+    """Every file under `root`, sorted by relative path parts, with its size and mtime.
 
     Non-image suffixes are kept so they get a recorded skip; names starting with a dot are left out.
     Symlinks are kept even when dangling (a broken link is a recorded skip, not a silent miss) and
-    are not followed into directories. os.scandir gives each entry's type without a stat call.
+    are not followed into directories. os.scandir gives each entry's type without a stat call; the
+    one stat per file (for the fingerprint) happens here, in the same pass.
     """
-    found: list[tuple[tuple[str, ...], str]] = []
+    found: list[Listed] = []
     stack: list[tuple[tuple[str, ...], str]] = [((), str(root))]
     while stack:
         parts, folder = stack.pop()
@@ -123,21 +129,21 @@ def _list_images(root: Path) -> list[tuple[tuple[str, ...], str]]:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(((*parts, e.name), e.path))
                 elif not e.name.startswith(".") and (e.is_symlink() or e.is_file(follow_symlinks=False)):
-                    found.append(((*parts, e.name), e.path))
+                    try:
+                        st = e.stat()  # follows a symlink to what it points at, as reading does
+                        sig: str | None = f"{st.st_size}\0{st.st_mtime_ns}"
+                    except OSError:
+                        sig = None
+                    found.append(((*parts, e.name), e.path, sig))
     found.sort()
     return found
 
 
-def _fingerprint_files(files: list[tuple[tuple[str, ...], str]]) -> str:
+def _fingerprint_files(files: list[Listed]) -> str:
     """Relative names, sizes and mtimes: cheap, and changes whenever the collection changes."""
     h = hashlib.sha256()
-    for rel, path in files:
-        name = "/".join(rel)
-        try:
-            st = os.stat(path)
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{name}\0unreadable\n".encode())
+    for rel, _, sig in files:
+        h.update(f"{'/'.join(rel)}\0{sig if sig is not None else 'unreadable'}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -161,7 +167,7 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
     if not root.is_dir():
         raise PipelineError(f"{root}: not a folder")
     splits: dict[str, list[Item]] = {"train": [], "val": []}
-    all_files: list[tuple[tuple[str, ...], str]] = []
+    all_files: list[Listed] = []
     if (root / "train").is_dir():
         classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
         if not classes:
@@ -172,8 +178,8 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
         for split_dir in ("train", "val"):
             if not (root / split_dir).is_dir():
                 continue
-            for rel, path in _list_images(root / split_dir):
-                all_files.append(((split_dir, *rel), path))
+            for rel, path, sig in _list_images(root / split_dir):
+                all_files.append(((split_dir, *rel), path, sig))
                 cls = rel[0] if len(rel) > 1 else None
                 key = _key_for(rel)
                 split = split_dir if has_val else _split_of(key, val_fraction)
@@ -188,8 +194,8 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
     else:
         classes = []
         keys: set[str] = set()
-        for rel, path in _list_images(root):
-            all_files.append((rel, path))
+        for rel, path, sig in _list_images(root):
+            all_files.append((rel, path, sig))
             key = _key_for(rel)
             skip = "duplicate key (same name, other extension)" if key in keys else None
             keys.add(key)
