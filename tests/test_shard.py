@@ -253,8 +253,9 @@ def test_tar_writer_writes_what_webdataset_tarwriter_writes(tmp_path: Path) -> N
     rng = np.random.default_rng(1)
     samples = [
         ("people/astronaut", {"jpg": rng.bytes(1000), "cls": b"1"}),
-        ("x" * 97, {"png": rng.bytes(512)}),  # name of exactly 100 bytes with ".png"
-        ("y" * 120, {"png": b""}),  # too long for ustar: tarfile's PAX header
+        ("x" * 96, {"png": rng.bytes(512)}),  # "x...x.png" is exactly 100 bytes: still ustar
+        ("z" * 97, {"png": rng.bytes(5)}),  # 101 bytes: one too many for ustar
+        ("y" * 120, {"png": b""}),  # far too long for ustar: tarfile's PAX header
         ("ünïcode/çødé", {"jpg": rng.bytes(513), "cls": b"12"}),  # non-ASCII: PAX header too
     ]
     buf = io.BytesIO()
@@ -269,7 +270,9 @@ def test_tar_writer_writes_what_webdataset_tarwriter_writes(tmp_path: Path) -> N
     tar.close()
     assert (tmp_path / "t.tar").read_bytes() == buf.getvalue()
     got = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "t.tar"), shardshuffle=False)}
-    assert got["ünïcode/çødé"]["jpg"] == samples[3][1]["jpg"] and got["y" * 120]["png"] == b""
+    assert got["ünïcode/çødé"]["jpg"] == samples[4][1]["jpg"] and got["y" * 120]["png"] == b""
+    listed = subprocess.run(["tar", "tf", str(tmp_path / "t.tar")], capture_output=True, text=True, check=True)
+    assert listed.stdout.split("\n")[:3] == ["people/astronaut.cls", "people/astronaut.jpg", "x" * 96 + ".png"]
 
 
 def _plain_and_tricky_files(root: Path) -> dict[str, Path]:
@@ -302,6 +305,10 @@ def _plain_and_tricky_files(root: Path) -> dict[str, Path]:
         "cut.png": png[: len(png) // 2],
         "no_iend.png": png[:-12],
         "bitflip.png": png[:60] + bytes([png[60] ^ 1]) + png[61:],  # inside IDAT: CRC mismatch
+        # Segments PIL parses and rejects when short: a cut quantization table, a 5-byte Adobe APP14.
+        "short_dqt.jpg": jpg[:2] + b"\xff\xdb\x00\x05\x00\x01\x02" + jpg[2:],
+        "short_adobe.jpg": jpg[:2] + b"\xff\xee\x00\x07Adobe" + jpg[2:],
+        "photoshop.jpg": jpg[:2] + b"\xff\xed\x00\x10Photoshop 3.0\x00" + jpg[2:],  # left to PIL
     }.items():
         (root / name).write_bytes(data)
         files[name] = root / name
@@ -340,7 +347,10 @@ def test_byte_level_checks_decide_as_pil_does(tmp_path: Path, monkeypatch: pytes
     plain = {"baseline.jpg", "progressive.jpg", "gray.jpg", "exif.jpg", "padded.jpg", "rgb.png",
              "gray_interlaced.png", "text.png", "trns.png", "cut.jpg", "bitflip.png", "small.jpg"}
     assert not plain & set(opened), sorted(plain & set(opened))  # decided without PIL
-    assert {"cmyk.jpg", "palette.png", "rgba.png", "sixteen.png"} <= set(opened)  # left to PIL
+    left_to_pil = {"cmyk.jpg", "palette.png", "rgba.png", "sixteen.png", "short_dqt.jpg",
+                   "short_adobe.jpg", "photoshop.jpg"}
+    assert left_to_pil <= set(opened), sorted(left_to_pil - set(opened))
+    assert isinstance(fast["short_dqt.jpg"], images.Skip) and isinstance(fast["photoshop.jpg"], images.Prepared)
 
 
 def test_shard_stage_does_not_import_torch() -> None:

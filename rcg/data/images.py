@@ -128,9 +128,10 @@ _PNG_AFTER_IDAT = {b"tEXt", b"tIME"}
 def _jpeg_header(data: bytes) -> tuple[str, int, int] | None:
     """Mode, width and height of a plain 8-bit L/RGB JPEG, walking its marker segments up to the scan.
 
-    Every segment before the start-of-scan must be a complete, known segment (as PIL's parser needs);
-    the frame header must be an 8-bit Huffman SOF with 1 or 3 components and a non-zero size. Files
-    with an MPF segment are left to PIL (it opens them as MPO, not JPEG).
+    Every segment before the start-of-scan must be a complete segment of a kind PIL's parser reads
+    (APPn, COM, DQT with whole tables, DHT, DRI, DAC); the frame header must be an 8-bit Huffman SOF
+    with 1 or 3 components and a non-zero size. Anything else (fill bytes, other markers, APPn
+    payloads PIL may reject, MPF) is left to PIL.
     """
     if data[:3] != b"\xff\xd8\xff":
         return None
@@ -151,10 +152,34 @@ def _jpeg_header(data: bytes) -> tuple[str, int, int] | None:
             if precision != 8 or comps not in _JPEG_MODES or not w or not h or length != 8 + 3 * comps:
                 return None
             frame = (_JPEG_MODES[comps], w, h)
-        elif marker not in _JPEG_SKIPPABLE or (marker == 0xE2 and data[i + 4 : i + 8] == b"MPF\0"):
+        elif marker == 0xDB:  # DQT: PIL rejects a table cut short, so must we
+            j, end = i + 4, i + 2 + length
+            while j < end:
+                j += 65 if data[j] < 16 else 129  # table id byte + 64 entries of 1 or 2 bytes
+            if j != end:
+                return None
+        elif marker not in _JPEG_SKIPPABLE or _app_left_to_pil(data, marker, i + 4, length - 2):
             return None
         i += 2 + length
     return None
+
+
+def _app_left_to_pil(data: bytes, marker: int, at: int, size: int) -> bool:
+    """Whether an APPn segment (payload of `size` bytes at `at`) is one PIL parses and may reject.
+
+    PIL reads fields of JFIF (APP0), ICC (APP2) and Adobe (APP14) payloads without a length check,
+    so short ones make Image.open fail; MPF (APP2) turns the file into an MPO; Photoshop (APP13)
+    blocks are walked by a parser that can fail too. Those go through PIL, which decides.
+    """
+    if marker == 0xE0:
+        return size < 7 and data.startswith(b"JFIF", at)
+    if marker == 0xE2:
+        return data.startswith(b"MPF\0", at) or (size < 14 and data.startswith(b"ICC_PROFILE\0", at))
+    if marker == 0xED:
+        return data.startswith(b"Photoshop 3.0\0", at)
+    if marker == 0xEE:
+        return size < 7 and data.startswith(b"Adobe", at)
+    return False
 
 
 def _jpeg_ends(data: bytes) -> bool:
