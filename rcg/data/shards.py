@@ -2,11 +2,13 @@
 
 Layout: `<out>/<split>/<split>-%06d.tar` and `<out>/manifest.json`. Samples carry `.png`/`.jpg`
 (original bytes where possible) and `.cls` when labelled. Shard k holds the usable images among
-input items [k * shard_size, (k + 1) * shard_size), so shards are written in parallel, one per
-worker process, and a shard may hold fewer samples when some files were skipped. Every shard is written to a temporary
-file and renamed, and the manifest is written last, so an interrupted run never leaves a set of
-shards that looks complete; tar headers carry fixed owner and mtime, so the same input always gives
-byte-identical shards.
+input items [k * shard_size, (k + 1) * shard_size), so shards are written in parallel, each by one
+worker process that reads its files and writes its own tar, and a shard may hold fewer samples
+when some files were skipped. Every shard is written to a temporary file and renamed, and the
+manifest is written last, so an interrupted run never leaves a set of shards that looks complete;
+tar headers carry fixed owner and mtime, so the same input always gives byte-identical shards,
+whatever the number of workers. The tars are standard POSIX tar, byte for byte what WebDataset's
+TarWriter writes (rcg.data.loader reads them with WebDataset).
 """
 
 from __future__ import annotations
