@@ -48,7 +48,7 @@ class ShardConfig:
     workers: int = 2  # processes writing shards in parallel (one shard per process at a time)
     # "structure": JPEG segments + end marker, PNG chunk CRCs (rcg.data.images.prepare), no pixel
     # decode, about as fast as tar cf on photos; "decode": decode every image with PIL (also
-    # catches damage inside the compressed data, several times slower)
+    # catches damage inside the compressed data; ~15x slower per 500x375 JPEG)
     verify: Literal["structure", "decode"] = "structure"
     out_dir: str = "data/shards"
 
