@@ -357,3 +357,15 @@ def test_shard_stage_does_not_import_torch() -> None:
     """torch makes every forked shard worker ~40 ms slower to start and stop, and the CLI 2 s slower."""
     code = "import sys, rcg.stages.shard; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+
+
+def test_read_file_with_a_stale_listed_size(tmp_path: Path) -> None:
+    """The size seen when listing only saves an fstat: a file changed since is still read whole."""
+    f = tmp_path / "f.jpg"
+    f.write_bytes(b"a" * 1000)
+    (item,) = sources.image_folder(tmp_path).splits["train"]
+    assert item.size == 1000 and images.read_file(item.path, item.size) == b"a" * 1000
+    for now in (b"b" * 3000, b"c" * 10, b""):  # grown, shrunk, emptied after listing
+        f.write_bytes(now)
+        assert images.read_file(item.path, item.size) == now
+        assert images.read_file(item.path) == now

@@ -231,15 +231,21 @@ def _png_checked(data: bytes) -> tuple[str, int, int] | str | None:
         i += 12 + length
 
 
-def read_file(path: str) -> bytes:
-    """All bytes of a file, with one open, one fstat and (normally) one read system call."""
+def read_file(path: str, size: int = -1) -> bytes:
+    """All bytes of a file, normally with one open and one read system call.
+
+    `size` is the size the listing saw (-1: unknown, fstat asks). Reading size + 1 bytes and getting
+    exactly `size` means the whole file was read (a regular file's read is short only at its end);
+    otherwise, e.g. when the file changed since it was listed, reading goes on to the end of file.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        if size < 0:
+            size = os.fstat(fd).st_size
         data = os.read(fd, size + 1)
-        if len(data) == size:  # all of it (a regular file's read is short only at its end)
+        if len(data) == size:
             return data
-        chunks = [data]  # the file changed size after fstat: read on to its end
+        chunks = [data]
         while chunks[-1]:
             chunks.append(os.read(fd, 1 << 20))
         return b"".join(chunks)
@@ -295,7 +301,7 @@ def prepare(item: Item, min_size: int, verify: str = "structure") -> Prepared | 
     if item.skip:
         return Skip(item.path, item.skip)
     try:
-        data = read_file(item.path)
+        data = read_file(item.path, item.size)
     except OSError as e:
         return Skip(item.path, f"unreadable: {e.strerror or e}")
     if not data:

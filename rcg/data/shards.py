@@ -100,7 +100,7 @@ class TarShard:
     def write_sample(self, key: str, members: dict[str, bytes]) -> None:
         """One WebDataset sample: members `<key>.<ext>` in sorted extension order (as TarWriter)."""
         for ext in sorted(members):
-            self.add(f"{key}.{ext}", members[ext])
+            self.add(key + "." + ext, members[ext])
 
     def flush(self) -> None:
         if not self.pending:

@@ -39,6 +39,7 @@ class Item:
     path: str | None = None
     pixels: np.ndarray | None = None  # uint8 [H, W] (grayscale), for idx sources
     skip: str | None = None  # reason the source already knows this file cannot be used
+    size: int = -1  # file size seen when listing (-1: unknown); saves the reader an fstat
 
 
 @dataclass
@@ -107,9 +108,9 @@ def _key_for(rel: tuple[str, ...]) -> str:
     return "/".join((*rel[:-1], name)).replace(".", "_")
 
 
-# A listed file: its path relative to the listed folder (as parts), its path, and "size\0mtime_ns"
-# (None when it cannot be stat'ed) for the fingerprint.
-Listed = tuple[tuple[str, ...], str, str | None]
+# A listed file: its path relative to the listed folder (as parts), its path, and its (size,
+# mtime_ns), None when it cannot be stat'ed.
+Listed = tuple[tuple[str, ...], str, tuple[int, int] | None]
 
 
 def _list_images(root: Path) -> list[Listed]:
@@ -131,7 +132,7 @@ def _list_images(root: Path) -> list[Listed]:
                 elif not e.name.startswith(".") and (e.is_symlink() or e.is_file(follow_symlinks=False)):
                     try:
                         st = e.stat()  # follows a symlink to what it points at, as reading does
-                        sig: str | None = f"{st.st_size}\0{st.st_mtime_ns}"
+                        sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
                     except OSError:
                         sig = None
                     found.append(((*parts, e.name), e.path, sig))
@@ -143,7 +144,8 @@ def _fingerprint_files(files: list[Listed]) -> str:
     """Relative names, sizes and mtimes: cheap, and changes whenever the collection changes."""
     h = hashlib.sha256()
     for rel, _, sig in files:
-        h.update(f"{'/'.join(rel)}\0{sig if sig is not None else 'unreadable'}\n".encode())
+        stat = f"{sig[0]}\0{sig[1]}" if sig is not None else "unreadable"
+        h.update(f"{'/'.join(rel)}\0{stat}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -190,7 +192,7 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
                 elif (split, key) in seen:
                     skip = "duplicate key (same name, other extension)"
                 seen.add((split, key))
-                splits[split].append(Item(key=key, label=label, path=path, skip=skip))
+                splits[split].append(Item(key, label, path, None, skip, sig[0] if sig else -1))
     else:
         classes = []
         keys: set[str] = set()
@@ -199,7 +201,7 @@ def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int
             key = _key_for(rel)
             skip = "duplicate key (same name, other extension)" if key in keys else None
             keys.add(key)
-            splits[_split_of(key, val_fraction)].append(Item(key=key, label=None, path=path, skip=skip))
+            splits[_split_of(key, val_fraction)].append(Item(key, None, path, None, skip, sig[0] if sig else -1))
     if not all_files:
         raise PipelineError(f"{root}: no files found (empty folder)")
     if max_per_split > 0:
