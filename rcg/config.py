@@ -131,7 +131,7 @@ class RDMConfig:
     beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"  # the reference's "linear"
     linear_start: float = 0.0015  # reference beta_1
     linear_end: float = 0.0195  # reference beta_T
-    parameterization: Literal["x0", "eps"] = "x0"  # the reference RDM predicts the clean rep
+    parameterization: Literal["x0", "eps", "v"] = "x0"  # the reference RDM predicts the clean rep
     steps: int = 4000  # optimiser steps per RDM: ~17 epochs of the 120k FMNIST reps (2 views), ~9 min on 1 core
     batch_size: int = 512  # global batch, split over ranks (reference: 4 x 128)
     lr: float = 1e-3  # constant, no warm-up; 2x the reference's 5.12e-4 (imagenet256) as short CPU runs gain from it

@@ -2,8 +2,9 @@
 
 - Beta schedules (`make_betas`): the reference RDM's linear-in-sqrt schedule, ADM's linear one and
   Nichol & Dhariwal's cosine one.
-- `Diffusion`: the forward process q(x_t | x_0), the eps / x0 parameterisations and the plain MSE
-  training loss (DDPM, Ho et al. 2020; the reference RDM trains with x0-prediction).
+- `Diffusion`: the forward process q(x_t | x_0), the eps / x0 / v parameterisations and the plain MSE
+  training loss (DDPM, Ho et al. 2020; the reference RDM trains with x0-prediction; v-prediction is
+  Salimans & Ho 2022).
 - Samplers as plain functions over a `model(x, t, **cond)` callable (k-diffusion style):
   `ddim_sample` (Song et al. 2021, exactly the reference's respaced DDIM, REFERENCE.md 2.4) and
   `ddpm_sample` (ancestral sampling, optionally over respaced steps as in ADM).
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 Schedule = Literal["sqrt_linear", "linear", "cosine"]
-Parameterization = Literal["eps", "x0"]
+Parameterization = Literal["eps", "x0", "v"]
 Model = Callable[..., Tensor]
 
 
@@ -78,15 +79,15 @@ def _gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
 
 
 class Diffusion:
-    """A discrete Gaussian diffusion over T steps (DDPM), with the network predicting eps or x0.
+    """A discrete Gaussian diffusion over T steps (DDPM), with the network predicting eps, x0 or v.
 
     Schedules are kept in float64 on the CPU and cast to the data's dtype/device when used; the
     network is always called with the integer timestep index t in [0, T) (as in the reference).
     """
 
     def __init__(self, betas: Tensor, parameterization: Parameterization = "eps") -> None:
-        if parameterization not in ("eps", "x0"):
-            raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must lie in (0, 1)")
@@ -125,12 +126,17 @@ class Diffusion:
         """Both (x0, eps) from the network output, whichever of the two it predicts.
 
         x0 -> eps uses eps = (x_t / sqrt(a) - x0) / sqrt(1/a - 1), the reference DDIM's conversion;
-        eps -> x0 uses x0 = (x_t - sqrt(1 - a) eps) / sqrt(a).
+        eps -> x0 uses x0 = (x_t - sqrt(1 - a) eps) / sqrt(a);
+        v = sqrt(a) eps - sqrt(1 - a) x0 gives x0 = sqrt(a) x_t - sqrt(1 - a) v and
+        eps = sqrt(1 - a) x_t + sqrt(a) v (exact, since a + (1 - a) = 1).
         """
         a = _gather(self.alphas_cumprod, t, x_t)
         if self.parameterization == "x0":
             x0 = model_out
             eps = (x_t / a.sqrt() - x0) / (1.0 / a - 1.0).sqrt()
+        elif self.parameterization == "v":
+            x0 = a.sqrt() * x_t - (1.0 - a).sqrt() * model_out
+            eps = (1.0 - a).sqrt() * x_t + a.sqrt() * model_out
         else:
             eps = model_out
             x0 = (x_t - (1.0 - a).sqrt() * eps) / a.sqrt()
@@ -140,6 +146,13 @@ class Diffusion:
         """The eps consistent with x_t and a given x0 (used after clipping x0)."""
         a = _gather(self.alphas_cumprod, t, x_t)
         return (x_t / a.sqrt() - x0) / (1.0 / a - 1.0).sqrt()
+
+    def velocity(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """v = sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) x0, the v-prediction target."""
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x0) * noise
+            - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
 
     # ---- training ---------------------------------------------------------------------------------
 
@@ -158,8 +171,9 @@ class Diffusion:
     ) -> Tensor:
         """The simple diffusion loss: mean over batch and dimensions of (model(x_t, t) - target)^2.
 
-        The target is the noise for `eps` and the clean sample for `x0` (the reference RDM:
-        loss_type l2, l_simple_weight 1, no ELBO term; REFERENCE.md 2.1 and 2.3).
+        The target is the noise for `eps`, the clean sample for `x0` (the reference RDM:
+        loss_type l2, l_simple_weight 1, no ELBO term; REFERENCE.md 2.1 and 2.3), and the velocity
+        sqrt(a) noise - sqrt(1 - a) x0 for `v`.
         """
         if t is None:
             t = self.sample_t(x0.shape[0], x0.device)
@@ -167,7 +181,12 @@ class Diffusion:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **(model_kwargs or {}))
-        target = x0 if self.parameterization == "x0" else noise
+        if self.parameterization == "x0":
+            target = x0
+        elif self.parameterization == "v":
+            target = self.velocity(x0, t, noise)
+        else:
+            target = noise
         return torch.mean((out.float() - target.float()) ** 2)
 
 

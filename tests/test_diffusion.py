@@ -65,7 +65,17 @@ def test_linear_and_cosine_schedules() -> None:
 # ---- forward process and loss ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("param", ["eps", "x0"])
+def _target(param: str, d: Diffusion, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a perfect network outputs under each parameterisation (v written out by hand)."""
+    if param == "x0":
+        return x0
+    if param == "eps":
+        return noise
+    ab = d.alphas_cumprod[t].to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
 def test_q_sample_and_parameterisations_round_trip(param: str) -> None:
     d = Diffusion(make_betas("sqrt_linear", 1000), param)
     g = torch.Generator().manual_seed(0)
@@ -75,21 +85,21 @@ def test_q_sample_and_parameterisations_round_trip(param: str) -> None:
     xt = d.q_sample(x0, t, noise)
     ab = d.alphas_cumprod[t][:, None]
     assert torch.allclose(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
-    out = x0 if param == "x0" else noise
+    out = _target(param, d, x0, noise, t)
     x0_hat, eps_hat = d.predict_x0_eps(out, xt, t)
     assert torch.allclose(x0_hat, x0, atol=1e-8)
     assert torch.allclose(eps_hat, noise, atol=1e-6)
 
 
-@pytest.mark.parametrize("param", ["eps", "x0"])
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
 def test_training_loss_is_mse_to_the_right_target(param: str) -> None:
     d = Diffusion(make_betas("linear", 100), param)
     x0 = torch.randn(4, 3, 2, 2)
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 5, 50, 99])
-    target = x0 if param == "x0" else noise
+    target = _target(param, d, x0, noise, t)
     oracle = d.training_loss(lambda x, tt, **k: target, x0, t=t, noise=noise)
-    assert oracle.item() == 0.0
+    assert oracle.item() == pytest.approx(0.0, abs=1e-12)  # v: float32 rounding of the same formula
     seen = {}
 
     def model(x: torch.Tensor, tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -227,7 +237,7 @@ def test_sampler_golden_values(kind: str) -> None:
 
 
 @pytest.mark.parametrize("sampler", ["ddim_eta1", "ddim_eta0", "ddpm"])
-@pytest.mark.parametrize("param", ["x0", "eps"])
+@pytest.mark.parametrize("param", ["x0", "eps", "v"])
 def test_samplers_recover_gaussian_data_with_the_optimal_denoiser(sampler: str, param: str) -> None:
     """For data N(mu, s^2) the Bayes-optimal x0 predictor is known in closed form; every sampler must
     then return samples with mean mu and std s (up to the tiny last-step noise of the reference DDIM
@@ -238,7 +248,8 @@ def test_samplers_recover_gaussian_data_with_the_optimal_denoiser(sampler: str, 
     def optimal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = d.alphas_cumprod[t].to(x.dtype)[:, None]
         x0 = mu + a.sqrt() * s**2 / (a * s**2 + 1 - a) * (x - a.sqrt() * mu)
-        return x0 if param == "x0" else (x - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"x0": x0, "eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[param]
 
     g = torch.Generator().manual_seed(1)
     n = 20000
