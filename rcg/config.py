@@ -190,6 +190,10 @@ class GeneratorConfig:
     sampler: Literal["ddim", "ddpm"] = "ddim"  # ddpm = ancestral over respaced steps (reference)
     sample_steps: int = 50
     sample_eta: float = 0.0  # DDIM eta for images: 0 = deterministic given the noise
+    # Clamp each sampling step's x0 estimate to [-c, c] in pixel space (ADM's clip_denoised; never on
+    # VAE latents, whose range is open). Keeps early high-noise errors of a short CPU run from
+    # saturating whole images; 0 = off (the reference DiT, latent space).
+    sample_clip_x0: float = 1.0
     grid_size: int = 64  # images in each sample grid
     seed: int = 0
     checkpoint_dir: str = "checkpoints/train_generator"  # + /<condition>/checkpoint-last.pt

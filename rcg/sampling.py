@@ -82,11 +82,14 @@ def sample_images(
     batch_size: int = 250,
     progress: bool = True,
     x_T: Tensor | None = None,
+    clip_x0: float = 0.0,
 ) -> Tensor:
     """n images [n, C, H, W] in [0, 1] from a generator, in batches; `cond` tensors have n rows.
 
     Batch b draws its noise from seed (seed, b), so a given (seed, batch_size) is reproducible.
     `x_T` (n, *shape) fixes the starting noise (interpolations share it across rows).
+    `clip_x0` > 0 clamps each step's x0 estimate to [-clip_x0, clip_x0] (ADM's clip_denoised; only
+    meaningful in pixel space, where the data range is known).
     """
     device = torch.device(device)
     cond = cond or {}
@@ -94,6 +97,7 @@ def sample_images(
         if v.shape[0] != n:
             raise ValueError(f"condition {k!r} has {v.shape[0]} rows, expected {n}")
     denoiser = GuidedDenoiser(model, diffusion.num_timesteps, cfg_scale, cfg_schedule, amp)
+    clip = clip_x0 if clip_x0 > 0 else None
     out = []
     starts = range(0, n, batch_size)
     if progress and len(starts) > 1:
@@ -107,10 +111,10 @@ def sample_images(
         xt = None if x_T is None else x_T[i:j]
         if sampler == "ddim":
             z = ddim_sample(denoiser, diffusion, (j - i, *shape), steps, eta=eta, model_kwargs=kw, generator=g,
-                            device=device, progress=progress and len(range(0, n, batch_size)) == 1, x_T=xt)
+                            device=device, progress=progress and len(range(0, n, batch_size)) == 1, x_T=xt, clip_x0=clip)
         elif sampler == "ddpm":
             z = ddpm_sample(denoiser, diffusion, (j - i, *shape), steps, model_kwargs=kw, generator=g,
-                            device=device, progress=progress and len(range(0, n, batch_size)) == 1, x_T=xt)
+                            device=device, progress=progress and len(range(0, n, batch_size)) == 1, x_T=xt, clip_x0=clip)
         else:
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         out.append(codec.decode(z).cpu())
@@ -208,6 +212,7 @@ def generate_images(
         steps=int(steps or sampling.get("steps", 50)), sampler=sampling.get("sampler", "ddim"),
         eta=float(sampling.get("eta", 0.0)), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed + 1,
         amp=bool(sampling.get("amp", True)), device=device, batch_size=batch_size, progress=progress,
+        clip_x0=float(sampling.get("clip_x0", 0.0)),
     )
 
 
@@ -270,7 +275,8 @@ def interpolate(cfg: Config, image_a: Tensor, image_b: Tensor, n_steps: int = 8,
     return sample_images(model, diffusion, codec, rows * n_steps, {"rep": line.repeat(rows, 1)}, shape=shape,
                          steps=int(steps or sampling.get("steps", 50)), sampler="ddim", eta=0.0,
                          cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed,
-                         amp=bool(sampling.get("amp", True)), device=device, progress=False, x_T=x_T)
+                         amp=bool(sampling.get("amp", True)), device=device, progress=False, x_T=x_T,
+                         clip_x0=float(sampling.get("clip_x0", 0.0)))
 
 
 # --------------------------------------------------------------------------------------------------

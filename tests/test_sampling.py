@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,35 @@ def test_generate_modes_without_labels(ws: Path, mode: str) -> None:
     again = generate_images(cfg, mode, 5, cfg_scale=1.0 if mode == "rcg_cfg" else 0.0, steps=3,
                             batch_size=3, progress=False)
     assert torch.equal(images, again)
+
+
+def test_generator_json_sets_the_x0_clamp(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate_images samples with the clamp recorded in generator.json (absent: off)."""
+    import rcg.sampling as sampling
+
+    seen: list[float] = []
+    real = sampling.sample_images
+
+    def spy(*a, **kw):
+        seen.append(kw["clip_x0"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sampling, "sample_images", spy)
+    cfg = load_cfg()
+    meta_path = Path(cfg.train_generator.out_dir) / "none" / "generator.json"
+    original = meta_path.read_text()
+    clamped = generate_images(cfg, "uncond", 4, steps=3, progress=False)
+    meta = json.loads(original)
+    meta["sampling"]["clip_x0"] = 0.0
+    try:
+        meta_path.write_text(json.dumps(meta))
+        sampling._CACHE.clear()
+        free = generate_images(cfg, "uncond", 4, steps=3, progress=False)
+    finally:  # the workspace is shared by the module's tests
+        meta_path.write_text(original)
+        sampling._CACHE.clear()
+    assert seen == [cfg.train_generator.sample_clip_x0, 0.0]
+    assert not torch.equal(clamped, free)  # the clamp changes what a 6-step tiny model samples
 
 
 def test_class_modes(ws: Path) -> None:

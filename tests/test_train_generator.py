@@ -54,6 +54,8 @@ def test_each_condition_trains_and_saves(ws: Path, condition: str) -> None:
     m = _metrics(condition)
     assert m["steps"] == cfg.train_generator.steps and m["resumed_from"] is None
     assert m["final_loss"] > 0 and m["train_seconds_total"] > 0
+    assert m["train_cpu_seconds_this_run"] > 0  # the budget measure on a shared machine
+    assert meta["sampling"]["clip_x0"] == cfg.train_generator.sample_clip_x0 > 0  # pixel space: clamp x0
     assert Path(f"checkpoints/train_generator/{condition}/checkpoint-last.pt").exists()
     if condition == "label":
         assert model.cond.y_embedder.num_embeddings == 11

@@ -55,7 +55,7 @@ log = get_logger(__name__)
 
 # Settings that do not change what is learned: excluded from the checkpoint fingerprint, so a run
 # can be extended (more steps) or re-logged without starting over.
-_RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_eta", "sampler",
+_RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_eta", "sampler", "sample_clip_x0",
              "grid_size", "threads", "checkpoint_dir", "metrics_dir", "out_dir",
              "verify_cache")
 
@@ -138,6 +138,11 @@ def train_step(
     return float(loss.detach())
 
 
+def clip_x0(gcfg: GeneratorConfig, codec: Codec) -> float:
+    """The x0 clamp used at sampling time: train_generator.sample_clip_x0 in pixel space, else 0 (off)."""
+    return float(gcfg.sample_clip_x0) if codec.meta()["type"] == "pixel" else 0.0
+
+
 @torch.no_grad()
 def sample_grid(
     model: nn.Module, diffusion: Diffusion, codec: Codec, cond: dict[str, Tensor], n: int,
@@ -148,7 +153,7 @@ def sample_grid(
 
     return sample_images(model, diffusion, codec, n, cond, shape=shape, steps=gcfg.sample_steps,
                          sampler=gcfg.sampler, eta=gcfg.sample_eta, seed=gcfg.seed, amp=gcfg.amp,
-                         device=device, batch_size=n, progress=False)
+                         device=device, batch_size=n, progress=False, clip_x0=clip_x0(gcfg, codec))
 
 
 def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
@@ -219,7 +224,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
         tracker.set_tags({"condition": condition, "arch": gcfg.arch})
         losses: list[float] = []
-        images_seen, t_start = 0, time.perf_counter()
+        images_seen, t_start, cpu_start = 0, time.perf_counter(), time.process_time()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=gcfg.steps, initial=step, desc=f"train generator ({condition})", disable=not info.is_main)
@@ -268,6 +273,9 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
         bar.close()
         train_seconds = time.perf_counter() - t_start
+        # CPU seconds of this process (all its threads; loader workers excluded): the budget that
+        # compares runs on a shared machine, where wall time depends on the neighbours.
+        train_cpu_seconds = time.process_time() - cpu_start
         if info.is_main:
             meta = {
                 "arch": gcfg.arch,
@@ -278,7 +286,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 "data": {"image_size": cfg.data.image_size, "channels": cfg.data.channels},
                 "classes": classes,
                 "sampling": {"sampler": gcfg.sampler, "steps": gcfg.sample_steps, "eta": gcfg.sample_eta,
-                             "amp": gcfg.amp},
+                             "amp": gcfg.amp, "clip_x0": clip_x0(gcfg, codec)},
                 "params": n_params,
                 "step": step,
             }
@@ -294,6 +302,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 "final_loss": sum(tail) / len(tail),
                 "train_seconds_this_run": round(train_seconds, 1),
                 "train_seconds_total": round(elapsed + train_seconds, 1),
+                "train_cpu_seconds_this_run": round(train_cpu_seconds, 1),
                 "images_per_s": round(images_seen / max(train_seconds, 1e-9), 1),
             }
             write_json(Path(gcfg.metrics_dir) / f"generator_{condition}.json", metrics)
