@@ -183,7 +183,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
 
     # A finished run is not redone; a changed setting starts over instead of resuming.
     assert Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()["step"] == 4
-    changed = tiny_config(shards, **{"encoder.temperature": 0.1})
+    changed = tiny_config(shards, **{"encoder.temperature": 0.3})
     assert stage.training_fingerprint(changed) != stage.training_fingerprint(cfg)
     assert stage.training_fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == stage.training_fingerprint(cfg)
 
