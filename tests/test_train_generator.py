@@ -100,6 +100,11 @@ def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.M
     # Raising `steps` continues the finished run; changing what is learned starts over.
     train_generator.run(load_cfg(train_generator__steps=8), condition="rep")
     assert _metrics("rep")["resumed_from"] == 6 and counted["n"] == 5
+    # Rerunning a finished run trains nothing but still writes the model and its (conditioned) grid.
+    Path("models/generator/rep/samples.png").unlink()
+    train_generator.run(load_cfg(train_generator__steps=8), condition="rep")
+    assert counted["n"] == 5 and _metrics("rep")["resumed_from"] == 8
+    assert Path("models/generator/rep/samples.png").stat().st_size > 0
     train_generator.run(load_cfg(train_generator__lr=5e-4), condition="rep")
     assert _metrics("rep")["resumed_from"] is None
 

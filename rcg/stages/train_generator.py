@@ -228,7 +228,8 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=gcfg.steps, initial=step, desc=f"train generator ({condition})", disable=not info.is_main)
-        while step < gcfg.steps:
+        # A run resumed at its last step still draws one batch: the final grid needs its conditions.
+        while step < gcfg.steps or (info.is_main and condition != "none" and not grid_cond):
             batch = next(loader)
             x = batch["image"].to(device, non_blocking=True)
             flipped = (torch.rand(x.shape[0]) < 0.5) if gcfg.hflip else torch.zeros(x.shape[0], dtype=torch.bool)
@@ -248,6 +249,8 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 cond["label"] = batch["label"].to(device)
             if not grid_cond and condition != "none":
                 grid_cond = {k: v[: gcfg.grid_size].clone() for k, v in cond.items()}
+                if step >= gcfg.steps:
+                    break
             with torch.no_grad():
                 z = codec.encode(x)
             for group in opt.param_groups:
