@@ -132,15 +132,13 @@ class Diffusion:
         """
         a = _gather(self.alphas_cumprod, t, x_t)
         if self.parameterization == "x0":
-            x0 = model_out
-            eps = (x_t / a.sqrt() - x0) / (1.0 / a - 1.0).sqrt()
-        elif self.parameterization == "v":
+            return model_out, self.eps_from_x0(model_out, x_t, t)
+        if self.parameterization == "v":
             x0 = a.sqrt() * x_t - (1.0 - a).sqrt() * model_out
             eps = (1.0 - a).sqrt() * x_t + a.sqrt() * model_out
-        else:
-            eps = model_out
-            x0 = (x_t - (1.0 - a).sqrt() * eps) / a.sqrt()
-        return x0, eps
+            return x0, eps
+        eps = model_out
+        return (x_t - (1.0 - a).sqrt() * eps) / a.sqrt(), eps
 
     def eps_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The eps consistent with x_t and a given x0 (used after clipping x0)."""

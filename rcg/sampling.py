@@ -111,10 +111,10 @@ def sample_images(
         xt = None if x_T is None else x_T[i:j]
         if sampler == "ddim":
             z = ddim_sample(denoiser, diffusion, (j - i, *shape), steps, eta=eta, model_kwargs=kw, generator=g,
-                            device=device, progress=progress and len(range(0, n, batch_size)) == 1, x_T=xt, clip_x0=clip)
+                            device=device, progress=progress and len(starts) == 1, x_T=xt, clip_x0=clip)
         elif sampler == "ddpm":
             z = ddpm_sample(denoiser, diffusion, (j - i, *shape), steps, model_kwargs=kw, generator=g,
-                            device=device, progress=progress and len(range(0, n, batch_size)) == 1, x_T=xt, clip_x0=clip)
+                            device=device, progress=progress and len(starts) == 1, x_T=xt, clip_x0=clip)
         else:
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         out.append(codec.decode(z).cpu())
