@@ -6,7 +6,7 @@ experiment's params and metrics back from `dvc exp show --json` into one table (
 artifact, and the flow's return value). Compare afterwards with `dvc exp show` or apply the winner
 with `dvc exp apply <name>`.
 
-    python -m flows.sweep --grid train_rdm.lr=1e-4,5e-4 --grid train_rdm.depth=4,6 -S preset=tiny
+    python -m flows.sweep --grid train_rdm.lr=1e-4,5e-4 --grid train_rdm.lr_decay_frac=0,0.3 -S preset=tiny
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
 
 from flows import dvc_cli as dvc_mod
+from rcg import config as config_mod
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -38,6 +39,22 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def _value(v: Any) -> str:
     """A grid value as Hydra override text (YAML flow style keeps lists and strings intact)."""
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def check_points(params_file: Path, all_sets: list[list[str]]) -> None:
+    """Validate every grid point against rcg.config before anything is queued.
+
+    A misspelt key or a wrong type then fails at once, naming the key (rcg.config.ConfigError),
+    instead of in every queued experiment. Projects whose params.yaml is not an rcg config, and
+    overrides aimed at other files (`file.yaml:key=v`) or deleting keys (`~key`), are left to DVC.
+    """
+    try:
+        config_mod.load(params_file)
+    except config_mod.ConfigError:
+        return  # not an rcg params.yaml: nothing to check against
+    for sets in all_sets:
+        plain = [s.lstrip("+") for s in sets if not s.startswith("~") and ":" not in s.split("=", 1)[0]]
+        config_mod.load(params_file, config_mod.parse_set(plain))
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="queue {name}")
@@ -91,10 +108,9 @@ def rcg_sweep(
     run_name = runtime_flow_run.get_name() or time.strftime("sweep-%H%M%S")
     prefix = prefix or f"sweep-{run_name}"
     points = grid_points(grid)
-    names = []
-    for i, point in enumerate(points):
-        sets = list(overrides or []) + [f"{k}={_value(v)}" for k, v in point.items()]
-        names.append(queue_experiment(root, f"{prefix}-{i}", sets))
+    all_sets = [list(overrides or []) + [f"{k}={_value(v)}" for k, v in point.items()] for point in points]
+    check_points(Path(root) / "params.yaml", all_sets)
+    names = [queue_experiment(root, f"{prefix}-{i}", sets) for i, sets in enumerate(all_sets)]
     logger.info("queued %d experiments: %s", len(names), ", ".join(names))
     code = run_queue(root, jobs, str(Path(root) / "logs" / "flows" / f"{prefix}.log"))
     rows = collect_metrics(root, names)

@@ -192,6 +192,24 @@ def test_prefect_yaml_deployments_point_at_real_flows() -> None:
         fl.validate_parameters(d.get("parameters") or {})  # raises on an unknown parameter
 
 
+def test_sweep_checks_every_grid_point_against_rcg_config_before_queueing(tmp_path: Path) -> None:
+    from flows.sweep import check_points, grid_points
+    from rcg.config import ConfigError
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    sweep = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+                 if d["entrypoint"].endswith(":rcg_sweep"))["parameters"]
+    points = [sweep["overrides"] + [f"{k}={v}" for k, v in p.items()] for p in grid_points(sweep["grid"])]
+    check_points(params, points)  # the shipped deployment's grid is valid
+    with pytest.raises(ConfigError, match="train_rdm.depth"):
+        check_points(params, [["preset=tiny", "train_rdm.lr=1e-4"], ["++train_rdm.depth=4"]])
+    with pytest.raises(ConfigError, match="train_rdm.lr"):
+        check_points(params, [["train_rdm.lr=fast"]])
+    params.write_text("evaluate: {scale: 1}\n")  # not an rcg params.yaml: left to DVC
+    check_points(params, [["evaluate.scale=5"]])
+
+
 # ---------------------------------------------------------------------------- under Prefect
 
 
