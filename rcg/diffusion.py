@@ -154,10 +154,26 @@ class Diffusion:
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def sample_t(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
-        """t ~ U{0, ..., T-1}, one per sample (REFERENCE.md 2.3)."""
+    def sample_t(
+        self,
+        n: int,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        power: float = 1.0,
+    ) -> Tensor:
+        """Training timesteps, one per sample: t ~ U{0, ..., T-1} (REFERENCE.md 2.3) for power 1.
+
+        power p > 1 draws t = floor(T u^p), u ~ U[0, 1): density proportional to t^(1/p - 1), so
+        low-noise steps, where the fine detail of a sample is settled, get more of the training.
+        """
+        if power <= 0:
+            raise ValueError(f"timestep power must be > 0, got {power}")
         gdev = generator.device if generator is not None else device
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gdev).to(device)
+        if power == 1.0:
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gdev).to(device)
+        u = torch.rand(n, generator=generator, device=gdev)
+        t = (u.pow(power) * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
+        return t.to(device)
 
     def training_loss(
         self,

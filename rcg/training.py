@@ -96,6 +96,20 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def lr_factor(step: int, total: int, warmup_steps: int = 0, decay_frac: float = 0.0) -> float:
+    """Multiplier of the base learning rate for optimiser step `step` (0-based) of `total`.
+
+    Linear warm-up over `warmup_steps`, then constant (the reference's RDM and DiT), then, when
+    `decay_frac` > 0, a linear decay to zero over the last `decay_frac` of the steps. The factor is a
+    function of the step alone, so a resumed run continues on the same schedule.
+    """
+    f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay_steps = round(decay_frac * total)
+    if decay_steps > 0 and step >= total - decay_steps:
+        f = min(f, (total - step) / decay_steps)
+    return f
+
+
 class EMA:
     """Exponential moving average of a model's weights (REFERENCE.md 2.3, LitEma).
 

@@ -113,6 +113,21 @@ def test_training_loss_is_mse_to_the_right_target(param: str) -> None:
     assert d.sample_t(1000).min() >= 0 and d.sample_t(1000).max() <= 99
 
 
+def test_sample_t_power_concentrates_on_low_noise() -> None:
+    d = Diffusion(make_betas("linear", 1000), "v")
+    g = torch.Generator().manual_seed(0)
+    uniform = d.sample_t(20000, generator=g)
+    g2 = torch.Generator().manual_seed(0)
+    assert torch.equal(d.sample_t(20000, generator=g2, power=1.0), uniform)  # power 1 is the reference draw
+    low = d.sample_t(20000, generator=g, power=2.0)
+    assert 0 <= int(low.min()) and int(low.max()) <= 999
+    # P(t < T/4) = P(u^2 < 1/4) = 1/2 for power 2, against 1/4 for uniform timesteps
+    assert (low < 250).float().mean().item() == pytest.approx(0.5, abs=0.015)
+    assert (uniform < 250).float().mean().item() == pytest.approx(0.25, abs=0.015)
+    with pytest.raises(ValueError, match="power"):
+        d.sample_t(4, power=0.0)
+
+
 # ---- sampler step schedules ------------------------------------------------------------------------
 
 

@@ -267,6 +267,55 @@ def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     assert fd_trained < 0.5 * fd_untrained, (fd_trained, fd_untrained)
 
 
+def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
+    from rcg.training import lr_factor
+
+    assert [lr_factor(s, 10, decay_frac=0.3) for s in range(10)] == pytest.approx([1] * 8 + [2 / 3, 1 / 3])
+    assert [lr_factor(s, 10) for s in range(10)] == [1.0] * 10  # the reference's constant lr
+    assert [lr_factor(s, 10, warmup_steps=4) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+
+
+def test_lr_decay_is_applied_and_survives_an_interrupted_run(rdm_workspace: Path) -> None:
+    """The lr is a function of the step alone: a run cut at step 6 of 12 resumes onto the same schedule."""
+    from rcg.stages.train_rdm import train_rdm_model
+    from rcg.training import DistInfo
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    reps = read_features("data/features/train.parquet").reps.clone()
+    over = {"steps": 12, "lr_decay_frac": 0.5, "batch_size": 32, "ckpt_every": 3}
+
+    def last_lr(ck_dir: str) -> float:
+        return torch.load(f"{ck_dir}/uncond/checkpoint-last.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"]
+
+    whole = config.load("params.yaml", {"train_rdm": {**over, "checkpoint_dir": "ck_whole"}}).train_rdm
+    train_rdm_model(whole, reps, None, info)
+    assert last_lr("ck_whole") == pytest.approx(whole.lr / 6)  # step 12 of 12: 1/6 of the way down the decay
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_6(done: int) -> None:
+        if done == 6:
+            raise Interrupt
+
+    split = config.load("params.yaml", {"train_rdm": {**over, "checkpoint_dir": "ck_split"}}).train_rdm
+    with pytest.raises(Interrupt):
+        train_rdm_model(split, reps, None, info, on_step=stop_at_6)
+    assert last_lr("ck_split") == pytest.approx(split.lr)  # steps 1-6: still the constant phase
+    train_rdm_model(split, reps, None, info)
+    ck = torch.load("ck_split/uncond/checkpoint-last.pt", weights_only=False)
+    assert ck["step"] == 12 and last_lr("ck_split") == pytest.approx(whole.lr / 6)
+
+
+def test_bad_schedule_values_are_config_errors_naming_the_key(rdm_workspace: Path) -> None:
+    from rcg.stages import train_rdm
+
+    with pytest.raises(config.ConfigError, match="train_rdm.lr_decay_frac"):
+        train_rdm.run(config.load("params.yaml", {"train_rdm": {"lr_decay_frac": 1.5}}))
+    with pytest.raises(config.ConfigError, match="train_rdm.timestep_power"):
+        train_rdm.run(config.load("params.yaml", {"train_rdm": {"timestep_power": 0}}))
+
+
 # --------------------------------------------------------------------------------------------------
 # torchrun compatibility: two gloo ranks on CPU end with identical weights
 # --------------------------------------------------------------------------------------------------

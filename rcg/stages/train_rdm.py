@@ -2,14 +2,16 @@
 
 REFERENCE.md 2.3 and 2.5: x0-prediction MSE on the 256-d reps (both views of every train image, the
 cache's stand-in for the reference's random flips), AdamW with constant lr 5.12e-4 and weight decay
-0.01, EMA 0.9999 with warm-up, global batch 512 split over the ranks. The reps stay in memory as one
+0.01 (the default preset adds a linear decay over the last steps, `train_rdm.lr_decay_frac`), EMA
+0.9999 with warm-up, global batch 512 split over the ranks. The reps stay in memory as one
 tensor and every step gathers a batch by index, so the data path costs next to nothing
 (benchmarks/bench_rdm.py). Runs unchanged under torchrun (DDP, gloo on CPU, NCCL on GPU).
 
 Outputs: models/rdm/rdm.* (and rdm_class.* when the features carry labels and train_rdm.class_cond),
 checkpoints/train_rdm/{uncond,class}/checkpoint-last.pt (resumable; raising train_rdm.steps continues
-training), metrics/rdm.json (Frechet distances of RDM samples vs real reps, next to the real-vs-real
-noise floor, as in the paper's section 10 check).
+training, and with lr_decay_frac > 0 the lr follows the schedule of the new step count: back up,
+then down to zero again), metrics/rdm.json (Frechet distances of RDM samples vs real reps, next to
+the real-vs-real noise floor, as in the paper's section 10 check).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rcg.config import Config, RDMConfig
+from rcg.config import Config, ConfigError, RDMConfig
 from rcg.diffusion import Diffusion, make_betas
 from rcg.features import read_features
 from rcg.io import PipelineError, get_logger, write_json
@@ -35,6 +37,7 @@ from rcg.training import (
     autocast,
     cleanup_distributed,
     fingerprint,
+    lr_factor,
     seed_everything,
     setup_distributed,
     unwrap,
@@ -111,7 +114,7 @@ def train_rdm_model(
     # Everything that makes a checkpoint incompatible; not `steps`, so raising it continues training.
     train_keys = {k: getattr(rc, k) for k in (
         "arch", "timesteps", "beta_schedule", "linear_start", "linear_end", "parameterization",
-        "batch_size", "lr", "weight_decay", "ema_decay", "seed")}
+        "timestep_power", "batch_size", "lr", "lr_decay_frac", "weight_decay", "ema_decay", "seed")}
     data_id = [n, dim, num_classes, float(reps[:: max(1, n // 1000)].double().sum())]
     ckpt = Checkpointer(
         Path(rc.checkpoint_dir) / ("class" if class_cond else "uncond"),
@@ -150,9 +153,11 @@ def train_rdm_model(
     for step in range(start, rc.steps):
         idx = batches(step).to(device)
         x0 = reps_dev[idx]  # (b, D)
-        t = torch.randint(0, diffusion.num_timesteps, (idx.numel(),), generator=g).to(device)
+        t = diffusion.sample_t(idx.numel(), device, g, power=rc.timestep_power)
         noise = torch.randn(x0.shape, generator=g).to(device)
         kwargs = {"y": labels_dev[idx]} if labels_dev is not None else None
+        for group in opt.param_groups:
+            group["lr"] = rc.lr * lr_factor(step, rc.steps, decay_frac=rc.lr_decay_frac)
         with autocast(device, rc.amp):  # bf16 matmuls; the loss itself is taken in fp32
             loss = diffusion.training_loss(model, x0, kwargs, t=t, noise=noise)
         opt.zero_grad(set_to_none=True)
@@ -291,6 +296,10 @@ def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def run(cfg: Config, **options: Any) -> None:
     """Train the RDM (and the class-conditional RDM), save them, score them into metrics/rdm.json."""
     rc = cfg.train_rdm
+    if not 0.0 <= rc.lr_decay_frac <= 1.0:
+        raise ConfigError(f"train_rdm.lr_decay_frac: {rc.lr_decay_frac} is not a fraction of the steps (0..1)")
+    if rc.timestep_power <= 0:
+        raise ConfigError(f"train_rdm.timestep_power: {rc.timestep_power} must be > 0 (1 = uniform timesteps)")
     if rc.threads > 0:
         torch.set_num_threads(rc.threads)
     info = setup_distributed()
