@@ -45,6 +45,7 @@ from rcg.training import (
     autocast,
     cleanup_distributed,
     fingerprint,
+    lr_factor,
     seed_everything,
     setup_distributed,
     unwrap,
@@ -254,7 +255,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
             with torch.no_grad():
                 z = codec.encode(x)
             for group in opt.param_groups:
-                group["lr"] = gcfg.lr * min(1.0, (step + 1) / max(1, gcfg.warmup_steps))
+                group["lr"] = gcfg.lr * lr_factor(step, gcfg.steps, warmup_steps=gcfg.warmup_steps)
             loss = train_step(ddp, diffusion, opt, z, cond, gcfg, device)
             if not math.isfinite(loss):
                 raise PipelineError(f"train_generator ({condition}): loss became {loss} at step {step}; lower train_generator.lr")
