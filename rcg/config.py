@@ -139,10 +139,11 @@ class RDMConfig:
     parameterization: Literal["x0", "eps", "v"] = "v"
     # What the RDM gets wrong on the CPU budget is the rep's low-variance directions: its samples
     # carry excess variance there (a smoothed distribution), which dominates fd_train. Three things
-    # below each cut it; FD of 5000 samples (50 DDIM steps, eta 0) vs the train reps, floor 0.363:
+    # below each cut it; FD of 5000 samples (50 DDIM steps, eta 0) vs the train reps, floor 0.363
+    # (the same RDM at 12k steps, lr 1e-3: 0.801 with the reference's sampler):
     #   12k steps, lr 1e-3 constant 0.639 | lr 3e-3 constant 0.640 | 1e-3, decay 0.3: 0.609
     #   12k, lr 3e-3, decay 0.5: 0.573 (decay 0.8: 0.580; 768 wide instead of 512: 0.569)
-    #   16k, lr 3e-3, decay 0.5: 0.552 | + timestep_power 2: 0.523 (0.506 with 100 DDIM steps)
+    #   16k, lr 3e-3, decay 0.5: 0.552 | + timestep_power 2: 0.523; with the sampler below: 0.709
     # Low-noise timesteps settle those directions; power p draws t = T u^p (1 = the reference's uniform).
     timestep_power: float = 2.0
     steps: int = 16000  # optimiser steps per RDM (~68 epochs of the 120k reps); ~7 min on 2 quiet cores
@@ -157,12 +158,12 @@ class RDMConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default (1 is faster on a busy shared CPU)
     ckpt_every: int = 500  # steps between resumable checkpoints (checkpoints/train_rdm/)
     log_every: int = 100  # steps between loss logs (MLflow, progress bar)
-    # Deterministic DDIM (eta 0) over 100 steps; imagenet256 keeps the reference's 250 steps, eta 1.
-    # On the previous default's RDM (12k steps, constant lr): FD 0.801 (250 steps, eta 1), 0.737 (250,
-    # eta 0.5), 0.693 (250, eta 0), 0.639 (50, eta 0): the stochastic steps add noise in the
-    # low-variance directions. On the current one, 100 steps beat 50 (0.506 against 0.523).
-    sample_steps: int = 100  # DDIM steps at sampling time (reference: 250 of 1000)
-    eta: float = 0.0  # DDIM eta (reference: 1.0 everywhere)
+    # The reference's sampler: 250 DDIM steps, eta 1. Deterministic DDIM scores better in rep space
+    # but makes worse images: on the default run, eta 0 over 100 steps gives fd_train 0.503 (1.38x
+    # the floor) against 0.709 here, yet the rcg images' fd (evalnet) 9.04 against 8.56 (rcg_cfg
+    # 7.55 against 7.02 of the previous RDM): lower precision, reps between the data's modes.
+    sample_steps: int = 250  # DDIM steps at sampling time (reference: 250 of 1000)
+    eta: float = 1.0  # DDIM eta (reference: 1.0 everywhere)
     temperature: float = 1.0  # DDIM noise temperature (reference: 1.0; `--temp` is MAGE's, not this)
     n_eval: int = 5000  # N: RDM samples and random real reps per Frechet distance in metrics/rdm.json
     eval_batch_size: int = 2500  # samples per DDIM batch during evaluation (memory vs speed)
