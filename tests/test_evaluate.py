@@ -184,7 +184,10 @@ def test_training_curves_come_from_the_stages_mlflow_runs(tmp_path: Path, monkey
                 tracker.log_metrics({"loss": scale / step, "images_per_s": 10.0}, step=step)
     with stage_run(cfg, "encode") as tracker:  # not a training stage: no curve
         tracker.log_metrics({"rows": 1.0}, step=0)
+    with stage_run(cfg, "train_generator") as tracker:  # resumed at its end: trains nothing, logs no curve
+        tracker.set_tags({"condition": "rep"})
     paths = mlflow_curves(cfg.tracking, tmp_path / "plots")
+    # the empty resumed run does not hide the run that trained
     assert sorted(p.name for p in paths) == ["curves_train_generator_none.png", "curves_train_generator_rep.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     cfg.tracking.enabled = False

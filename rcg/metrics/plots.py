@@ -59,13 +59,13 @@ def mlflow_curves(tracking: TrackingConfig, out_dir: str | Path) -> list[Path]:
             cond = run.data.tags.get("condition", "")
             if cond in seen:
                 continue  # an older run of the same stage and condition
-            seen.add(cond)
             series: Series = {}
             for key in sorted(run.data.metrics):
                 hist = client.get_metric_history(run.info.run_id, key)
                 if len(hist) > 1:
                     series[key] = sorted((float(m.step), float(m.value)) for m in hist)
-            if series:
+            if series:  # a run resumed at its end logs no curve: fall back to the run that trained
+                seen.add(cond)
                 name = f"{stage}_{cond}" if cond else stage
                 written.append(plot_series(series, name, Path(out_dir) / f"curves_{name}.png"))
     log.info("curves: %d plots from MLflow (%s)", len(written), tracking.uri)
