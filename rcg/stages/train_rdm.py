@@ -1,9 +1,11 @@
 """`rcg train-rdm`: train the RDM (and its class-conditional twin) on the cached representations.
 
-REFERENCE.md 2.3 and 2.5: x0-prediction MSE on the 256-d reps (both views of every train image, the
-cache's stand-in for the reference's random flips), AdamW with constant lr 5.12e-4 and weight decay
-0.01 (the default preset adds a linear decay over the last steps, `train_rdm.lr_decay_frac`), EMA
-0.9999 with warm-up, global batch 512 split over the ranks. The reps stay in memory as one
+REFERENCE.md 2.3 and 2.5: the simple diffusion MSE on the 256-d reps (x0-prediction in the reference,
+v in the default preset; both views of every train image, the cache's stand-in for the reference's
+random flips), uniform timesteps, AdamW with constant lr 5.12e-4 and weight decay 0.01, EMA 0.9999
+with warm-up, global batch 512 split over the ranks. The default preset departs from it in two
+places (rcg/config.py has the measurements): `timestep_power` draws more low-noise timesteps and
+`lr_decay_frac` decays the lr to zero over the last steps. The reps stay in memory as one
 tensor and every step gathers a batch by index, so the data path costs next to nothing
 (benchmarks/bench_rdm.py). Runs unchanged under torchrun (DDP, gloo on CPU, NCCL on GPU).
 
