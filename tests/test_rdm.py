@@ -202,6 +202,11 @@ def test_train_rdm_stage_end_to_end_and_resume(rdm_workspace: Path) -> None:
     ckpt = torch.load(rdm_workspace / "checkpoints/train_rdm/uncond/checkpoint-last.pt", weights_only=False)
     assert ckpt["step"] == cfg.train_rdm.steps + 10
     assert "class_cond" not in m2
+    # a rerun resumed at its end trains nothing but still reports the training behind the weights
+    train_rdm.run(cfg2)
+    m3 = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
+    assert m3["train_seconds"] >= m2["train_seconds"] > 0
+    assert m3["train_final_loss"] == m2["train_final_loss"] and np.isfinite(m3["train_final_loss"])
     assert not (rdm_workspace / "models" / "rdm" / "rdm_class.safetensors").exists()  # no stale model
 
     # sample-reps through the CLI

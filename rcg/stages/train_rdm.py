@@ -122,13 +122,16 @@ def train_rdm_model(
         Path(rc.checkpoint_dir) / ("class" if class_cond else "uncond"),
         fingerprint(train_keys, name, data_id),  # not the world size: the global batch is fixed
     )
-    start = 0
+    start, seconds_before, last_loss = 0, 0.0, float("nan")
     state = ckpt.load()
     if state is not None:
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
+        # Carried over so a run resumed at (or near) its end still reports the whole training.
+        seconds_before = float(state.get("train_seconds", 0.0))
+        last_loss = float(state.get("last_loss", float("nan")))
     model = wrap_ddp(net, info)
     batches = IndexBatches(n, batch, info, rc.seed)
     # Per-rank noise and timesteps, reseeded at (re)start so ranks never share noise.
@@ -138,7 +141,9 @@ def train_rdm_model(
 
     def save(step: int) -> None:
         if info.is_main:
-            ckpt.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step})
+            ckpt.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                       "step": step, "train_seconds": seconds_before + time.perf_counter() - t0,
+                       "last_loss": last_loss})
 
     log.info(
         "%s: %s, %d reps of dim %d, global batch %d on %d rank(s), steps %d -> %d",
@@ -150,7 +155,7 @@ def train_rdm_model(
 
         pbar = tqdm(total=rc.steps, initial=start, desc=f"train {name}", unit="step")
     t0 = time.perf_counter()
-    running, count, last_loss = torch.zeros((), device=device), 0, float("nan")
+    running, count = torch.zeros((), device=device), 0
     model.train()
     for step in range(start, rc.steps):
         idx = batches(step).to(device)
@@ -190,9 +195,10 @@ def train_rdm_model(
     summary = {
         "steps": max(rc.steps, start),
         "steps_this_run": trained,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds_before + seconds, 2),  # all runs that trained this checkpoint
+        "seconds_this_run": round(seconds, 2),
         "steps_per_second": round(trained / seconds, 3) if trained else None,
-        "final_loss": last_loss,
+        "final_loss": last_loss,  # the last logged mean loss, from the checkpoint if this run logged none
     }
     if trained:
         log.info("%s: %d steps in %.1fs (%.2f steps/s), loss %.4f", name, trained, seconds, trained / seconds, last_loss)
@@ -361,6 +367,7 @@ def run(cfg: Config, **options: Any) -> None:
                 result.pop("train", None)
                 result["train_steps"] = metrics.get("rdm", {}).get("train", {}).get("steps")
                 result["train_seconds"] = metrics.get("rdm", {}).get("train", {}).get("seconds")
+                result["train_final_loss"] = metrics.get("rdm", {}).get("train", {}).get("final_loss")
                 if "rdm_class" in metrics:
                     result["class_cond"] = metrics["rdm_class"]
                 write_json(rc.metrics_file, result)
