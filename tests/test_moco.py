@@ -23,6 +23,7 @@ from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
 from rcg.encoders.knn import knn_top1
 from rcg.encoders.moco import MoCoV3, init_patch_embed, lr_at, momentum_at
 from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
+from rcg.io import PipelineError
 from rcg.training import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,16 @@ def test_augment_views():
     # The whole image, always flipped, no photometric change: exactly the mirror image.
     flip_only = ViewRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=1.0, jitter_p=0.0, blur_p=0.0)
     torch.testing.assert_close(augment(x, 28, flip_only, g), x.flip(-1), atol=1e-5, rtol=0)
+    # Blur sigma is in output pixels: 1 px visibly smooths a 28 px image (the old 224 px scaling
+    # made MoCo v3's 0.1-2.0 a no-op); a tiny sigma leaves it as it is.
+    only_blur = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, blur_p=1.0)
+    def roughness(t: torch.Tensor) -> float:
+        return float((t[..., 1:] - t[..., :-1]).abs().mean())
+    blurred = augment(x, 28, ViewRecipe(blur_sigma=(1.0, 1.0), **only_blur), g)
+    assert roughness(blurred) < 0.5 * roughness(x)
+    torch.testing.assert_close(blurred.mean(), x.mean(), atol=0.02, rtol=0)
+    torch.testing.assert_close(augment(x, 28, ViewRecipe(blur_sigma=(0.01, 0.01), **only_blur), g), x,
+                               atol=1e-5, rtol=0)
     # RGB batches at another output size.
     rgb = augment(torch.rand(4, 3, 32, 32, generator=g), 16, v1, g)
     assert rgb.shape == (4, 3, 16, 16)
@@ -230,3 +241,12 @@ def test_encoder_stage_under_torchrun(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics/encoder.json").read_text())
     assert metrics["steps"] == 4 and metrics["knn_top1"] is not None
+
+
+@pytest.mark.parametrize("sigma", ["[1.0]", "[2.0,1.0]", "[0.0,1.0]"])
+def test_bad_blur_sigma_is_named(shards, tmp_path, monkeypatch, sigma):
+    from rcg.stages import encoder as stage
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="encoder.blur_sigma"):
+        stage.run(tiny_config(shards, **{"encoder.blur_sigma": sigma}))

@@ -29,15 +29,15 @@ class ViewRecipe:
     saturation: float = 0.2
     gray_p: float = 0.2
     blur_p: float = 1.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of a 224 crop; scaled to the out size
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the output view (MoCo v3: of a 224 crop)
     solarize_p: float = 0.0
 
 
-def two_view_recipes(crop_min_scale: float, blur_p: float, solarize_p: float,
-                     jitter: float) -> tuple[ViewRecipe, ViewRecipe]:
+def two_view_recipes(crop_min_scale: float, blur_p: float, solarize_p: float, jitter: float,
+                     blur_sigma: tuple[float, float] = (0.1, 2.0)) -> tuple[ViewRecipe, ViewRecipe]:
     """MoCo v3's asymmetric pair: view 1 always blurred, view 2 rarely blurred and sometimes solarised."""
     common = dict(crop_scale=(crop_min_scale, 1.0), brightness=jitter, contrast=jitter,
-                  saturation=jitter / 2)
+                  saturation=jitter / 2, blur_sigma=(float(blur_sigma[0]), float(blur_sigma[1])))
     return (ViewRecipe(blur_p=blur_p, solarize_p=0.0, **common),
             ViewRecipe(blur_p=blur_p * 0.1, solarize_p=solarize_p, **common))
 
@@ -112,11 +112,11 @@ def augment(x: torch.Tensor, size: int, recipe: ViewRecipe,
         y = torch.where(coin(recipe.gray_p), _gray(y).expand_as(y), y)
     else:
         y = torch.where(jit, z, y)
-    # Gaussian blur; sigma given for 224 px crops, scaled so a 28 px image is blurred alike.
+    # Gaussian blur, sigma in pixels of the output view (not rescaled from 224 px: at 28 px that
+    # leaves sigma <= 0.25 px, which blurs nothing; see encoder.blur_sigma).
     blur = coin(recipe.blur_p)
     if blur.any():
-        scale = size / 224
-        sigma = _uniform(b, recipe.blur_sigma[0] * scale, recipe.blur_sigma[1] * scale, g, dev)
+        sigma = _uniform(b, *recipe.blur_sigma, g, dev)
         y = torch.where(blur, _gaussian_blur(y, sigma.clamp(min=1e-3)), y)
     if recipe.solarize_p > 0:
         y = torch.where(coin(recipe.solarize_p) & (y >= 0.5), 1.0 - y, y)

@@ -92,6 +92,9 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
     n_train = int(manifest["splits"]["train"]["written"])
     if ecfg.batch_size % info.world_size:
         raise PipelineError(f"encoder.batch_size {ecfg.batch_size} is not divisible by {info.world_size} ranks")
+    sig = ecfg.blur_sigma
+    if len(sig) != 2 or not 0 < sig[0] <= sig[1]:
+        raise PipelineError(f"encoder.blur_sigma: expected [min, max] pixels with 0 < min <= max, got {sig}")
     per_rank = ecfg.batch_size // info.world_size
     total = max(1, round(ecfg.epochs * n_train / ecfg.batch_size))
     warmup = min(total, round(ecfg.warmup_epochs * n_train / ecfg.batch_size))
@@ -117,7 +120,8 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
     log.info("MoCo v3 pretraining: %d steps of %d images (%.1f epochs of %d), lr %.2e, from step %d",
              total, ecfg.batch_size, ecfg.epochs, n_train, base_lr, step)
 
-    view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter)
+    view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
+                                    blur_sigma=(ecfg.blur_sigma[0], ecfg.blur_sigma[1]))
     loss_val, t0, cpu0, start_step = float("nan"), time.perf_counter(), time.process_time(), step
     if step < total:
         batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info))
