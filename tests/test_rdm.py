@@ -205,7 +205,8 @@ def test_train_rdm_stage_end_to_end_and_resume(rdm_workspace: Path) -> None:
     # a rerun resumed at its end trains nothing but still reports the training behind the weights
     train_rdm.run(cfg2)
     m3 = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
-    assert m3["train_seconds"] >= m2["train_seconds"] > 0
+    # the checkpoint's time is taken at its last save, a moment before the run's own total
+    assert 0 < m3["train_seconds"] <= m2["train_seconds"]
     assert m3["train_final_loss"] == m2["train_final_loss"] and np.isfinite(m3["train_final_loss"])
     assert not (rdm_workspace / "models" / "rdm" / "rdm_class.safetensors").exists()  # no stale model
 
