@@ -121,7 +121,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
              total, ecfg.batch_size, ecfg.epochs, n_train, base_lr, step)
 
     view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
-                                    blur_sigma=(ecfg.blur_sigma[0], ecfg.blur_sigma[1]))
+                                    blur_sigma=tuple(ecfg.blur_sigma))
     loss_val, t0, cpu0, start_step = float("nan"), time.perf_counter(), time.process_time(), step
     if step < total:
         batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info))

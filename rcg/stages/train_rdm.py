@@ -365,9 +365,10 @@ def run(cfg: Config, **options: Any) -> None:
             if info.is_main:
                 result = dict(metrics.get("rdm", {}))
                 result.pop("train", None)
-                result["train_steps"] = metrics.get("rdm", {}).get("train", {}).get("steps")
-                result["train_seconds"] = metrics.get("rdm", {}).get("train", {}).get("seconds")
-                result["train_final_loss"] = metrics.get("rdm", {}).get("train", {}).get("final_loss")
+                train = metrics.get("rdm", {}).get("train", {})
+                result["train_steps"] = train.get("steps")
+                result["train_seconds"] = train.get("seconds")
+                result["train_final_loss"] = train.get("final_loss")
                 if "rdm_class" in metrics:
                     result["class_cond"] = metrics["rdm_class"]
                 write_json(rc.metrics_file, result)
