@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from rcg import config
 from rcg.features import read_features, to_table, write_features
@@ -187,6 +188,7 @@ def test_train_rdm_stage_end_to_end_and_resume(rdm_workspace: Path) -> None:
     for key in ("fd_train", "fd_val", "fd_floor_train", "fd_floor_val"):
         assert np.isfinite(m[key]) and m[key] > 0, key
     assert m["n_eval"] == cfg.train_rdm.n_eval
+    assert m["eval_repeats"] == cfg.train_rdm.eval_repeats == 2 and np.isfinite(m["fd_train_std"])
     cc = m["class_cond"]
     assert set(cc["per_class"]) == {"0", "1", "2", "3"}
     for key in ("fd_per_class_train", "fd_per_class_floor_train", "fd_per_class_val", "fd_train"):
@@ -271,6 +273,44 @@ def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     fd_untrained = frechet_distance(sample_reps(bundle_from(untrained, meta), 300, steps=20), stats)
     assert summary["steps"] == 300
     assert fd_trained < 0.5 * fd_untrained, (fd_trained, fd_untrained)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_rdm_fds_are_means_over_independent_draws(num_classes: int) -> None:
+    """eval_repeats=3 reports the mean and spread of three single draws, each with fresh samples."""
+    import statistics
+
+    from rcg.stages.train_rdm import evaluate_rdm
+
+    torch.manual_seed(0)
+    net = build_rdm("tiny", num_classes=num_classes)
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    bundle = bundle_from(net.eval(), _meta(net))
+    x, y = synthetic_reps(300)
+    train = (torch.from_numpy(x), torch.from_numpy(y % 3))
+    val = (train[0][:120], train[1][:120])
+    rc = config.resolve(yaml.safe_load(tiny_params())).train_rdm
+    rc.n_eval, rc.sample_steps, rc.eval_batch_size = 60, 5, 60
+
+    def score(repeats: int, seed: int) -> dict:
+        rc.eval_repeats, rc.seed = repeats, seed
+        return evaluate_rdm(bundle, rc, train, val)
+
+    singles = [score(1, r * 1000) for r in range(3)]
+    merged = score(3, 0)
+    key = "fd_train" if num_classes == 0 else "fd_per_class_train"
+    vals = [d[key] for d in singles]
+    assert len(set(vals)) == 3  # fresh samples and fresh real reps in every draw
+    assert merged[key] == pytest.approx(statistics.mean(vals))
+    assert merged["fd_train"] == pytest.approx(statistics.mean(d["fd_train"] for d in singles))
+    assert merged["fd_train_std"] == pytest.approx(statistics.stdev(d["fd_train"] for d in singles))
+    assert merged["eval_repeats"] == 3 and "fd_train_std" not in singles[0]
+    if num_classes == 0:
+        floor = statistics.mean(d["fd_floor_train"] for d in singles)
+        assert merged["fd_train_over_floor"] == pytest.approx(merged["fd_train"] / floor)
+    else:
+        assert set(merged["per_class"]) == {"0", "1", "2"}
 
 
 def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
