@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,10 @@ class Checkpointer:
     when there is nothing to resume, so a stage calls it unconditionally at start-up. The
     `fingerprint` (e.g. a hash of the stage's config block) guards against resuming a run whose
     settings have since changed: such a checkpoint is ignored, with a log line saying so.
+
+    It also keeps the training clock across runs: every save records `train_seconds`, the wall
+    time of all runs that trained this checkpoint, so a run resumed at (or near) its end still
+    reports the whole training. A stage calls `start_clock` where its training loop starts.
     """
 
     def __init__(
@@ -163,10 +168,26 @@ class Checkpointer:
     ) -> None:
         self.path = Path(directory) / name
         self.fingerprint = fingerprint
+        self.seconds_before = 0.0  # training wall time of the earlier runs, set by `load`
+        self._started = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """Mark the start of this run's training: `seconds_this_run` counts from here."""
+        self._started = time.perf_counter()
+
+    @property
+    def seconds_this_run(self) -> float:
+        return time.perf_counter() - self._started
+
+    @property
+    def train_seconds(self) -> float:
+        """Training wall time of every run of this checkpoint: the earlier ones plus this one."""
+        return self.seconds_before + self.seconds_this_run
 
     def save(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["fingerprint"] = self.fingerprint
+        state["train_seconds"] = self.train_seconds
         state["rng"] = {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state(),
@@ -185,6 +206,7 @@ class Checkpointer:
         if state.get("fingerprint", "") != self.fingerprint:
             log.warning("%s was written with other settings; starting over", self.path)
             return None
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         rng = state.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])

@@ -313,6 +313,32 @@ def test_rdm_fds_are_means_over_independent_draws(num_classes: int) -> None:
         assert set(merged["per_class"]) == {"0", "1", "2"}
 
 
+def test_checkpointer_carries_the_training_clock_across_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each save records the wall time of all runs so far; a resumed run adds its own to it."""
+    import rcg.training as training
+
+    now = [100.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+    first = training.Checkpointer(tmp_path, "fp")
+    first.start_clock()
+    now[0] += 30.0
+    first.save({"step": 3})
+    assert first.train_seconds == 30.0
+
+    second = training.Checkpointer(tmp_path, "fp")
+    now[0] += 500.0  # time between the runs is not training
+    assert second.load()["train_seconds"] == 30.0
+    second.start_clock()
+    now[0] += 12.0
+    assert (second.seconds_this_run, second.train_seconds) == (12.0, 42.0)
+    second.save({"step": 5})
+    assert torch.load(second.path, weights_only=False)["train_seconds"] == 42.0
+    other = training.Checkpointer(tmp_path, "other settings")
+    assert other.load() is None and other.seconds_before == 0.0
+
+
 def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
     from rcg.training import lr_factor
 

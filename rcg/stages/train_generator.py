@@ -198,13 +198,13 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     run_cfg = dataclasses.replace(gcfg, **{k: getattr(GeneratorConfig(), k) for k in _RUN_ONLY})
     ckpt = Checkpointer(Path(gcfg.checkpoint_dir) / condition,
                         fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition))
-    step, elapsed, resumed_from = 0, 0.0, None
+    step, resumed_from = 0, None
     state = ckpt.load()
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        step, elapsed, resumed_from = int(state["step"]), float(state.get("elapsed", 0.0)), int(state["step"])
+        step = resumed_from = int(state["step"])
     ddp = wrap_ddp(model, info)
 
     cache = encoder = None
@@ -225,7 +225,8 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
         tracker.set_tags({"condition": condition, "arch": gcfg.arch})
         losses: list[float] = []
-        images_seen, t_start, cpu_start = 0, time.perf_counter(), time.process_time()
+        images_seen, cpu_start = 0, time.process_time()
+        ckpt.start_clock()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=gcfg.steps, initial=step, desc=f"train generator ({condition})", disable=not info.is_main)
@@ -265,18 +266,17 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
             images_seen += x.shape[0] * info.world_size
             bar.update(1)
             if step % gcfg.log_every == 0 or step == gcfg.steps:
-                dt = time.perf_counter() - t_start
-                rate = images_seen / max(dt, 1e-9)
+                rate = images_seen / max(ckpt.seconds_this_run, 1e-9)
                 bar.set_postfix(loss=f"{sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]):.4f}", img_s=f"{rate:.0f}")
                 tracker.log_metrics({"loss": sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]),
                                      "images_per_s": rate, "lr": opt.param_groups[0]["lr"]}, step=step)
             if info.is_main and (step % gcfg.ckpt_every == 0 or step == gcfg.steps):
                 ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                           "step": step, "elapsed": elapsed + time.perf_counter() - t_start})
+                           "step": step})
             if info.is_main and gcfg.sample_every > 0 and step % gcfg.sample_every == 0 and step < gcfg.steps:
                 _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
         bar.close()
-        train_seconds = time.perf_counter() - t_start
+        train_seconds = ckpt.seconds_this_run
         # CPU seconds of this process (all its threads; loader workers excluded): the budget that
         # compares runs on a shared machine, where wall time depends on the neighbours.
         train_cpu_seconds = time.process_time() - cpu_start
@@ -305,7 +305,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 "resumed_from": resumed_from,
                 "final_loss": sum(tail) / len(tail),
                 "train_seconds_this_run": round(train_seconds, 1),
-                "train_seconds_total": round(elapsed + train_seconds, 1),
+                "train_seconds_total": round(ckpt.train_seconds, 1),
                 "train_cpu_seconds_this_run": round(train_cpu_seconds, 1),
                 "images_per_s": round(images_seen / max(train_seconds, 1e-9), 1),
             }

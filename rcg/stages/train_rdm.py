@@ -123,15 +123,14 @@ def train_rdm_model(
         Path(rc.checkpoint_dir) / ("class" if class_cond else "uncond"),
         fingerprint(train_keys, name, data_id),  # not the world size: the global batch is fixed
     )
-    start, seconds_before, last_loss = 0, 0.0, float("nan")
+    start, last_loss = 0, float("nan")
     state = ckpt.load()
     if state is not None:
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-        # Carried over so a run resumed at (or near) its end still reports the whole training.
-        seconds_before = float(state.get("train_seconds", 0.0))
+        # Carried over so a run resumed at its end still reports the loss it finished on.
         last_loss = float(state.get("last_loss", float("nan")))
     model = wrap_ddp(net, info)
     batches = IndexBatches(n, batch, info, rc.seed)
@@ -143,8 +142,7 @@ def train_rdm_model(
     def save(step: int) -> None:
         if info.is_main:
             ckpt.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                       "step": step, "train_seconds": seconds_before + time.perf_counter() - t0,
-                       "last_loss": last_loss})
+                       "step": step, "last_loss": last_loss})
 
     log.info(
         "%s: %s, %d reps of dim %d, global batch %d on %d rank(s), steps %d -> %d",
@@ -155,7 +153,7 @@ def train_rdm_model(
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=rc.steps, initial=start, desc=f"train {name}", unit="step")
-    t0 = time.perf_counter()
+    ckpt.start_clock()
     running, count = torch.zeros((), device=device), 0
     model.train()
     for step in range(start, rc.steps):
@@ -191,12 +189,12 @@ def train_rdm_model(
             on_step(done)
     if pbar is not None:
         pbar.close()
-    seconds = time.perf_counter() - t0
+    seconds = ckpt.seconds_this_run
     trained = max(0, rc.steps - start)
     summary = {
         "steps": max(rc.steps, start),
         "steps_this_run": trained,
-        "seconds": round(seconds_before + seconds, 2),  # all runs that trained this checkpoint
+        "seconds": round(ckpt.train_seconds, 2),  # all runs that trained this checkpoint
         "seconds_this_run": round(seconds, 2),
         "steps_per_second": round(trained / seconds, 3) if trained else None,
         "final_loss": last_loss,  # the last logged mean loss, from the checkpoint if this run logged none
