@@ -197,17 +197,19 @@ def test_interrupted_and_failing_writes_leave_no_complete_looking_output(
 ) -> None:
     out = tmp_path / "out"
     _run_folder(messy_imagenet, tmp_path / "clean")
-    calls = {"n": 0}
+    # The disk is full from the 7th train sample on. Keyed by sample, not by a count of writes: the
+    # processes share the shards by timing, and with a per-process count a busy machine could let
+    # each write <= 6 samples and never fail.
+    full_from = sorted(_samples(tmp_path / "clean", "train"))[6]
     real_write = shards.TarShard.write_sample
 
-    def failing_write(self, key, members):  # the disk fills up after 6 samples
-        calls["n"] += 1
-        if calls["n"] > 6:
+    def failing_write(self, key, members):
+        if key >= full_from:
             raise OSError(28, "No space left on device")
         return real_write(self, key, members)
 
     monkeypatch.setattr(shards.TarShard, "write_sample", failing_write)
-    # With 2 workers the failure happens in the forked worker too (each counts its own samples).
+    # With 2 workers whichever process reaches a later shard fails, the forked worker included.
     with pytest.raises(PipelineError, match="writing shards failed: .*No space left"):
         _run_folder(messy_imagenet, out, workers=workers)
     assert not (out / "manifest.json").exists()
