@@ -151,8 +151,8 @@ class RDMConfig:
     #   12k, lr 3e-3, decay 0.5: 0.573 (decay 0.8: 0.580; 768 wide instead of 512: 0.569)
     #   16k, lr 3e-3, decay 0.5: 0.552 | + timestep_power 2: 0.523; with the sampler below: 0.709
     # (Single draws with one seed: gaps under ~0.05 are within draw noise, see eval_repeats.)
-    # With the stage's 4-draw mean and the reference sampler (floor 0.407): this default 0.690,
-    # timestep_power 1 0.711, 24k steps 0.667 (+50% time).
+    # With the stage's 4-draw mean and the reference sampler (floor 0.407): this default 0.690;
+    # timestep_power 1 0.711, 3 0.753; 768 wide 0.684; 24k steps 0.667 (+50% time); eps 3.24.
     # Low-noise timesteps settle those directions; power p draws t = T u^p (1 = the reference's uniform).
     timestep_power: float = 2.0
     steps: int = 16000  # optimiser steps per RDM (~68 epochs of the 120k reps); ~7 min on 2 quiet cores
