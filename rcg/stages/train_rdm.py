@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from rcg.config import Config, ConfigError, RDMConfig
 from rcg.diffusion import Diffusion, make_betas
 from rcg.features import read_features
 from rcg.io import PipelineError, get_logger, write_json
-from rcg.metrics.frechet import feature_statistics, frechet_distance
+from rcg.metrics.frechet import Stats, feature_statistics, frechet_distance
 from rcg.rdm import RDMBundle, RDMNet, artifact_name, build_rdm, bundle_from, make_meta, sample_reps, save_rdm
 from rcg.tracking import Tracker, stage_run
 from rcg.training import (
@@ -220,42 +221,68 @@ def _random_rows(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 _DRAW_SEED_STRIDE = 1000
 
 
-def _score_draw(
+@dataclass
+class _References:
+    """What every draw is scored against, computed once: statistics of all train / val reps and,
+    for the class-conditional RDM, each class's train rows with its train / val statistics."""
+
+    train: Stats
+    val: Stats | None
+    n: int  # N, draws per figure
+    per_class_n: int = 0  # N // K samples per class (class-conditional only)
+    classes: dict[int, tuple[torch.Tensor, Stats, Stats | None]] = field(default_factory=dict)
+
+
+def _references(
     bundle: RDMBundle,
     rc: RDMConfig,
-    n: int,
-    seed: int,
     train: tuple[torch.Tensor, torch.Tensor],
-    stats: dict[str, Any],
-) -> dict[str, Any]:
-    """One draw: N fresh RDM samples and N fresh random train reps, each scored against the stats."""
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+) -> _References:
     train_reps, train_labels = train
-    st_train, st_val = stats["train"], stats["val"]
+    n = min(rc.n_eval, train_reps.shape[0])
+    st_val = feature_statistics(val[0]) if val is not None else None
+    refs = _References(feature_statistics(train_reps), st_val, n)
+    if bundle.class_cond:
+        refs.per_class_n = max(2, n // bundle.num_classes)
+        for c in range(bundle.num_classes):
+            rows = torch.nonzero(train_labels == c).flatten()
+            if rows.numel() < 2:
+                continue
+            vrows = val[0][val[1] == c] if val is not None else None
+            st_vc = feature_statistics(vrows) if vrows is not None and vrows.shape[0] >= 2 else None
+            refs.classes[c] = (rows, feature_statistics(train_reps[rows]), st_vc)
+    return refs
+
+
+def _score_draw(
+    bundle: RDMBundle, rc: RDMConfig, seed: int, train_reps: torch.Tensor, refs: _References
+) -> dict[str, Any]:
+    """One draw: N fresh RDM samples and N fresh random train reps, each scored against `refs`."""
     out: dict[str, Any] = {}
     if not bundle.class_cond:
-        samples = sample_reps(bundle, n, steps=rc.sample_steps, eta=rc.eta, temperature=rc.temperature,
+        samples = sample_reps(bundle, refs.n, steps=rc.sample_steps, eta=rc.eta, temperature=rc.temperature,
                               seed=seed, batch_size=rc.eval_batch_size, progress=True)
-        real = _random_rows(train_reps, n, seed + 1)
-        out["fd_train"] = frechet_distance(samples, st_train)
-        out["fd_floor_train"] = frechet_distance(real, st_train)
-        if st_val is not None:
-            out["fd_val"] = frechet_distance(samples, st_val)
-            out["fd_floor_val"] = frechet_distance(real, st_val)
+        real = _random_rows(train_reps, refs.n, seed + 1)
+        out["fd_train"] = frechet_distance(samples, refs.train)
+        out["fd_floor_train"] = frechet_distance(real, refs.train)
+        if refs.val is not None:
+            out["fd_val"] = frechet_distance(samples, refs.val)
+            out["fd_floor_val"] = frechet_distance(real, refs.val)
         out["sample_norm_mean"] = float(samples.norm(dim=1).mean())
         return out
 
-    k = bundle.num_classes
-    per = max(2, n // k)
-    ids = torch.arange(k).repeat_interleave(per)
+    per = refs.per_class_n
+    ids = torch.arange(bundle.num_classes).repeat_interleave(per)
     samples = sample_reps(bundle, ids.numel(), class_ids=ids, steps=rc.sample_steps, eta=rc.eta,
                           temperature=rc.temperature, seed=seed, batch_size=rc.eval_batch_size, progress=True)
-    out["fd_train"] = frechet_distance(samples, st_train)
-    if st_val is not None:
-        out["fd_val"] = frechet_distance(samples, st_val)
+    out["fd_train"] = frechet_distance(samples, refs.train)
+    if refs.val is not None:
+        out["fd_val"] = frechet_distance(samples, refs.val)
     per_class: dict[str, dict[str, float]] = {}
-    for c, (st_c, st_vc) in stats["per_class"].items():
+    for c, (rows, st_c, st_vc) in refs.classes.items():
         s_c = samples[ids == c]
-        real_c = _random_rows(train_reps[train_labels == c], per, seed + 2 + c)
+        real_c = train_reps[_random_rows(rows, per, seed + 2 + c)]  # gathers only the drawn rows
         row = {"fd_train": frechet_distance(s_c, st_c), "fd_floor_train": frechet_distance(real_c, st_c)}
         if st_vc is not None:
             row["fd_val"] = frechet_distance(s_c, st_vc)
@@ -266,7 +293,7 @@ def _score_draw(
 
 
 def _mean_over_draws(draws: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of every number over the draws (nested dicts alike); `<key>_std` beside the top-level FDs."""
+    """Mean of every number over the draws, nested dicts alike; `<key>_std` beside every FD."""
     out: dict[str, Any] = {}
     for key, first in draws[0].items():
         if isinstance(first, dict):
@@ -299,30 +326,16 @@ def evaluate_rdm(
     The floor scatters less because it sits at FD's minimum, where sampling error enters only at
     second order; the RDM's samples are off it, so theirs enters at first order.
     """
-    train_reps, train_labels = train
-    n = min(rc.n_eval, train_reps.shape[0])
-    stats: dict[str, Any] = {
-        "train": feature_statistics(train_reps),
-        "val": feature_statistics(val[0]) if val is not None else None,
-        "per_class": {},
-    }
-    if bundle.class_cond:
-        for c in range(bundle.num_classes):
-            mask = train_labels == c
-            if int(mask.sum()) < 2:
-                continue
-            vmask = val[1] == c if val is not None else None
-            st_vc = feature_statistics(val[0][vmask]) if vmask is not None and int(vmask.sum()) >= 2 else None
-            stats["per_class"][c] = (feature_statistics(train_reps[mask]), st_vc)
+    refs = _references(bundle, rc, train, val)
     draws = [
-        _score_draw(bundle, rc, n, rc.seed + r * _DRAW_SEED_STRIDE, train, stats)
+        _score_draw(bundle, rc, rc.seed + r * _DRAW_SEED_STRIDE, train[0], refs)
         for r in range(rc.eval_repeats)
     ]
-    out: dict[str, Any] = {"n_eval": n, "eval_repeats": rc.eval_repeats, **_mean_over_draws(draws)}
+    out: dict[str, Any] = {"n_eval": refs.n, "eval_repeats": rc.eval_repeats, **_mean_over_draws(draws)}
     if not bundle.class_cond:
         out["fd_train_over_floor"] = out["fd_train"] / max(out["fd_floor_train"], 1e-12)
         return out
-    out["n_per_class"] = max(2, n // bundle.num_classes)
+    out["n_per_class"] = refs.per_class_n
     per_class = out.pop("per_class")
     for key in ("fd_train", "fd_floor_train", "fd_val", "fd_floor_val"):
         vals = [r[key] for r in per_class.values() if key in r]
