@@ -180,7 +180,8 @@ class RDMConfig:
     temperature: float = 1.0  # DDIM noise temperature (reference: 1.0; `--temp` is MAGE's, not this)
     n_eval: int = 5000  # N: RDM samples and random real reps per Frechet distance in metrics/rdm.json
     # Each FD in metrics/rdm.json is the mean over this many independent draws of N (fresh samples,
-    # fresh real reps); one draw of 5000 moves fd_train / floor by +-0.15 on the default run.
+    # fresh real reps); one draw of 5000 moves fd_train / floor by +-0.15 on the default run with
+    # eta 1, +-0.07 with eta 0.
     eval_repeats: int = 4
     eval_batch_size: int = 2500  # samples per DDIM batch during evaluation (memory vs speed)
     seed: int = 0

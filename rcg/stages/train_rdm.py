@@ -320,8 +320,8 @@ def evaluate_rdm(
     class-conditional RDM, N // K samples per class (as the reference's arange(K).repeat), scored
     against that class's reps: fd_per_class_* are means over classes, beside their own floor.
 
-    At N = 5000 on 256-d reps one draw is noisy (default run: per-draw spread 0.05-0.08 on fd_train
-    ~0.65 and 0.01-0.03 on the floor's ~0.41, enough to move the ratio by +-0.15), so every figure
+    At N = 5000 on 256-d reps one draw is noisy (default run with eta 1: per-draw spread 0.05-0.08
+    on fd_train ~0.65, 0.03 with eta 0; 0.01-0.03 on the floor's ~0.41), so every figure
     is the mean over `train_rdm.eval_repeats` independent draws of N, with their spread as `*_std`.
     The floor scatters less because it sits at FD's minimum, where sampling error enters only at
     second order; the RDM's samples are off it, so theirs enters at first order.
