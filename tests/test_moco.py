@@ -9,10 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,21 +170,27 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
         calls["n"] += 1
         if step == 2:
             raise KeyboardInterrupt
+        time.sleep(0.1)  # the first run's 2 steps take >= 0.2 s on the training clock
         return real_momentum(step, total, m0)
 
     monkeypatch.setattr(stage, "momentum_at", interrupted)
     with pytest.raises(KeyboardInterrupt):
         stage.run(cfg)
     ckpt = Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()
-    assert ckpt is not None and ckpt["step"] == 2
+    assert ckpt is not None and ckpt["step"] == 2 and ckpt["train_seconds"] >= 0.2
     assert not Path("models/encoder/encoder.json").exists()
 
     monkeypatch.setattr(stage, "momentum_at", real_momentum)
     stage.run(cfg)
     meta = json.loads(Path("models/encoder/encoder.json").read_text())
-    assert meta["source"] == "mocov3-pretrain"
-    assert meta["training"]["resumed_from_step"] == 2 and meta["training"]["steps"] == 4
+    assert meta["source"] == "mocov3-pretrain" and meta["steps"] == 4
+    assert "knn_k" not in meta["training_config"]  # evaluation settings do not define the weights
     metrics = json.loads(Path("metrics/encoder.json").read_text())
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    # The clock covers both runs: the first run's time plus this one's (steps 3-4).
+    assert metrics["train_seconds_total"] == pytest.approx(
+        ckpt["train_seconds"] + metrics["train_seconds_this_run"], abs=0.02)
+    assert np.isfinite(metrics["final_loss"])
     for key in ("knn_top1", "knn_top1_random_init", "knn_top1_pixels"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["knn_train_samples"] == 256 and metrics["knn_val_samples"] == 256
@@ -192,8 +200,17 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     assert enc.spec.in_chans == 1 and enc.spec.embed_dim == 32
     assert enc(torch.rand(3, 1, 28, 28)).shape == (3, 256)
 
-    # A finished run is not redone; a changed setting starts over instead of resuming.
+    # A finished run is not redone, and rerunning it (say for another knn_k) rewrites the model
+    # byte for byte, so DVC sees `encode` as current; the clock and the loss carry over.
     assert Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()["step"] == 4
+    files = {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()}
+    stage.run(tiny_config(shards, **{"encoder.knn_k": 5}))
+    assert {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()} == files
+    again = json.loads(Path("metrics/encoder.json").read_text())
+    assert again["resumed_from_step"] == 4 and again["images_per_s"] is None
+    assert again["train_seconds_total"] == pytest.approx(metrics["train_seconds_total"], abs=0.02)
+    assert again["final_loss"] == metrics["final_loss"] and again["knn_k"] == 5
+    # A changed setting starts over instead of resuming.
     changed = tiny_config(shards, **{"encoder.temperature": 0.3})
     assert stage.training_fingerprint(changed) != stage.training_fingerprint(cfg)
     assert stage.training_fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == stage.training_fingerprint(cfg)

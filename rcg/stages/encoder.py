@@ -79,10 +79,14 @@ def spec_from_config(ecfg: EncoderConfig, channels: int) -> EncoderSpec:
     )
 
 
+def training_block(ecfg: EncoderConfig) -> dict[str, Any]:
+    """The encoder settings that change what MoCo pretraining computes."""
+    return {k: v for k, v in asdict(ecfg).items() if k not in _NOT_TRAINING}
+
+
 def training_fingerprint(cfg: Config) -> str:
     """Hash of everything that changes MoCo pretraining, so a stale checkpoint is never resumed."""
-    block = {k: v for k, v in asdict(cfg.encoder).items() if k not in _NOT_TRAINING}
-    return fingerprint(block, cfg.data.image_size, cfg.data.channels)
+    return fingerprint(training_block(cfg.encoder), cfg.data.image_size, cfg.data.channels)
 
 
 def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder, dict[str, Any]]:
@@ -110,19 +114,20 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
                             weight_decay=ecfg.weight_decay)
     ckpt = Checkpointer(ecfg.checkpoint_dir, training_fingerprint(cfg))
-    step = 0
+    step, loss_val = 0, float("nan")
     state = ckpt.load(map_location=info.device)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        step, loss_val = int(state["step"]), float(state.get("loss", "nan"))
     ddp = wrap_ddp(model, info)
     log.info("MoCo v3 pretraining: %d steps of %d images (%.1f epochs of %d), lr %.2e, from step %d",
              total, ecfg.batch_size, ecfg.epochs, n_train, base_lr, step)
 
     view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
                                     blur_sigma=tuple(ecfg.blur_sigma))
-    loss_val, t0, cpu0, start_step = float("nan"), time.perf_counter(), time.process_time(), step
+    cpu0, start_step = time.process_time(), step
+    ckpt.start_clock()
     if step < total:
         batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info))
         ddp.train()
@@ -143,22 +148,25 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
             bar.update(1)
             if step % ecfg.log_every == 0 or step == total:
                 loss_val = float(loss.detach())
-                speed = (step - start_step) * ecfg.batch_size / (time.perf_counter() - t0)
+                speed = (step - start_step) * ecfg.batch_size / ckpt.seconds_this_run
                 bar.set_postfix(loss=f"{loss_val:.3f}", img_s=f"{speed:.0f}")
                 tracker.log_metrics({"loss": loss_val, "lr": lr, "momentum": m, "images_per_s": speed}, step)
             if info.is_main and (step % ecfg.ckpt_every == 0 or step == total):
-                ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step})
+                ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step,
+                           "loss": float(loss.detach())})
         bar.close()
         del batches  # stop the loader workers before the evaluation
-    elapsed = time.perf_counter() - t0
+    seconds = ckpt.seconds_this_run
     facts = {
         "steps": total,
         "epochs": ecfg.epochs,
-        "pretrain_time_s": round(elapsed, 1),
-        # CPU seconds of the training process (all its threads, not the loader workers): on a
-        # shared machine this, not the wall time, shows what the run costs.
-        "pretrain_cpu_s": round(time.process_time() - cpu0, 1),
-        "images_per_s": round((step - start_step) * ecfg.batch_size / elapsed, 1) if step > start_step else None,
+        # Wall time of every run that trained this checkpoint (a resumed run counts the earlier ones).
+        "train_seconds_total": round(ckpt.train_seconds, 2),
+        "train_seconds_this_run": round(seconds, 2),
+        # CPU seconds of this run's training process (all its threads, not the loader workers): on
+        # a shared machine this, not the wall time, shows what the run costs.
+        "train_cpu_seconds_this_run": round(time.process_time() - cpu0, 1),
+        "images_per_s": round((step - start_step) * ecfg.batch_size / seconds, 1) if step > start_step else None,
         "final_loss": loss_val if loss_val == loss_val else None,
         "resumed_from_step": start_step,
     }
@@ -257,7 +265,10 @@ def run(cfg: Config, **options: Any) -> None:
                 facts: dict[str, Any] = {}
             else:
                 encoder, facts = pretrain(cfg, info, tracker)
-                meta = {"source": "mocov3-pretrain", "config": asdict(ecfg), "training": facts}
+                # Only what defines the weights: timings and the kNN settings live in the metrics, so
+                # a rerun that resumes at the end writes the same files and leaves `encode` current.
+                meta = {"source": "mocov3-pretrain", "training_config": training_block(ecfg),
+                        "steps": facts["steps"]}
         finally:
             # The kNN check runs on rank 0 alone, over all the data: leave the process group first.
             cleanup_distributed()
@@ -267,8 +278,7 @@ def run(cfg: Config, **options: Any) -> None:
         _verify(encoder, ecfg.out_dir)
         log.info("encoder written to %s (%s)", ecfg.out_dir, meta["source"])
         metrics = knn_report(cfg, encoder)
-        keep = ("steps", "epochs", "pretrain_time_s", "pretrain_cpu_s", "images_per_s", "final_loss")
-        metrics.update({k: v for k, v in facts.items() if k in keep})
+        metrics.update(facts)
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
         write_json(ecfg.metrics_file, metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
