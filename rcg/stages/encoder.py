@@ -170,6 +170,8 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
         "final_loss": loss_val if loss_val == loss_val else None,
         "resumed_from_step": start_step,
     }
+    # The base encoder, as in the official checkpoints. (DINO keeps its EMA teacher instead; here the
+    # momentum encoder's rep kNN was 0.849 against the base encoder's 0.852 on the default run.)
     return RepEncoder(spec, unwrap(ddp).base_encoder.cpu()), facts
 
 
