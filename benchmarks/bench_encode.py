@@ -95,5 +95,6 @@ def main() -> None:
     print("pair ratios: " + " ".join(f"{r:.3f}" for r in ratios))
     print(f"encode stage / bare encoder forward (median of {len(ratios)} pairs): {statistics.median(ratios):.3f}")
 
+
 if __name__ == "__main__":
     main()
