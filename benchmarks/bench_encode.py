@@ -89,7 +89,8 @@ def main() -> None:
             t = time.perf_counter()
             fn()
             rates[name] = n / (time.perf_counter() - t)
-            print(f"{name:5s}: {rates[name]:8.0f} images/s (x2 views, {n} images, threads={torch.get_num_threads()})")
+            print(f"{name:5s}: {rates[name]:8.0f} images/s "
+                  f"(x2 views, {n} images, threads={torch.get_num_threads()})")
         ratios.append(rates["stage"] / rates["bare"])
     tmp.cleanup()
     print("pair ratios: " + " ".join(f"{r:.3f}" for r in ratios))

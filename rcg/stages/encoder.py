@@ -119,7 +119,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        step, loss_val = int(state["step"]), float(state.get("loss", "nan"))
+        step, loss_val = int(state["step"]), float(state.get("last_loss", "nan"))
     ddp = wrap_ddp(model, info)
     log.info("MoCo v3 pretraining: %d steps of %d images (%.1f epochs of %d), lr %.2e, from step %d",
              total, ecfg.batch_size, ecfg.epochs, n_train, base_lr, step)
@@ -153,7 +153,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
                 tracker.log_metrics({"loss": loss_val, "lr": lr, "momentum": m, "images_per_s": speed}, step)
             if info.is_main and (step % ecfg.ckpt_every == 0 or step == total):
                 ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step,
-                           "loss": float(loss.detach())})
+                           "last_loss": loss_val})  # the last logged loss, as train_rdm keeps it
         bar.close()
         del batches  # stop the loader workers before the evaluation
     seconds = ckpt.seconds_this_run
