@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import collections
+import io
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
+from PIL import Image
 
 from rcg import config
+from rcg.data.images import decode, decode_plain_png, encode_png, resize_crop, to_tensor
 from rcg.data.loader import make_loader, read_manifest, shard_urls
 from rcg.io import PipelineError
 
@@ -37,6 +42,36 @@ def test_once_mode_reads_every_sample_exactly_once_with_two_workers(tiny_workspa
     counts = collections.Counter(keys)
     assert len(keys) == manifest["splits"]["val"]["written"] == len(counts)
     assert max(counts.values()) == 1
+
+
+def _png(mode: str, size: int, seed: int = 0, **save: Any) -> bytes:
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    arr = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    if not save:
+        return encode_png(Image.fromarray(arr, mode))
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,channels", [("L", 1), ("RGB", 3)])
+def test_plain_png_fast_path_decodes_what_pil_decodes(mode: str, channels: int) -> None:
+    data = _png(mode, 28)
+    fast = decode_plain_png(data, channels, 28)
+    assert fast is not None and fast.dtype == torch.uint8 and fast.shape == (channels, 28, 28)
+    assert torch.equal(fast.float().div_(255.0), to_tensor(resize_crop(decode(data, channels), 28)))
+
+
+def test_plain_png_fast_path_leaves_everything_else_to_pil() -> None:
+    assert decode_plain_png(_png("L", 32), 1, 28) is None  # needs a resize
+    assert decode_plain_png(_png("RGB", 28), 1, 28) is None  # needs a colour conversion
+    assert decode_plain_png(_png("L", 28), 3, 28) is None
+    assert decode_plain_png(_png("L", 28, transparency=5), 1, 28) is None  # tRNS before IDAT
+    assert decode_plain_png(_png("RGB", 28, dpi=(72, 72)), 3, 28) is None  # pHYs before IDAT
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf, format="JPEG")
+    assert decode_plain_png(buf.getvalue(), 1, 28) is None
+    assert decode_plain_png(b"", 1, 28) is None
 
 
 def test_transform_and_resize(tiny_workspace: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 import webdataset as wds
 
 from rcg.config import DataConfig
-from rcg.data.images import decode, resize_crop, to_tensor
+from rcg.data.images import decode, decode_plain_png, resize_crop, to_tensor
 from rcg.io import PipelineError, read_json
 from rcg.training import DistInfo
 
@@ -58,8 +58,12 @@ class _Decode:
         if self.random_crop and self._rng is None:
             # Seeded from torch's per-worker seed, so workers differ but runs are reproducible.
             self._rng = np.random.default_rng(torch.initial_seed() % 2**32)
-        img = resize_crop(decode(data, self.channels), self.size, self._rng if self.random_crop else None)
-        image = to_tensor(img)
+        plain = decode_plain_png(data, self.channels, self.size)  # the common case, decoded fast
+        if plain is not None:
+            image = plain.float().div_(255.0)  # as to_tensor
+        else:
+            img = resize_crop(decode(data, self.channels), self.size, self._rng if self.random_crop else None)
+            image = to_tensor(img)
         if self.transform is not None:
             image = self.transform(image)
         cls = sample.get("cls")
