@@ -44,7 +44,11 @@ class ShardConfig:
     val_fraction: float = 0.0  # held-out share for a folder without val/ (0: no val split)
     min_size: int = 8  # images whose shorter side is below this are skipped (too small to use)
     max_per_split: int = 0  # cap on images per split (0: all); the tiny preset uses a few hundred
-    shard_size: int = 10000  # samples per .tar; 10k FMNIST samples are ~3 MB
+    # Samples per .tar. 10k FMNIST samples make ~23 MB: each sample's two tar members (png, cls)
+    # take 512-byte headers and 512-byte blocks, far more than its ~300-byte PNG. FMNIST's val split
+    # is then a single shard, which one loader worker reads (WebDataset splits whole shards over
+    # ranks and workers); at 2 cores one worker is all the encode stage can use anyway.
+    shard_size: int = 10000
     workers: int = 2  # processes writing shards in parallel (one shard per process at a time)
     # "structure": JPEG segments + end marker, PNG chunk CRCs (rcg.data.images.prepare), no pixel
     # decode, about as fast as tar cf on photos; "decode": decode every image with PIL (also
