@@ -93,6 +93,23 @@ def test_train_mode_is_endless_and_shuffled(tiny_workspace: Path) -> None:
     assert first != sorted(first)  # shuffled, not in shard order
 
 
+def test_train_mode_is_reproducible_per_seed(tiny_workspace: Path) -> None:
+    """Same seed, same stream (in each worker too); another seed, another stream."""
+    cfg = _cfg(tiny_workspace)
+
+    def first_batches(seed: int) -> tuple[list[str], torch.Tensor]:
+        torch.manual_seed(0)  # the stages seed torch first; it picks the workers' crop seeds
+        it = iter(make_loader(cfg.data, "train", "train", batch_size=32, num_workers=2, seed=seed))
+        batches = [next(it) for _ in range(4)]  # workers 0, 1, 0, 1
+        return [k for b in batches for k in b["key"]], torch.cat([b["image"] for b in batches])
+
+    keys, images = first_batches(7)
+    again_keys, again_images = first_batches(7)
+    assert keys == again_keys and torch.equal(images, again_images)
+    assert first_batches(8)[0] != keys
+    assert keys[:32] != keys[32:64]  # batches alternate between workers, which draw different streams
+
+
 def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
     cfg = config.Config()
     cfg.data.shards_dir = str(tmp_path)

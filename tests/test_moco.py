@@ -216,6 +216,19 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     assert stage.training_fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == stage.training_fingerprint(cfg)
 
 
+def test_encoder_stage_is_reproducible(shards, tmp_path, monkeypatch):
+    """Two fresh runs with one seed write the same weights (`dvc repro` reproduces the encoder)."""
+    from rcg.stages import encoder as stage
+
+    weights = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        stage.run(tiny_config(shards, **{"data.num_workers": 2}))
+        weights.append(Path("models/encoder/encoder.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
 def test_encoder_stage_converts_an_official_checkpoint(shards, tmp_path, monkeypatch):
     from rcg.stages import encoder as stage
 

@@ -3,7 +3,9 @@
 - `once`: every sample exactly once across DDP ranks and DataLoader workers (shards are split by
   node, then by worker, never shuffled): encoding and evaluation.
 - `train`: an endless stream of resampled shards with an in-memory shuffle buffer; each rank and
-  worker draws with its own seed. Training loops count steps, not epochs.
+  worker draws with its own seed, derived from the caller's, so a run is reproducible. Training
+  loops count steps, not epochs, and pass seed + the step they resume from, so that a resumed run
+  draws fresh samples instead of replaying the start of the stream.
 
 Batches are dicts: {"key": list[str], "image": float [B, C, H, W] in [0, 1], "label": int64 [B]},
 with label -1 for unlabelled samples.
@@ -11,6 +13,7 @@ with label -1 for unlabelled samples.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +74,17 @@ class _Decode:
         return {"key": sample["__key__"], "image": image, "label": label}
 
 
+class _WorkerShuffle:
+    """WebDataset's shuffle buffer with an rng seeded by (seed, rank, worker) when iteration starts."""
+
+    def __init__(self, buffer: int, seed: int) -> None:
+        self.buffer, self.seed = buffer, seed
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        rng = random.Random(wds.utils.make_seed(self.seed, wds.utils.pytorch_worker_seed()))
+        return wds.shuffle(self.buffer, rng=rng)(src)
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "key": [s["key"] for s in samples],
@@ -85,7 +99,7 @@ def image_dataset(
     mode: Literal["once", "train"],
     transform: Transform | None = None,
     seed: int = 0,
-) -> wds.WebDataset:
+) -> wds.DataPipeline:
     """The per-sample WebDataset pipeline for `split` (see the module docstring for the modes)."""
     urls = shard_urls(data_cfg.shards_dir, split)
     dec = _Decode(data_cfg.image_size, data_cfg.channels, random_crop=(mode == "train"), transform=transform)
@@ -98,8 +112,15 @@ def image_dataset(
             empty_check=False,  # a worker may get no shard when shards < workers x ranks
         )
     elif mode == "train":
-        ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)
-        ds = ds.shuffle(data_cfg.shuffle_buffer)
+        # Built from parts because webdataset 1.0's WebDataset(resampled=True, seed=...) ignores the
+        # seed and, like .shuffle(), seeds itself from the clock, pid and os.urandom: no two runs saw
+        # the same samples. ResampledShards(deterministic=True) mixes seed, rank and worker instead.
+        return wds.DataPipeline(
+            wds.ResampledShards(urls, seed=seed, deterministic=True),
+            wds.tarfile_to_samples(),
+            _WorkerShuffle(data_cfg.shuffle_buffer, seed),
+            wds.map(dec),
+        )
     else:
         raise ValueError(f"mode must be 'once' or 'train', got {mode!r}")
     return ds.map(dec)
@@ -114,8 +135,11 @@ def make_loader(
     info: DistInfo | None = None,
     drop_last: bool | None = None,
     num_workers: int | None = None,
+    seed: int = 0,
 ) -> Iterable[dict[str, Any]]:
     """A DataLoader over the shards of `split` yielding dict batches (module docstring).
+
+    `seed` picks the `train` stream (shards, shuffle); crops use torch's per-worker seed.
 
     `info` is accepted for symmetry with the training code; rank and world size are read from
     torch.distributed by WebDataset's node splitter. `drop_last` defaults to True in `train` mode
@@ -123,7 +147,7 @@ def make_loader(
     """
     del info  # splitting by node reads torch.distributed directly
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    ds = image_dataset(data_cfg, split, mode, transform)
+    ds = image_dataset(data_cfg, split, mode, transform, seed)
     drop = (mode == "train") if drop_last is None else drop_last
     return torch.utils.data.DataLoader(
         ds,

@@ -129,7 +129,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
     cpu0, start_step = time.process_time(), step
     ckpt.start_clock()
     if step < total:
-        batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info))
+        batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info, seed=ecfg.seed + step))
         ddp.train()
         bar = tqdm(total=total, initial=step, desc="moco v3", disable=not info.is_main, dynamic_ncols=True)
         while step < total:

@@ -106,7 +106,7 @@ def run(cfg: Config, **options: object) -> None:
 
     t0 = time.perf_counter()
     with stage_run(cfg, "evalnet", info.rank) as tracker:
-        loader = make_loader(cfg.data, "train", "train", ec.batch_size, info=info)
+        loader = make_loader(cfg.data, "train", "train", ec.batch_size, info=info, seed=ec.seed + step)
         bar = tqdm(total=total, initial=step, desc="evalnet", disable=not info.is_main or step >= total)
         ddp.train()
         for batch in loader:

@@ -220,7 +220,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     out_dir = Path(gcfg.out_dir) / condition
     plot_path = out_dir / "samples.png"
     grid_cond: dict[str, Tensor] = {}
-    loader = iter(make_loader(cfg.data, "train", "train", gcfg.batch_size, info=info))
+    loader = iter(make_loader(cfg.data, "train", "train", gcfg.batch_size, info=info, seed=gcfg.seed + step))
 
     with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
         tracker.set_tags({"condition": condition, "arch": gcfg.arch})
