@@ -126,7 +126,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
 
     view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
                                     blur_sigma=tuple(ecfg.blur_sigma))
-    cpu0, start_step = time.process_time(), step
+    cpu0, start_step, seconds = time.process_time(), step, 0.0
     ckpt.start_clock()
     if step < total:
         batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info, seed=ecfg.seed + step))
@@ -151,17 +151,18 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
                 speed = (step - start_step) * ecfg.batch_size / ckpt.seconds_this_run
                 bar.set_postfix(loss=f"{loss_val:.3f}", img_s=f"{speed:.0f}")
                 tracker.log_metrics({"loss": loss_val, "lr": lr, "momentum": m, "images_per_s": speed}, step)
+            if step == total:  # the clock stops with training, so the final checkpoint and the
+                seconds = ckpt.seconds_this_run  # metrics agree (not after the workers' shutdown)
             if info.is_main and (step % ecfg.ckpt_every == 0 or step == total):
                 ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step,
                            "last_loss": loss_val})  # the last logged loss, as train_rdm keeps it
         bar.close()
         del batches  # stop the loader workers before the evaluation
-    seconds = ckpt.seconds_this_run
     facts = {
         "steps": total,
         "epochs": ecfg.epochs,
         # Wall time of every run that trained this checkpoint (a resumed run counts the earlier ones).
-        "train_seconds_total": round(ckpt.train_seconds, 2),
+        "train_seconds_total": round(ckpt.seconds_before + seconds, 2),
         "train_seconds_this_run": round(seconds, 2),
         # CPU seconds of this run's training process (all its threads, not the loader workers): on
         # a shared machine this, not the wall time, shows what the run costs.
