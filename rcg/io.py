@@ -7,6 +7,7 @@ place, so an interrupted run never leaves a file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -66,3 +67,15 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (short): names caches and checkpoints after the exact inputs that
+    made them (weights, a shard manifest), so a changed input is never mistaken for the old one."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: missing (an earlier stage writes it)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]

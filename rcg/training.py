@@ -160,7 +160,9 @@ class Checkpointer:
 
     It also keeps the training clock across runs: every save records `train_seconds`, the wall
     time of all runs that trained this checkpoint, so a run resumed at (or near) its end still
-    reports the whole training. A stage calls `start_clock` where its training loop starts.
+    reports the whole training. A stage calls `start_clock` where its training loop starts and
+    `stop_clock` at its last step, before the final save, so that the checkpoint and the metrics
+    report the same time (not counting the loader's shutdown or the writing of outputs).
     """
 
     def __init__(
@@ -170,14 +172,22 @@ class Checkpointer:
         self.fingerprint = fingerprint
         self.seconds_before = 0.0  # training wall time of the earlier runs, set by `load`
         self._started = time.perf_counter()
+        self._stopped: float | None = None
 
     def start_clock(self) -> None:
         """Mark the start of this run's training: `seconds_this_run` counts from here."""
-        self._started = time.perf_counter()
+        self._started, self._stopped = time.perf_counter(), None
+
+    def stop_clock(self) -> float:
+        """Freeze this run's clock (the first call wins) and return `seconds_this_run`."""
+        if self._stopped is None:
+            self._stopped = time.perf_counter()
+        return self.seconds_this_run
 
     @property
     def seconds_this_run(self) -> float:
-        return time.perf_counter() - self._started
+        end = time.perf_counter() if self._stopped is None else self._stopped
+        return end - self._started
 
     @property
     def train_seconds(self) -> float:

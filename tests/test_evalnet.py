@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from rcg import config
-from rcg.io import PipelineError, read_json
+from rcg.io import PipelineError, read_json, write_json
 from rcg.metrics.evalnet import EvalNet, class_accuracy, classify, load_evalnet, prepare_input, save_evalnet
 from rcg.stages import evalnet as evalnet_stage
 from tests.conftest import tiny_params
@@ -76,6 +77,17 @@ def test_stage_learns_writes_artifacts_and_resumes(in_workspace: Path, caplog: p
     assert all(torch.equal(before[k], v) for k, v in after.state_dict().items())
     preds = classify(after, torch.rand(3, 1, 28, 28))
     assert preds.shape == (3,) and preds.dtype == torch.long
+    # Re-sharded data (another manifest) starts over instead of resuming the old checkpoint.
+    target = Path("data/shards").resolve()
+    Path("data/shards").unlink()
+    shutil.copytree(target, "data/shards")
+    manifest = read_json("data/shards/manifest.json")
+    write_json("data/shards/manifest.json", {**manifest, "fingerprint": "other images"})
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        evalnet_stage.run(cfg)
+    assert any("starting over" in r.message for r in caplog.records)
+    assert not any("resuming" in r.message for r in caplog.records)
 
 
 def test_unlabelled_shards_are_a_clear_error(in_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

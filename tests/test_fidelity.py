@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcg.io import PipelineError
+from rcg.io import PipelineError, file_digest
 from rcg.metrics import extractors
 from rcg.metrics.evalnet import EvalNet, save_evalnet
 from rcg.metrics.fidelity import (
@@ -15,7 +15,6 @@ from rcg.metrics.fidelity import (
     UInt8Images,
     cache_name,
     fidelity_metrics,
-    file_digest,
     to_uint8,
 )
 from rcg.metrics.frechet import frechet_distance

@@ -214,6 +214,13 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     changed = tiny_config(shards, **{"encoder.temperature": 0.3})
     assert stage.training_fingerprint(changed) != stage.training_fingerprint(cfg)
     assert stage.training_fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == stage.training_fingerprint(cfg)
+    # So do other shards: the manifest names the data the checkpoint was trained on.
+    resharded = tmp_path / "resharded"
+    shutil.copytree(shards, resharded)
+    manifest = json.loads((resharded / "manifest.json").read_text())
+    manifest["fingerprint"] = "other images"
+    (resharded / "manifest.json").write_text(json.dumps(manifest))
+    assert stage.training_fingerprint(tiny_config(resharded)) != stage.training_fingerprint(cfg)
 
 
 def test_encoder_stage_is_reproducible(shards, tmp_path, monkeypatch):

@@ -109,6 +109,38 @@ def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.M
     assert _metrics("rep")["resumed_from"] is None
 
 
+def test_checkpoints_resume_only_on_the_same_inputs(ws: Path) -> None:
+    """A new encoder invalidates the `rep` checkpoint (not the others); new shards invalidate all."""
+    import shutil
+
+    from rcg.encoders import load_encoder, save_encoder
+
+    cfg = load_cfg()
+    enc_dir = Path("models/encoder")
+    target = enc_dir.resolve()
+    enc_dir.unlink()  # the shared symlink: change a private copy
+    shutil.copytree(target, enc_dir)
+    before = {c: train_generator.resume_fingerprint(cfg, c) for c in ("rep", "none", "label")}
+    assert len(set(before.values())) == 3
+    enc = load_encoder(enc_dir)
+    with torch.no_grad():
+        enc.vit.head[0].weight.mul_(1.01)  # a retrained encoder: other weights, same architecture
+    save_encoder(enc, enc.spec, enc_dir)
+    after = {c: train_generator.resume_fingerprint(cfg, c) for c in before}
+    assert after["rep"] != before["rep"]
+    assert (after["none"], after["label"]) == (before["none"], before["label"])
+
+    shards = Path("data/shards")
+    target = shards.resolve()
+    shards.unlink()
+    shutil.copytree(target, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["fingerprint"] = "re-sharded"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    resharded = {c: train_generator.resume_fingerprint(cfg, c) for c in before}
+    assert all(resharded[c] != after[c] for c in before)
+
+
 def test_stale_cache_is_detected(ws: Path) -> None:
     import pyarrow.parquet as pq
 

@@ -24,7 +24,7 @@ import webdataset as wds
 
 from rcg.config import DataConfig
 from rcg.data.images import decode, decode_plain_png, resize_crop, to_tensor
-from rcg.io import PipelineError, read_json
+from rcg.io import PipelineError, file_digest, read_json
 from rcg.training import DistInfo
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -36,6 +36,12 @@ def read_manifest(shards_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise PipelineError(f"{path}: no shard manifest (run `rcg shard` first)")
     return read_json(path)
+
+
+def shards_id(shards_dir: str | Path) -> str:
+    """A digest of the shard manifest (source, splits, shard files): which data a training stage
+    read. Resume fingerprints include it, so a checkpoint is not resumed on re-sharded data."""
+    return file_digest(Path(shards_dir) / "manifest.json")
 
 
 def shard_urls(shards_dir: str | Path, split: str) -> list[str]:

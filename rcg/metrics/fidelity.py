@@ -103,15 +103,6 @@ def read_real_images(
     return x, y
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (short): names caches after the exact weights that made them."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def cache_name(split: str, n: int, *parts: Any) -> str:
     """A torch-fidelity cache entry name for real images: split, count and a digest of `parts`.
 

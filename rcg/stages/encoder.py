@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from rcg.config import Config, EncoderConfig
-from rcg.data.loader import make_loader, read_manifest
+from rcg.data.loader import make_loader, read_manifest, shards_id
 from rcg.encoders.augment import augment, two_view_recipes
 from rcg.encoders.checkpoints import load_checkpoint
 from rcg.encoders.knn import knn_top1
@@ -85,8 +85,10 @@ def training_block(ecfg: EncoderConfig) -> dict[str, Any]:
 
 
 def training_fingerprint(cfg: Config) -> str:
-    """Hash of everything that changes MoCo pretraining, so a stale checkpoint is never resumed."""
-    return fingerprint(training_block(cfg.encoder), cfg.data.image_size, cfg.data.channels)
+    """Hash of everything that changes MoCo pretraining (settings and shards), so a stale checkpoint
+    is never resumed."""
+    return fingerprint(training_block(cfg.encoder), cfg.data.image_size, cfg.data.channels,
+                       shards_id(cfg.data.shards_dir))
 
 
 def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder, dict[str, Any]]:
@@ -126,7 +128,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
 
     view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
                                     blur_sigma=tuple(ecfg.blur_sigma))
-    cpu0, start_step, seconds = time.process_time(), step, 0.0
+    cpu0, start_step = time.process_time(), step
     ckpt.start_clock()
     if step < total:
         batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info, seed=ecfg.seed + step))
@@ -151,13 +153,14 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
                 speed = (step - start_step) * ecfg.batch_size / ckpt.seconds_this_run
                 bar.set_postfix(loss=f"{loss_val:.3f}", img_s=f"{speed:.0f}")
                 tracker.log_metrics({"loss": loss_val, "lr": lr, "momentum": m, "images_per_s": speed}, step)
-            if step == total:  # the clock stops with training, so the final checkpoint and the
-                seconds = ckpt.seconds_this_run  # metrics agree (not after the workers' shutdown)
+            if step == total:
+                ckpt.stop_clock()
             if info.is_main and (step % ecfg.ckpt_every == 0 or step == total):
                 ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step,
                            "last_loss": loss_val})  # the last logged loss, as train_rdm keeps it
         bar.close()
         del batches  # stop the loader workers before the evaluation
+    seconds = ckpt.stop_clock()
     facts = {
         "steps": total,
         "epochs": ecfg.epochs,

@@ -8,7 +8,6 @@ writes models/evalnet/ and metrics/evalnet.json (`test_accuracy`, per-class accu
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rcg.config import Config
-from rcg.data.loader import make_loader, read_manifest
+from rcg.data.loader import make_loader, read_manifest, shards_id
 from rcg.io import PipelineError, get_logger, write_json
 from rcg.metrics.evalnet import EvalNet, class_accuracy, save_evalnet
 from rcg.tracking import stage_run
@@ -92,7 +91,8 @@ def run(cfg: Config, **options: object) -> None:
     ddp = wrap_ddp(model, info)
     opt = torch.optim.AdamW(model.parameters(), lr=ec.lr, weight_decay=ec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
-    ckpt = Checkpointer(ec.checkpoint_dir, fingerprint(ec, cfg.data, len(classes)))
+    # The shards too, so a checkpoint is never resumed on re-sharded data.
+    ckpt = Checkpointer(ec.checkpoint_dir, fingerprint(ec, cfg.data, len(classes), shards_id(cfg.data.shards_dir)))
     step = 0
     state = ckpt.load(info.device)
     if state is not None:
@@ -104,7 +104,7 @@ def run(cfg: Config, **options: object) -> None:
     log.info("evalnet: %d params, %d steps of %d (%.2f epochs of %d images)",
              n_params, total, ec.batch_size, ec.epochs, n_train)
 
-    t0 = time.perf_counter()
+    ckpt.start_clock()
     with stage_run(cfg, "evalnet", info.rank) as tracker:
         loader = make_loader(cfg.data, "train", "train", ec.batch_size, info=info, seed=ec.seed + step)
         bar = tqdm(total=total, initial=step, desc="evalnet", disable=not info.is_main or step >= total)
@@ -121,6 +121,8 @@ def run(cfg: Config, **options: object) -> None:
             sched.step()
             step += 1
             bar.update(1)
+            if step == total:
+                ckpt.stop_clock()
             if step % 50 == 0 or step == total:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 tracker.log_metrics({"train_loss": loss.item(), "lr": sched.get_last_lr()[0]}, step=step)
@@ -128,7 +130,8 @@ def run(cfg: Config, **options: object) -> None:
                 ckpt.save({"model": unwrap(ddp).state_dict(), "opt": opt.state_dict(),
                            "sched": sched.state_dict(), "step": step})
         bar.close()
-        train_seconds = time.perf_counter() - t0
+        ckpt.stop_clock()
+        train_seconds = ckpt.train_seconds  # every run that trained this checkpoint, as the other stages
 
         acc = evaluate_accuracy(unwrap(ddp), cfg, classes, info.device)
         if info.is_main:

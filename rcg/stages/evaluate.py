@@ -30,7 +30,7 @@ import torch
 from rcg.config import Config
 from rcg.data.loader import read_manifest
 from rcg.features import read_features
-from rcg.io import PipelineError, get_logger, write_json
+from rcg.io import PipelineError, file_digest, get_logger, write_json
 from rcg.metrics.evalnet import class_accuracy, classify, load_evalnet
 from rcg.metrics.extractors import extractor_setup
 from rcg.metrics.fidelity import (
@@ -38,7 +38,6 @@ from rcg.metrics.fidelity import (
     UInt8Images,
     cache_name,
     fidelity_metrics,
-    file_digest,
     read_real_images,
     to_uint8,
 )

@@ -36,7 +36,7 @@ from rcg.config import Config, GeneratorConfig
 from rcg.diffusion import Diffusion
 from rcg.generators import build_generator, make_diffusion, save_generator
 from rcg.generators.vae import Codec, codec_for
-from rcg.io import PipelineError, get_logger, write_json
+from rcg.io import PipelineError, file_digest, get_logger, write_json
 from rcg.tracking import Tracker, stage_run
 from rcg.training import (
     EMA,
@@ -168,6 +168,19 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
         cleanup_distributed()
 
 
+def resume_fingerprint(cfg: Config, condition: str) -> str:
+    """What a checkpoint must match to be resumed: the settings that change what is learned, and the
+    inputs (the shards; for `rep` also the encoder whose representations condition the model), so a
+    run never continues on re-sharded data or on an old encoder's representations."""
+    from rcg.data.loader import shards_id
+
+    run_cfg = dataclasses.replace(cfg.train_generator, **{k: getattr(GeneratorConfig(), k) for k in _RUN_ONLY})
+    inputs = [shards_id(cfg.data.shards_dir)]
+    if condition == "rep":
+        inputs.append(file_digest(Path(cfg.encoder.out_dir) / "encoder.safetensors"))
+    return fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition, inputs)
+
+
 def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     """Train one generator; returns its model directory."""
     from rcg.data.loader import make_loader, read_manifest
@@ -195,9 +208,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     log.info("generator %s (%s, %.2fM params) on %s, condition=%s", gcfg.arch, codec.meta()["type"],
              n_params / 1e6, device, condition)
 
-    run_cfg = dataclasses.replace(gcfg, **{k: getattr(GeneratorConfig(), k) for k in _RUN_ONLY})
-    ckpt = Checkpointer(Path(gcfg.checkpoint_dir) / condition,
-                        fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition))
+    ckpt = Checkpointer(Path(gcfg.checkpoint_dir) / condition, resume_fingerprint(cfg, condition))
     step, resumed_from = 0, None
     state = ckpt.load()
     if state is not None:
@@ -270,13 +281,15 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 bar.set_postfix(loss=f"{sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]):.4f}", img_s=f"{rate:.0f}")
                 tracker.log_metrics({"loss": sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]),
                                      "images_per_s": rate, "lr": opt.param_groups[0]["lr"]}, step=step)
+            if step == gcfg.steps:
+                ckpt.stop_clock()
             if info.is_main and (step % gcfg.ckpt_every == 0 or step == gcfg.steps):
                 ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                            "step": step})
             if info.is_main and gcfg.sample_every > 0 and step % gcfg.sample_every == 0 and step < gcfg.steps:
                 _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
         bar.close()
-        train_seconds = ckpt.seconds_this_run
+        train_seconds = ckpt.stop_clock()
         # CPU seconds of this process (all its threads; loader workers excluded): the budget that
         # compares runs on a shared machine, where wall time depends on the neighbours.
         train_cpu_seconds = time.process_time() - cpu_start

@@ -184,13 +184,15 @@ def train_rdm_model(
                 pbar.set_postfix(loss=f"{last_loss:.4f}")
         if pbar is not None:
             pbar.update(1)
+        if done == rc.steps:
+            ckpt.stop_clock()
         if done % rc.ckpt_every == 0 or done == rc.steps:
             save(done)
         if on_step is not None:
             on_step(done)
     if pbar is not None:
         pbar.close()
-    seconds = ckpt.seconds_this_run
+    seconds = ckpt.stop_clock()
     trained = max(0, rc.steps - start)
     summary = {
         "steps": max(rc.steps, start),
