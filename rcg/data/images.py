@@ -148,7 +148,8 @@ def _jpeg_header(data: bytes) -> tuple[str, int, int] | None:
         if marker in _JPEG_SOF_PLAIN:
             if length < 8 or frame is not None:
                 return None
-            precision, h, w, comps = data[i + 4], (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], data[i + 9]
+            precision, comps = data[i + 4], data[i + 9]
+            h, w = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
             if precision != 8 or comps not in _JPEG_MODES or not w or not h or length != 8 + 3 * comps:
                 return None
             frame = (_JPEG_MODES[comps], w, h)
@@ -190,20 +191,27 @@ def _jpeg_ends(data: bytes) -> bool:
     return data[end - 2 : end] == b"\xff\xd9"
 
 
+def _png_header(data: bytes) -> tuple[int, int, str, bool] | None:
+    """Width, height, mode and interlacing from the IHDR of an 8-bit L/RGB PNG with the standard
+    compression and filter method; None for any other file."""
+    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    w, h, depth, ctype, comp, filt, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    if struct.unpack_from(">I", data, 8)[0] != 13 or depth != 8 or ctype not in _PNG_MODES or comp or filt:
+        return None
+    return w, h, _PNG_MODES[ctype], bool(interlace)
+
+
 def _png_checked(data: bytes) -> tuple[str, int, int] | str | None:
     """Mode and size of a plain 8-bit L/RGB PNG after checking every chunk's CRC up to IEND.
 
     Returns a problem string when the file is a PNG of that kind but broken (bad CRC, cut short,
     no IEND: what PIL's verify() reports), or None when the file is anything else (left to PIL).
     """
-    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 33:
+    header = _png_header(data)
+    if header is None or not header[0] or not header[1]:
         return None
-    w, h, depth, ctype, comp, filt = struct.unpack_from(">IIBBBB", data, 16)
-    if struct.unpack_from(">I", data, 8)[0] != 13 or depth != 8 or ctype not in _PNG_MODES or comp or filt:
-        return None
-    if not w or not h:
-        return None
-    mode = _PNG_MODES[ctype]
+    w, h, mode = header[:3]
     n, i, seen_idat = len(data), 8, False
     while True:
         if i + 8 > n:
@@ -349,7 +357,7 @@ def decode(data: bytes, channels: int) -> Image.Image:
 
 
 def decode_plain_png(data: bytes, channels: int, size: int) -> torch.Tensor | None:
-    """uint8 [C, size, size] of a PNG the models can take as it is; None for anything else.
+    """[C, size, size] in [0, 1] of a PNG the models can take as it is; None for anything else.
 
     "As it is" means 8-bit, `channels` channels (L or RGB), already `size` x `size`, not interlaced,
     and no ancillary chunk between IHDR and IDAT (gAMA, tRNS, iCCP...: where PIL and libpng could
@@ -359,15 +367,12 @@ def decode_plain_png(data: bytes, channels: int, size: int) -> torch.Tensor | No
     worker takes its CPU from the encoder's forward (benchmarks/bench_encode.py). Everything else,
     every resize included, takes the PIL path (`decode`, `resize_crop`, `to_tensor`) as before.
     """
-    if len(data) < 41 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or data[37:41] != b"IDAT":
-        return None
-    w, h, depth, ctype, comp, filt, interlace = struct.unpack_from(">IIBBBBB", data, 16)
-    if w != size or h != size or depth != 8 or ctype != (0 if channels == 1 else 2) or comp or filt or interlace:
+    if data[37:41] != b"IDAT" or _png_header(data) != (size, size, "L" if channels == 1 else "RGB", False):
         return None
     import torch
     from torchvision.io import ImageReadMode, decode_png
 
-    return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED)
+    return _unit(decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -378,7 +383,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return _unit(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1], the loader's image format."""
+    return t.float().div_(255.0)
 
 
 def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:

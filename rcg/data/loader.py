@@ -67,10 +67,8 @@ class _Decode:
         if self.random_crop and self._rng is None:
             # Seeded from torch's per-worker seed, so workers differ but runs are reproducible.
             self._rng = np.random.default_rng(torch.initial_seed() % 2**32)
-        plain = decode_plain_png(data, self.channels, self.size)  # the common case, decoded fast
-        if plain is not None:
-            image = plain.float().div_(255.0)  # as to_tensor
-        else:
+        image = decode_plain_png(data, self.channels, self.size)  # the common case, decoded fast
+        if image is None:
             img = resize_crop(decode(data, self.channels), self.size, self._rng if self.random_crop else None)
             image = to_tensor(img)
         if self.transform is not None:
