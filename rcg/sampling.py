@@ -205,15 +205,21 @@ def generate_images(
         if reps is None or reps.shape[0] != n:
             raise PipelineError(f"mode 'oracle' needs reps with {n} rows")
         cond["rep"] = reps.float()
-    sampling = meta.get("sampling", {})
-    shape = (meta["kwargs"]["in_channels"], meta["kwargs"]["input_size"], meta["kwargs"]["input_size"])
-    return sample_images(
-        model, diffusion, codec, n, cond, shape=shape,
-        steps=int(steps or sampling.get("steps", 50)), sampler=sampling.get("sampler", "ddim"),
-        eta=float(sampling.get("eta", 0.0)), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed + 1,
-        amp=bool(sampling.get("amp", True)), device=device, batch_size=batch_size, progress=progress,
-        clip_x0=float(sampling.get("clip_x0", 0.0)),
-    )
+    shape, saved = saved_sampling(meta, steps)
+    return sample_images(model, diffusion, codec, n, cond, shape=shape, **saved, cfg_scale=cfg_scale,
+                         cfg_schedule=cfg_schedule, seed=seed + 1, device=device, batch_size=batch_size,
+                         progress=progress)
+
+
+def saved_sampling(meta: dict[str, Any], steps: int | None = None) -> tuple[tuple[int, int, int], dict[str, Any]]:
+    """The image shape [C, H, W] and the sampler settings a generator was saved with (its
+    `generator.json`, written by train_generator): sampler, steps (`steps` overrides), eta, amp, clip_x0."""
+    saved, size = meta.get("sampling", {}), meta["kwargs"]["input_size"]
+    return (meta["kwargs"]["in_channels"], size, size), {
+        "steps": int(steps or saved.get("steps", 50)), "sampler": saved.get("sampler", "ddim"),
+        "eta": float(saved.get("eta", 0.0)), "amp": bool(saved.get("amp", True)),
+        "clip_x0": float(saved.get("clip_x0", 0.0)),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,15 +274,13 @@ def interpolate(cfg: Config, image_a: Tensor, image_b: Tensor, n_steps: int = 8,
     r = image_reps(cfg, torch.stack([image_a, image_b]))
     t = torch.linspace(1.0, 0.0, n_steps)[:, None]
     line = t * r[0] + (1 - t) * r[1]  # (n_steps, D)
-    shape = (meta["kwargs"]["in_channels"], meta["kwargs"]["input_size"], meta["kwargs"]["input_size"])
+    shape, saved = saved_sampling(meta, steps)
+    saved.update(sampler="ddim", eta=0.0)  # deterministic, whatever the generator samples with
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(rows, *shape, generator=g).repeat_interleave(n_steps, dim=0)
-    sampling = meta.get("sampling", {})
     return sample_images(model, diffusion, codec, rows * n_steps, {"rep": line.repeat(rows, 1)}, shape=shape,
-                         steps=int(steps or sampling.get("steps", 50)), sampler="ddim", eta=0.0,
-                         cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed,
-                         amp=bool(sampling.get("amp", True)), device=device, progress=False, x_T=x_T,
-                         clip_x0=float(sampling.get("clip_x0", 0.0)))
+                         **saved, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed, device=device,
+                         progress=False, x_T=x_T)
 
 
 # --------------------------------------------------------------------------------------------------
