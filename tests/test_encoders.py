@@ -108,6 +108,36 @@ def test_save_and_load_encoder_round_trip(tmp_path):
     torch.testing.assert_close(back(x), enc(x))
 
 
+@pytest.mark.parametrize("img_size,patch_size,grid", [(28, 7, 4), (32, 8, 4), (224, 16, 14)])
+def test_conv_stem_keeps_the_patch_grid(img_size, patch_size, grid):
+    """A conv stem gives the tokens a patch projection would (same grid, same width)."""
+    spec = small_spec(in_chans=1, img_size=img_size, patch_size=patch_size, stem="conv", mean=(0.3,), std=(0.4,))
+    vit = build_vit(spec)
+    tokens = vit.patch_embed(torch.rand(2, 1, img_size, img_size))
+    assert tokens.shape == (2, grid * grid, spec.embed_dim)
+    assert isinstance(vit.patch_embed.proj, torch.nn.Sequential)
+
+
+def test_conv_stem_rejects_a_grid_it_cannot_make():
+    with pytest.raises(ValueError, match="5-token side"):
+        build_vit(small_spec(img_size=36, patch_size=6, stem="conv"))
+
+
+def test_conv_stem_encoder_round_trips_and_trains_its_stem(tmp_path):
+    from rcg.encoders.moco import init_patch_embed
+
+    spec = small_spec(in_chans=1, img_size=28, patch_size=7, stem="conv", mean=(0.3,), std=(0.4,))
+    enc = source_encoder(spec)
+    save_encoder(enc, spec, tmp_path / "encoder")
+    back = load_encoder(tmp_path / "encoder")
+    assert back.spec.stem == "conv"
+    x = images(c=1, h=28)
+    torch.testing.assert_close(back(x), enc(x))  # BN running stats of the stem are saved too
+    vit = build_vit(spec)
+    init_patch_embed(vit, freeze=True)  # freezing applies to a linear patch projection only
+    assert all(p.requires_grad for p in vit.patch_embed.parameters())
+
+
 def test_load_encoder_names_missing_dir(tmp_path):
     with pytest.raises(PipelineError, match="encoder.json"):
         load_encoder(tmp_path / "nowhere")

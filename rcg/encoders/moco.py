@@ -80,9 +80,13 @@ def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
 def init_patch_embed(vit: VisionTransformer, freeze: bool) -> None:
     """MoCo v3's patch projection: Xavier-uniform over the flattened patch, optionally frozen.
 
-    The paper finds a fixed random patch projection removes the loss spikes of ViT training.
+    The paper finds a fixed random patch projection removes the loss spikes of ViT training. A conv
+    stem keeps PyTorch's initialisation and trains: early convolutions are Xiao et al.'s own answer
+    to that instability, and freezing random convolutions would throw their benefit away.
     """
     proj = vit.patch_embed.proj
+    if not isinstance(proj, nn.Conv2d):
+        return  # a conv stem (rcg.encoders.vit.conv_stem)
     fan = proj.weight[0].numel() + proj.weight.shape[0]  # C*p*p inputs + embed_dim outputs
     val = math.sqrt(6.0 / fan)
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 A MoCo v3 ViT is timm's `VisionTransformer` with a fixed 2-D sin-cos position embedding and its
 `head` replaced by MoCo v3's 3-layer projector (DINO/iBOT: the DINO head without its last layer;
-DeiT: the 1000-way classifier). The representation of an image in [0, 1] is
+DeiT: the 1000-way classifier). Encoders pretrained here may swap the patch projection for a conv
+stem (`conv_stem`). The representation of an image in [0, 1] is
 
     x  -> grayscale repeated to 3 channels if the encoder wants 3
        -> (x - mean) / std                      # normalise first ...
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,9 @@ class EncoderSpec:
     head_hidden_dim: int = 4096  # MoCo v3: 4096; DINO/iBOT: 2048
     rep_dim: int = 256  # projector output (DeiT: the 1000 classes)
     pos_embed: Literal["sincos", "learn"] = "sincos"  # MoCo v3 fixes a 2-D sin-cos embedding
+    # How pixels become tokens: "patch" is ViT's linear patch projection (every official checkpoint);
+    # "conv" a stack of 3x3 stride-2 convolutions onto the same token grid (see `conv_stem`).
+    stem: Literal["patch", "conv"] = "patch"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -163,6 +168,28 @@ def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), pe], dim=0)[None]
 
 
+def conv_stem(in_chans: int, embed_dim: int, img_size: int, patch_size: int) -> nn.Sequential:
+    """A convolutional stem in place of the patch projection (Xiao et al., "Early Convolutions Help
+    Transformers See Better", NeurIPS 2021): ceil(log2(patch)) blocks of 3x3 stride-2 conv, BN and
+    ReLU with widths doubling up to embed_dim / 2, then a 1x1 conv to embed_dim. Padding 1 rounds
+    each side up, so 28 px with patch 7 gives the same 4x4 grid (28 -> 14 -> 7 -> 4).
+    """
+    n = max(1, math.ceil(math.log2(patch_size)))
+    side = img_size
+    layers: list[nn.Module] = []
+    c_in = in_chans
+    for i in range(n):
+        c_out = max(1, embed_dim >> (n - i))  # 192 wide, patch 7: 24, 48, 96
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True)]
+        c_in, side = c_out, (side + 1) // 2
+    if side != img_size // patch_size:
+        raise ValueError(f"a conv stem maps {img_size} px to a {side}-token side, not the "
+                         f"{img_size // patch_size} of patch {patch_size}; pick a patch size near a power of 2")
+    layers.append(nn.Conv2d(c_in, embed_dim, 1))
+    return nn.Sequential(*layers)
+
+
 def build_vit(spec: EncoderSpec) -> VisionTransformer:
     """timm ViT with the spec's head; MoCo v3 initialisation for the MoCo projector variant."""
     num_classes = spec.rep_dim if spec.head == "linear" else 0
@@ -178,6 +205,9 @@ def build_vit(spec: EncoderSpec) -> VisionTransformer:
         qkv_bias=True,
         weight_init="moco" if spec.head == "mocov3" else "",
     )  # timm's LayerNorm default eps is 1e-6, as in the reference
+    if spec.stem == "conv":
+        # timm's PatchEmbed only checks the input size, calls `proj` and flattens its output grid.
+        vit.patch_embed.proj = conv_stem(spec.in_chans, spec.embed_dim, spec.img_size, spec.patch_size)
     if spec.head == "mocov3":
         vit.head = build_mlp(3, spec.embed_dim, spec.head_hidden_dim, spec.rep_dim)
     elif spec.head == "dino":
@@ -293,6 +323,6 @@ def load_encoder(model_dir: str | Path = "models/encoder", device: str | torch.d
 
 
 __all__ = [
-    "ARCHS", "DINOHead", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token",
+    "ARCHS", "DINOHead", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token", "conv_stem",
     "load_encoder", "preprocess", "read_spec", "save_encoder", "sincos_pos_embed_2d", "standardize",
 ]

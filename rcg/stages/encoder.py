@@ -76,6 +76,7 @@ def spec_from_config(ecfg: EncoderConfig, channels: int) -> EncoderSpec:
         embed_dim=ecfg.embed_dim, depth=ecfg.depth, num_heads=ecfg.num_heads, mlp_ratio=ecfg.mlp_ratio,
         head="mocov3", head_hidden_dim=ecfg.proj_hidden_dim, rep_dim=ecfg.rep_dim, pos_embed="sincos",
         mean=tuple(ecfg.mean), std=tuple(ecfg.std),
+        stem="patch" if ecfg.checkpoint else ecfg.stem,  # every official format has a patch projection
     )
 
 
