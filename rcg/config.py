@@ -87,9 +87,10 @@ class EncoderConfig:
     patch_size: int = 7
     # How pixels become the 4x4 tokens when pretraining (rcg.encoders.vit.conv_stem): "patch" = ViT's
     # linear patch projection, "conv" = 3x3 stride-2 convolutions (Xiao et al. 2021). Rep kNN at 8
-    # epochs, seed 0: patch 0.854 (random init 0.746), conv 0.875 (random init 0.756), for ~15% less
-    # speed (925 against 1070 images/s). A wider conv stem (32/64/128) gave 0.856 against 0.858 at 4
-    # epochs, at 710 images/s. A converted checkpoint always has a patch projection.
+    # epochs, seed 0: patch 0.854 (random init 0.746), conv 0.875 (random init 0.756), for 2-6% less
+    # speed in back-to-back runs (913 against 930 images/s, 712 against 757). A wider conv stem
+    # (32/64/128) gave 0.856 against 0.858 at 4 epochs, at 710 images/s; crop_min_scale 0.5 and 0.85
+    # gave 0.846 and 0.857. A converted checkpoint always has a patch projection.
     stem: Literal["patch", "conv"] = "conv"
     # ~0.9M-parameter backbone, 1100 images/s in the stage on 2 cores. Width 128 runs 1.4x faster:
     # 14 epochs in 532 s gave rep kNN 0.857 (random init 0.734), too close to the 10 minutes to adopt.
@@ -104,7 +105,7 @@ class EncoderConfig:
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
     # 7 epochs = 1641 steps, to stay inside issue 3's 10 minutes on a slow day: with the conv stem
     # this VM ran 730 to 925 images/s within one day, so 8 epochs took 519 to ~660 s. Rep kNN against
-    # epochs, seed 0: conv stem 4: 0.858, 7: SEVEN_EPOCHS, 8: 0.875; patch stem 4: 0.837, 8: 0.852, 16: 0.864
+    # epochs, seed 0: conv stem 4: 0.858, 7: 0.869, 8: 0.875; patch stem 4: 0.837, 8: 0.852, 16: 0.864
     # (870 s), 32: 0.873 (1828 s). Each doubling gains less (patch: +0.015, +0.012, +0.009), so
     # random init + 0.15 lies far outside the CPU budget.
     epochs: float = 7.0
