@@ -161,8 +161,8 @@ class Checkpointer:
     It also keeps the training clock across runs: every save records `train_seconds`, the wall
     time of all runs that trained this checkpoint, so a run resumed at (or near) its end still
     reports the whole training. A stage calls `start_clock` where its training loop starts and
-    `stop_clock` at its last step, before the final save, so that the checkpoint and the metrics
-    report the same time (not counting the loader's shutdown or the writing of outputs).
+    saves its last step with `final=True`, which stops the clock first, so that the checkpoint and
+    the metrics report the same time (not the loader's shutdown or the writing of outputs).
     """
 
     def __init__(
@@ -194,7 +194,10 @@ class Checkpointer:
         """Training wall time of every run of this checkpoint: the earlier ones plus this one."""
         return self.seconds_before + self.seconds_this_run
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any], final: bool = False) -> None:
+        """Write `state` atomically; `final` (the run's last step) stops the clock before."""
+        if final:
+            self.stop_clock()
         state = dict(state)
         state["fingerprint"] = self.fingerprint
         state["train_seconds"] = self.train_seconds

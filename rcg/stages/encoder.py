@@ -154,11 +154,9 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
                 speed = (step - start_step) * ecfg.batch_size / ckpt.seconds_this_run
                 bar.set_postfix(loss=f"{loss_val:.3f}", img_s=f"{speed:.0f}")
                 tracker.log_metrics({"loss": loss_val, "lr": lr, "momentum": m, "images_per_s": speed}, step)
-            if step == total:
-                ckpt.stop_clock()
             if info.is_main and (step % ecfg.ckpt_every == 0 or step == total):
                 ckpt.save({"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(), "step": step,
-                           "last_loss": loss_val})  # the last logged loss, as train_rdm keeps it
+                           "last_loss": loss_val}, final=step == total)  # last logged loss, as train_rdm
         bar.close()
         del batches  # stop the loader workers before the evaluation
     seconds = ckpt.stop_clock()
@@ -166,7 +164,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
         "steps": total,
         "epochs": ecfg.epochs,
         # Wall time of every run that trained this checkpoint (a resumed run counts the earlier ones).
-        "train_seconds_total": round(ckpt.seconds_before + seconds, 2),
+        "train_seconds_total": round(ckpt.train_seconds, 2),
         "train_seconds_this_run": round(seconds, 2),
         # CPU seconds of this run's training process (all its threads, not the loader workers): on
         # a shared machine this, not the wall time, shows what the run costs.

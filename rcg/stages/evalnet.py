@@ -121,14 +121,12 @@ def run(cfg: Config, **options: object) -> None:
             sched.step()
             step += 1
             bar.update(1)
-            if step == total:
-                ckpt.stop_clock()
             if step % 50 == 0 or step == total:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 tracker.log_metrics({"train_loss": loss.item(), "lr": sched.get_last_lr()[0]}, step=step)
             if info.is_main and (step % ec.ckpt_every == 0 or step == total):
                 ckpt.save({"model": unwrap(ddp).state_dict(), "opt": opt.state_dict(),
-                           "sched": sched.state_dict(), "step": step})
+                           "sched": sched.state_dict(), "step": step}, final=step == total)
         bar.close()
         ckpt.stop_clock()
         train_seconds = ckpt.train_seconds  # every run that trained this checkpoint, as the other stages

@@ -281,11 +281,9 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
                 bar.set_postfix(loss=f"{sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]):.4f}", img_s=f"{rate:.0f}")
                 tracker.log_metrics({"loss": sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]),
                                      "images_per_s": rate, "lr": opt.param_groups[0]["lr"]}, step=step)
-            if step == gcfg.steps:
-                ckpt.stop_clock()
             if info.is_main and (step % gcfg.ckpt_every == 0 or step == gcfg.steps):
                 ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                           "step": step})
+                           "step": step}, final=step == gcfg.steps)
             if info.is_main and gcfg.sample_every > 0 and step % gcfg.sample_every == 0 and step < gcfg.steps:
                 _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
         bar.close()

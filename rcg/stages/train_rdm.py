@@ -143,7 +143,7 @@ def train_rdm_model(
     def save(step: int) -> None:
         if info.is_main:
             ckpt.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                       "step": step, "last_loss": last_loss})
+                       "step": step, "last_loss": last_loss}, final=step == rc.steps)
 
     log.info(
         "%s: %s, %d reps of dim %d, global batch %d on %d rank(s), steps %d -> %d",
@@ -184,8 +184,6 @@ def train_rdm_model(
                 pbar.set_postfix(loss=f"{last_loss:.4f}")
         if pbar is not None:
             pbar.update(1)
-        if done == rc.steps:
-            ckpt.stop_clock()
         if done % rc.ckpt_every == 0 or done == rc.steps:
             save(done)
         if on_step is not None:
