@@ -162,7 +162,9 @@ class Checkpointer:
     time of all runs that trained this checkpoint, so a run resumed at (or near) its end still
     reports the whole training. A stage calls `start_clock` where its training loop starts and
     saves its last step with `final=True`, which stops the clock first, so that the checkpoint and
-    the metrics report the same time (not the loader's shutdown or the writing of outputs).
+    the metrics report the same time (not the loader's shutdown or the writing of outputs). A run
+    that trains nothing (resumed at its last step, to rewrite outputs) says so to `start_clock`
+    and adds no time.
     """
 
     def __init__(
@@ -174,9 +176,11 @@ class Checkpointer:
         self._started = time.perf_counter()
         self._stopped: float | None = None
 
-    def start_clock(self) -> None:
-        """Mark the start of this run's training: `seconds_this_run` counts from here."""
-        self._started, self._stopped = time.perf_counter(), None
+    def start_clock(self, training: bool = True) -> None:
+        """Mark the start of this run's training: `seconds_this_run` counts from here, or stays
+        0 when `training` is False (nothing left to train)."""
+        now = time.perf_counter()
+        self._started, self._stopped = now, (None if training else now)
 
     def stop_clock(self) -> float:
         """Freeze this run's clock (the first call wins) and return `seconds_this_run`."""

@@ -341,6 +341,12 @@ def test_checkpointer_carries_the_training_clock_across_runs(
     other = training.Checkpointer(tmp_path, "other settings")
     assert other.load() is None and other.seconds_before == 0.0
 
+    third = training.Checkpointer(tmp_path, "fp")  # a rerun of the finished training
+    assert third.load()["train_seconds"] == 42.0
+    third.start_clock(training=False)
+    now[0] += 9.0  # loading data, drawing a grid batch, writing the model: not training
+    assert third.stop_clock() == 0.0 and third.train_seconds == 42.0
+
 
 def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
     from rcg.training import lr_factor

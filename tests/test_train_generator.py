@@ -100,10 +100,16 @@ def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.M
     # Raising `steps` continues the finished run; changing what is learned starts over.
     train_generator.run(load_cfg(train_generator__steps=8), condition="rep")
     assert _metrics("rep")["resumed_from"] == 6 and counted["n"] == 5
-    # Rerunning a finished run trains nothing but still writes the model and its (conditioned) grid.
+    # Rerunning a finished run trains nothing but still writes the model and its (conditioned) grid,
+    # and reports the finished training: its loss and total time, no speed of its own.
+    finished = _metrics("rep")
     Path("models/generator/rep/samples.png").unlink()
     train_generator.run(load_cfg(train_generator__steps=8), condition="rep")
     assert counted["n"] == 5 and _metrics("rep")["resumed_from"] == 8
+    again = _metrics("rep")
+    assert again["final_loss"] == finished["final_loss"] and again["final_loss"] > 0
+    assert again["train_seconds_total"] == finished["train_seconds_total"]
+    assert again["train_seconds_this_run"] == 0.0 and again["images_per_s"] is None
     assert Path("models/generator/rep/samples.png").stat().st_size > 0
     train_generator.run(load_cfg(train_generator__lr=5e-4), condition="rep")
     assert _metrics("rep")["resumed_from"] is None

@@ -130,7 +130,7 @@ def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder,
     view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
                                     blur_sigma=tuple(ecfg.blur_sigma))
     cpu0, start_step = time.process_time(), step
-    ckpt.start_clock()
+    ckpt.start_clock(training=step < total)
     if step < total:
         batches = iter(make_loader(cfg.data, "train", "train", per_rank, info=info, seed=ecfg.seed + step))
         ddp.train()

@@ -104,7 +104,7 @@ def run(cfg: Config, **options: object) -> None:
     log.info("evalnet: %d params, %d steps of %d (%.2f epochs of %d images)",
              n_params, total, ec.batch_size, ec.epochs, n_train)
 
-    ckpt.start_clock()
+    ckpt.start_clock(training=step < total)
     with stage_run(cfg, "evalnet", info.rank) as tracker:
         loader = make_loader(cfg.data, "train", "train", ec.batch_size, info=info, seed=ec.seed + step)
         bar = tqdm(total=total, initial=step, desc="evalnet", disable=not info.is_main or step >= total)

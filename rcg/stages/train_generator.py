@@ -209,13 +209,14 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
              n_params / 1e6, device, condition)
 
     ckpt = Checkpointer(Path(gcfg.checkpoint_dir) / condition, resume_fingerprint(cfg, condition))
-    step, resumed_from = 0, None
+    step, resumed_from, last_loss = 0, None, None
     state = ckpt.load()
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step = resumed_from = int(state["step"])
+        last_loss = state.get("last_loss")  # None in checkpoints written before it was saved
     ddp = wrap_ddp(model, info)
 
     cache = encoder = None
@@ -237,7 +238,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
         tracker.set_tags({"condition": condition, "arch": gcfg.arch})
         losses: list[float] = []
         images_seen, cpu_start = 0, time.process_time()
-        ckpt.start_clock()
+        ckpt.start_clock(training=step < gcfg.steps)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=gcfg.steps, initial=step, desc=f"train generator ({condition})", disable=not info.is_main)
@@ -276,14 +277,16 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
             losses.append(loss)
             images_seen += x.shape[0] * info.world_size
             bar.update(1)
+            last_loss = sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:])
             if step % gcfg.log_every == 0 or step == gcfg.steps:
                 rate = images_seen / max(ckpt.seconds_this_run, 1e-9)
-                bar.set_postfix(loss=f"{sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]):.4f}", img_s=f"{rate:.0f}")
-                tracker.log_metrics({"loss": sum(losses[-gcfg.log_every:]) / len(losses[-gcfg.log_every:]),
-                                     "images_per_s": rate, "lr": opt.param_groups[0]["lr"]}, step=step)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.0f}")
+                tracker.log_metrics({"loss": last_loss, "images_per_s": rate, "lr": opt.param_groups[0]["lr"]},
+                                    step=step)
             if info.is_main and (step % gcfg.ckpt_every == 0 or step == gcfg.steps):
+                # last_loss: so that a run resumed at the end still reports the final loss
                 ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                           "step": step}, final=step == gcfg.steps)
+                           "step": step, "last_loss": last_loss}, final=step == gcfg.steps)
             if info.is_main and gcfg.sample_every > 0 and step % gcfg.sample_every == 0 and step < gcfg.steps:
                 _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
         bar.close()
@@ -307,23 +310,22 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
             }
             save_generator(out_dir, ema.model, meta)
             _write_grid(ema.model, diffusion, codec, grid_cond, gcfg, shape, device, plot_path, tracker, step)
-            tail = losses[-gcfg.log_every:] or [float("nan")]
             metrics = {
                 "condition": condition,
                 "arch": gcfg.arch,
                 "params": n_params,
                 "steps": step,
                 "resumed_from": resumed_from,
-                "final_loss": sum(tail) / len(tail),
+                "final_loss": last_loss,  # mean of the last log_every steps; from the checkpoint if none ran
                 "train_seconds_this_run": round(train_seconds, 1),
                 "train_seconds_total": round(ckpt.train_seconds, 1),
                 "train_cpu_seconds_this_run": round(train_cpu_seconds, 1),
-                "images_per_s": round(images_seen / max(train_seconds, 1e-9), 1),
+                "images_per_s": round(images_seen / train_seconds, 1) if images_seen else None,
             }
             write_json(Path(gcfg.metrics_dir) / f"generator_{condition}.json", metrics)
             tracker.log_metrics({"train_seconds_total": metrics["train_seconds_total"]}, step=step)
             tracker.log_artifact(out_dir / "generator.json", "model")
-            log.info("generator (%s) -> %s; %d steps in %.0fs (%.0f img/s); grid in %s", condition, out_dir,
+            log.info("generator (%s) -> %s; %d steps in %.0fs (%s img/s); grid in %s", condition, out_dir,
                      step, train_seconds, metrics["images_per_s"], plot_path)
     return out_dir
 

@@ -154,7 +154,7 @@ def train_rdm_model(
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=rc.steps, initial=start, desc=f"train {name}", unit="step")
-    ckpt.start_clock()
+    ckpt.start_clock(training=start < rc.steps)
     running, count = torch.zeros((), device=device), 0
     model.train()
     for step in range(start, rc.steps):
