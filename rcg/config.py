@@ -104,9 +104,10 @@ class EncoderConfig:
     std: list[float] = field(default_factory=lambda: [0.3530])  # Fashion-MNIST train pixel std
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
     # 7 epochs = 1641 steps, to stay inside issue 3's 10 minutes on a slow day: with the conv stem
-    # this VM ran 730 to 925 images/s within one day, so 8 epochs took 519 to ~660 s. Rep kNN (lr 5e-4) against
-    # epochs, seed 0: conv stem 4: 0.858, 7: 0.869, 8: 0.875; patch stem 4: 0.837, 8: 0.852, 16: 0.864
-    # (870 s), 32: 0.873 (1828 s). Each doubling gains less (patch: +0.015, +0.012, +0.009), so
+    # this VM ran 730 to 925 images/s within one day, so 8 epochs took 519 to ~660 s. Rep kNN against
+    # epochs, seed 0, lr 5e-4: conv stem 4: 0.855, 7: 0.869 (the trial stem, initialised apart:
+    # 4: 0.858, 8: 0.875); patch stem 4: 0.837, 8: 0.852, 16: 0.864 (870 s), 32: 0.873 (1828 s).
+    # At lr 1e-3, 7 epochs: 0.873. Each doubling gains less (patch: +0.015, +0.012, +0.009), so
     # random init + 0.15 lies far outside the CPU budget.
     epochs: float = 7.0
     batch_size: int = 256  # global batch (split over torchrun ranks); negatives per query
