@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -33,6 +32,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch
+
+from _timing import timed
 
 from rcg import config as config_mod
 from rcg.data.loader import make_loader, read_manifest
@@ -90,28 +91,18 @@ def main() -> None:
     ratios, cpu_ratios = [], []
     for _ in range(args.repeats):
         wall = {"bare": 0.0, "stage": 0.0}
-        cpu = {"bare": 0.0, "stage": 0.0}
+        cpu: dict[str, list[float]] = {"bare": [], "stage": []}
         for name, fn in (("bare", bare), ("stage", stage), ("stage", stage), ("bare", bare)):
-            c, t = cpu_seconds(), time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t
+            dt = timed(fn, cpu[name])
             wall[name] += dt
-            cpu[name] += cpu_seconds() - c
             print(f"{name:5s}: {n / dt:8.0f} images/s "
                   f"(x2 views, {n} images, threads={torch.get_num_threads()})")
         ratios.append(wall["bare"] / wall["stage"])  # = stage images/s over bare images/s
-        cpu_ratios.append(cpu["bare"] / cpu["stage"])
+        cpu_ratios.append(sum(cpu["bare"]) / sum(cpu["stage"]))
     tmp.cleanup()
     print("round ratios: " + " ".join(f"{r:.3f}" for r in ratios))
     print(f"CPU-time ratio bare / stage (median of {len(cpu_ratios)} rounds): {statistics.median(cpu_ratios):.3f}")
     print(f"encode stage / bare encoder forward (median of {len(ratios)} ABBA rounds): {statistics.median(ratios):.3f}")
-
-
-def cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (the DataLoader workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from skimage import data as skdata
+
+from _timing import timed
 
 from rcg.data import sources
 from rcg.data.shards import write_shards
@@ -44,21 +45,6 @@ def make_jpegs(root: Path, n: int, size: int) -> None:
         d = root / "train" / f"class{i % 10}"
         d.mkdir(parents=True, exist_ok=True)
         crop.save(d / f"img{i:06d}.jpg", quality=90)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (tar, shard workers)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def timed(fn, cpu: list[float]) -> float:
-    """Wall seconds of `fn()`; its CPU seconds are appended to `cpu`."""
-    c, t = cpu_seconds(), time.perf_counter()
-    fn()
-    wall = time.perf_counter() - t
-    cpu.append(cpu_seconds() - c)
-    return wall
 
 
 def main() -> None:
