@@ -4,8 +4,9 @@ Builds Fashion-MNIST shards in a temporary folder (or uses --shards), takes the 
 encoder architecture (models/encoder if --model-dir exists, else a random init of the same size),
 then measures in one process:
   baseline: the encoder forward on both views of every batch, images already in memory;
-  stage:    `rcg.stages.encode.encode_split` + the exactly-once check + the Parquet write, i.e. the
-            stage's whole per-split work from shards on disk to features on disk.
+  stage:    `rcg.stages.encode.encode_split` + `write_split` (the exactly-once check, the canonical
+            row order, the Parquet write), i.e. the stage's whole per-split work from shards on
+            disk to features on disk, with the stage's own loader settings (encode.num_workers).
 Each round runs them in the order baseline, stage, stage, baseline (ABBA), and gives a ratio,
 stage images/s over baseline images/s from the summed times; the last line prints the median over
 rounds (target: >= 0.85). On this shared VM the same forward runs anywhere from 1300 to 1900
@@ -39,7 +40,6 @@ from rcg import config as config_mod
 from rcg.data.loader import make_loader, read_manifest
 from rcg.encoders import RepEncoder, load_encoder
 from rcg.encoders.vit import build_vit
-from rcg.features import write_features
 from rcg.stages import encode, shard
 from rcg.stages.encoder import spec_from_config
 
@@ -84,8 +84,7 @@ def main() -> None:
 
     def stage() -> None:
         table = encode.encode_split(encoder, cfg, split, device, progress=False)
-        encode.check_exactly_once(table, n, split)
-        write_features(Path(tmp.name) / f"{split}.parquet", [table])
+        encode.write_split(table, n, split, Path(tmp.name) / f"{split}.parquet")
 
     bare()  # warm-up (allocator, kernels) before either timing
     ratios, cpu_ratios = [], []

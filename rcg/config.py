@@ -146,6 +146,12 @@ class EncodeConfig:
     """`rcg encode`: representations of every sample and its flip to Parquet."""
 
     batch_size: int = 512  # images per forward (x2 with the flipped view); inference only
+    # DataLoader workers for this stage alone (data.num_workers serves the training stages). 0 =
+    # decode in the stage's own process: on 2 cores a worker competes with the forward's two
+    # threads, and 28 px PNGs decode in ~0.1 of the forward's time. ABBA rounds on the default run's
+    # val shard (issue 3): encode_split with 0 workers 6% faster than with 2. Photographs in JPEG
+    # want workers (imagenet256 sets 10). The rows do not depend on it (rcg.stages.encode.write_split).
+    num_workers: int = 0
     out_dir: str = "data/features"
     uniformity_samples: int = 10000  # reps used for the uniformity loss (pairwise, O(n^2))
 

@@ -6,6 +6,9 @@ Schema (one row per sample and view; DESIGN.md):
   view  string                       "orig" or "flip" (horizontal flip of the same image)
   rep   fixed_size_list<float32>[D]  the standardised encoder representation (D = 256)
 
+Rows are sorted by key, `orig` before `flip` (rcg.stages.encode.canonical_order), so the file does
+not depend on how many loader workers or ranks wrote it.
+
 Floats use byte-stream-split encoding with zstd and no dictionary: representations are
 high-entropy, so dictionaries only cost time, while byte-stream-split lets zstd find the shared
 exponent bytes.

@@ -40,7 +40,8 @@ def encode_split(
     encoder: RepEncoder, cfg: Config, split: str, device: torch.device, progress: bool = True
 ) -> pa.Table:
     """Representations of every sample of `split` this rank reads, both views, as one table."""
-    loader = make_loader(cfg.data, split, "once", batch_size=cfg.encode.batch_size)
+    loader = make_loader(cfg.data, split, "once", batch_size=cfg.encode.batch_size,
+                         num_workers=cfg.encode.num_workers)
     tables = []
     for batch in tqdm(loader, desc=f"encode {split}", unit="batch", disable=not progress):
         x = batch["image"].to(device, non_blocking=True)
@@ -75,6 +76,21 @@ def check_exactly_once(table: pa.Table, expected: int, split: str) -> None:
         problems.append(f"{len(orig ^ flip)} keys lack one of the two views")
     if problems:
         raise PipelineError(f"features for split {split!r} do not match the shard manifest: " + "; ".join(problems))
+
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """Rows by key, `orig` before `flip`. Loader workers and DDP ranks each interleave batches in
+    their own way; sorted, the file is the same however many of them read the shards."""
+    return table.sort_by([("key", "ascending"), ("view", "descending")])
+
+
+def write_split(table: pa.Table, expected: int, split: str, path: Path) -> pa.Table:
+    """Check a split's table against the manifest count and write it in canonical order; returns
+    the table as written."""
+    check_exactly_once(table, expected, split)
+    table = canonical_order(table)
+    write_features(path, [table])
+    return table
 
 
 def uniformity(reps: torch.Tensor, t: float = 2.0) -> float:
@@ -161,9 +177,8 @@ def run(cfg: Config, **options: Any) -> None:
                     table = _gather_parts(table, out_dir, split, info.rank, info.world_size)
                     if table is None:
                         continue
-                check_exactly_once(table, expected, split)
                 path = out_dir / f"{split}.parquet"
-                write_features(path, [table])
+                table = write_split(table, expected, split, path)
                 secs = time.perf_counter() - t0
                 counts[split] = {"samples": expected, "rows": table.num_rows}
                 log.info("%s: %d samples x 2 views -> %s (%.1fs, %.0f images/s)", split, expected, path,
