@@ -17,7 +17,7 @@ import torch.multiprocessing as tmp_mp
 from PIL import Image
 
 from rcg import config
-from rcg.data.images import decode, decode_plain_png, encode_png, resize_crop, to_tensor
+from rcg.data.images import decode, decode_plain_png, encode_png, resize_crop, to_pixels
 from rcg.data.loader import make_loader, read_manifest, shard_urls
 from rcg.io import PipelineError
 
@@ -58,8 +58,8 @@ def _png(mode: str, size: int, seed: int = 0, **save: Any) -> bytes:
 def test_plain_png_fast_path_decodes_what_pil_decodes(mode: str, channels: int) -> None:
     data = _png(mode, 28)
     fast = decode_plain_png(data, channels, 28)
-    assert fast is not None and fast.dtype == torch.float32 and fast.shape == (channels, 28, 28)
-    assert torch.equal(fast, to_tensor(resize_crop(decode(data, channels), 28)))
+    assert fast is not None and fast.dtype == torch.uint8 and fast.shape == (channels, 28, 28)
+    assert torch.equal(fast, to_pixels(resize_crop(decode(data, channels), 28)))
 
 
 def test_plain_png_fast_path_leaves_everything_else_to_pil() -> None:

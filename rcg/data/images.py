@@ -357,38 +357,44 @@ def decode(data: bytes, channels: int) -> Image.Image:
 
 
 def decode_plain_png(data: bytes, channels: int, size: int) -> torch.Tensor | None:
-    """[C, size, size] in [0, 1] of a PNG the models can take as it is; None for anything else.
+    """uint8 pixels [C, size, size] of a PNG the models can take as it is; None for anything else.
 
     "As it is" means 8-bit, `channels` channels (L or RGB), already `size` x `size`, not interlaced,
     and no ancillary chunk between IHDR and IDAT (gAMA, tRNS, iCCP...: where PIL and libpng could
     differ). PNG is lossless, so libpng (torchvision.io) and PIL decode such a file to the same
     pixels (tests/test_loader.py; all 70,000 Fashion-MNIST images checked), and libpng does it in
-    ~18 us against ~44 us for PIL + to_tensor at 28 px. That matters on 2 cores, where the loader
-    worker takes its CPU from the encoder's forward (benchmarks/bench_encode.py). Everything else,
-    every resize included, takes the PIL path (`decode`, `resize_crop`, `to_tensor`) as before.
+    ~24 us against ~44 us for PIL at 28 px. That matters on 2 cores, where decoding takes its CPU
+    from the encoder's forward (benchmarks/bench_encode.py). Everything else, every resize
+    included, takes the PIL path (`decode`, `resize_crop`, `to_pixels`) as before.
     """
     if data[37:41] != b"IDAT" or _png_header(data) != (size, size, "L" if channels == 1 else "RGB", False):
         return None
     import torch
     from torchvision.io import ImageReadMode, decode_png
 
-    return _unit(decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED))
+    return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL L/RGB -> float tensor [C, H, W] in [0, 1]."""
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """PIL L/RGB -> uint8 tensor [C, H, W]."""
     # Imported here, not at the top: the shard stage uses this module without torch, which saves
     # ~2 s of start-up and makes each forked shard worker ~40 ms cheaper to start and stop.
     import torch
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return _unit(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _unit(t: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1], the loader's image format."""
-    return t.float().div_(255.0)
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1], the models' image format. The loader converts whole
+    batches: one conversion per batch instead of one per 28 px image halves the decode cost."""
+    return pixels.float().div_(255.0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL L/RGB -> float tensor [C, H, W] in [0, 1]."""
+    return to_unit(to_pixels(img))
 
 
 def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:

@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 
 from rcg.config import DataConfig
-from rcg.data.images import decode, decode_plain_png, resize_crop, to_tensor
+from rcg.data.images import decode, decode_plain_png, resize_crop, to_pixels, to_unit
 from rcg.io import PipelineError, file_digest, read_json
 from rcg.training import DistInfo
 
@@ -70,9 +70,9 @@ class _Decode:
         image = decode_plain_png(data, self.channels, self.size)  # the common case, decoded fast
         if image is None:
             img = resize_crop(decode(data, self.channels), self.size, self._rng if self.random_crop else None)
-            image = to_tensor(img)
+            image = to_pixels(img)
         if self.transform is not None:
-            image = self.transform(image)
+            image = self.transform(to_unit(image))
         cls = sample.get("cls")
         label = int(cls) if cls is not None else -1
         return {"key": sample["__key__"], "image": image, "label": label}
@@ -90,9 +90,10 @@ class _WorkerShuffle:
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    images = torch.stack([s["image"] for s in samples])  # uint8 pixels, or floats from a transform
     return {
         "key": [s["key"] for s in samples],
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": to_unit(images) if images.dtype == torch.uint8 else images,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
     }
 
