@@ -104,13 +104,13 @@ class EncoderConfig:
     std: list[float] = field(default_factory=lambda: [0.3530])  # Fashion-MNIST train pixel std
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
     # 6 epochs = 1406 steps, to stay inside issue 3's 10 minutes on a slow day: this VM has trained
-    # the conv stem at 925, 878 and 730 images/s, and on 2026-12-05 at 651-679 (596 before the
-    # uint8 loader), which puts 7 epochs at 454 to 705 s and 6 at 389 to 553 s (604 s at 596).
-    # Rep kNN against epochs, seed 0, lr 5e-4: conv stem 4: 0.855, 7: 0.869 (the trial stem,
-    # initialised apart: 4: 0.858, 8: 0.875); patch stem 4: 0.837, 8: 0.852, 16: 0.864 (870 s),
-    # 32: 0.873 (1828 s). At lr 1e-3: 4 epochs 0.864, 7: 0.873. Each doubling gains less (patch:
-    # +0.015, +0.012, +0.009), so random init + 0.15 lies far outside the CPU budget. Batch 128
-    # instead of 256, 4 epochs: 0.864 either way, at 529 against 596 images/s.
+    # the conv stem at 925, 878 and 730 images/s, and on 2026-12-05 at 638-679 (596 before the
+    # uint8 loader), which puts 7 epochs at 454 to 705 s and 6 at 389 to 604 s (that day's default
+    # run: 564 s). Rep kNN against epochs, seed 0, lr 5e-4: conv stem 4: 0.855, 7: 0.869 (the trial
+    # stem, initialised apart: 4: 0.858, 8: 0.875); patch stem 4: 0.837, 8: 0.852, 16: 0.864
+    # (870 s), 32: 0.873 (1828 s). At lr 1e-3: 4 epochs 0.864, 6: 0.872, 7: 0.873. Each doubling
+    # gains less (patch: +0.015, +0.012, +0.009), so random init + 0.15 lies far outside the CPU
+    # budget. Batch 128 instead of 256, 4 epochs: 0.864 either way, at 529 against 596 images/s.
     epochs: float = 6.0
     batch_size: int = 256  # global batch (split over torchrun ranks); negatives per query
     # Base lr per 256 images (lr = blr * batch / 256); MoCo v3 ViT: 1.5e-4. Conv stem, 4 epochs, seed 0,
