@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
+import webdataset as wds
 from PIL import Image
 
 from rcg import config
-from rcg.data.images import decode, decode_plain_png, encode_png, resize_crop, to_pixels
+from rcg.data.images import decode, decode_plain_png, encode_png, resize_crop, to_pixels, to_tensor
 from rcg.data.loader import make_loader, read_manifest, shard_urls
 from rcg.io import PipelineError
 
@@ -72,6 +73,19 @@ def test_plain_png_fast_path_leaves_everything_else_to_pil() -> None:
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf, format="JPEG")
     assert decode_plain_png(buf.getvalue(), 1, 28) is None
     assert decode_plain_png(b"", 1, 28) is None
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])  # the libpng path, then PIL's resize
+def test_batches_hold_the_shard_pixels_over_255(tiny_workspace: Path, size: int, channels: int) -> None:
+    """Samples are decoded to uint8 and whole batches converted: the floats are exactly PIL's."""
+    cfg = _cfg(tiny_workspace)
+    cfg.data.image_size, cfg.data.channels = size, channels
+    raw = {s["__key__"]: s["png"] for s in wds.WebDataset(shard_urls(cfg.data.shards_dir, "val"),
+                                                           shardshuffle=False, empty_check=False)}
+    batch = next(iter(make_loader(cfg.data, "val", "once", 16, num_workers=0)))
+    assert batch["image"].dtype == torch.float32
+    for key, image in zip(batch["key"], batch["image"]):
+        assert torch.equal(image, to_tensor(resize_crop(decode(raw[key], channels), size)))
 
 
 def test_transform_and_resize(tiny_workspace: Path) -> None:

@@ -363,9 +363,10 @@ def decode_plain_png(data: bytes, channels: int, size: int) -> torch.Tensor | No
     and no ancillary chunk between IHDR and IDAT (gAMA, tRNS, iCCP...: where PIL and libpng could
     differ). PNG is lossless, so libpng (torchvision.io) and PIL decode such a file to the same
     pixels (tests/test_loader.py; all 70,000 Fashion-MNIST images checked), and libpng does it in
-    ~24 us against ~44 us for PIL at 28 px. That matters on 2 cores, where decoding takes its CPU
-    from the encoder's forward (benchmarks/bench_encode.py). Everything else, every resize
-    included, takes the PIL path (`decode`, `resize_crop`, `to_pixels`) as before.
+    18-24 us (two days of this VM) against ~44 us for PIL + to_tensor at 28 px. That matters on 2
+    cores, where decoding takes its CPU from the encoder's forward (benchmarks/bench_encode.py).
+    Everything else, every resize included, takes the PIL path (`decode`, `resize_crop`,
+    `to_pixels`) as before.
     """
     if data[37:41] != b"IDAT" or _png_header(data) != (size, size, "L" if channels == 1 else "RGB", False):
         return None
