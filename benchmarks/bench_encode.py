@@ -4,7 +4,7 @@ Builds Fashion-MNIST shards in a temporary folder (or uses --shards), takes the 
 encoder architecture (models/encoder if --model-dir exists, else a random init of the same size),
 then measures in one process:
   baseline: the encoder forward on both views of every batch, images already in memory;
-  stage:    `rcg.stages.encode.encode_split` + `write_split` (the exactly-once check, the canonical
+  stage:    `rcg.features.encode_split` + `write_split` (the exactly-once check, the canonical
             row order, the Parquet write), i.e. the stage's whole per-split work from shards on
             disk to features on disk, with the stage's own loader settings (encode.num_workers).
 Each round runs them in the order baseline, stage, stage, baseline (ABBA), and gives a ratio,
@@ -40,7 +40,8 @@ from rcg import config as config_mod
 from rcg.data.loader import make_loader, read_manifest
 from rcg.encoders import RepEncoder, load_encoder
 from rcg.encoders.vit import build_vit
-from rcg.stages import encode, shard
+from rcg import features
+from rcg.stages import shard
 from rcg.stages.encoder import spec_from_config
 
 
@@ -83,8 +84,8 @@ def main() -> None:
                 encoder(torch.cat([x, x.flip(-1)]))
 
     def stage() -> None:
-        table = encode.encode_split(encoder, cfg, split, device, progress=False)
-        encode.write_split(table, n, split, Path(tmp.name) / f"{split}.parquet")
+        table = features.encode_split(encoder, cfg.data, split, device, cfg.encode.batch_size, cfg.encode.num_workers, progress=False)
+        features.write_split(table, n, split, Path(tmp.name) / f"{split}.parquet")
 
     bare()  # warm-up (allocator, kernels) before either timing
     ratios, cpu_ratios = [], []

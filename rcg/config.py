@@ -67,6 +67,9 @@ class DataConfig:
     channels: int = 1  # 1 for grayscale Fashion-MNIST, 3 for photographs
     num_workers: int = 2  # DataLoader workers; shards are split across them
     shuffle_buffer: int = 2000  # samples kept for WebDataset's in-memory shuffle
+    # A resumed run replays its stream up to here (samples per loader worker, read but not decoded)
+    # so that it sees exactly the data of an uninterrupted run; beyond, the stream is reseeded.
+    resume_replay_max: int = 2_000_000
 
 
 @dataclass
@@ -290,6 +293,7 @@ class EvalNetConfig:
     weight_decay: float = 1e-4  # light regularisation; the classifier must generalise to val, not memorise
     label_smoothing: float = 0.0  # none: smoothing would cap the softmax confidence that IS reads
     ckpt_every: int = 200  # optimiser steps between resumable checkpoints
+    log_every: int = 50  # optimiser steps between loss logs (progress bar, MLflow)
     seed: int = 0
     out_dir: str = "models/evalnet"
     checkpoint_dir: str = "checkpoints/evalnet"

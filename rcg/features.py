@@ -16,9 +16,11 @@ exponent bytes.
 
 from __future__ import annotations
 
+import collections
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -123,3 +125,101 @@ def read_features(path: str | Path, view: str | None = None) -> Features:
         views=table["view"].to_pylist(),
         reps=reps,
     )
+
+
+class RepCache:
+    """The encode stage's reps indexed by (key, view), for training on cached representations.
+
+    Exact when the only augmentation is a horizontal flip: the cache holds both views of the same
+    decoded image (the author's later MAR caches the same way). `lookup(keys, flipped)` gathers the
+    rows of a batch; view 1 is the flipped image.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        feats = read_features(path)
+        self.index = {(k, 1 if v == "flip" else 0): i for i, (k, v) in enumerate(zip(feats.keys, feats.views))}
+        self.reps = feats.reps
+        self.path = Path(path)
+
+    def lookup(self, keys: list[str], flipped: torch.Tensor) -> torch.Tensor:
+        try:
+            rows = [self.index[(k, int(f))] for k, f in zip(keys, flipped.tolist())]
+        except KeyError as e:
+            raise PipelineError(f"{self.path}: no cached rep for sample {e.args[0]} (rerun `rcg encode`)") from None
+        return self.reps[torch.as_tensor(rows)]
+
+    def verify(self, cached: torch.Tensor, encoder: torch.nn.Module, images: torch.Tensor) -> float:
+        """Max |cached - encoder(images)|; a stale or inexact cache is an error."""
+        with torch.no_grad():
+            fresh = encoder(images).float()
+        err = float((fresh - cached.to(fresh.device)).abs().max())
+        # Reps are standardised (unit std); 0.05 allows for bf16 autocast in the encode stage.
+        if err > 0.05:
+            raise PipelineError(
+                f"{self.path}: cached representations differ from the encoder's by up to {err:.3f}; the cache "
+                "is stale or the augmentation is not flip-only. Rerun `rcg encode` or set "
+                "train_generator.rep_source=encoder"
+            )
+        return err
+
+
+@torch.inference_mode()
+def encode_split(
+    encoder: torch.nn.Module, data_cfg: Any, split: str, device: torch.device, batch_size: int = 512,
+    num_workers: int = 0, progress: bool = True,
+) -> pa.Table:
+    """Representations of every sample of `split` this rank reads, both views (orig, flip), as one table."""
+    from tqdm import tqdm
+
+    from rcg.data.loader import make_loader
+
+    loader = make_loader(data_cfg, split, "once", batch_size=batch_size, num_workers=num_workers)
+    tables = []
+    for batch in tqdm(loader, desc=f"encode {split}", unit="batch", disable=not progress):
+        x = batch["image"].to(device, non_blocking=True)
+        reps = encoder(torch.cat([x, x.flip(-1)]))  # (2B, D): both views in one forward
+        n = len(x)
+        labels = [int(v) if v >= 0 else None for v in batch["label"].tolist()]
+        tables.append(
+            to_table(batch["key"] * 2, labels * 2, [VIEWS[0]] * n + [VIEWS[1]] * n, reps.float().cpu().numpy())
+        )
+    if not tables:
+        return to_table([], [], [], np.zeros((0, encoder.rep_dim), np.float32))
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def check_exactly_once(table: pa.Table, expected: int, split: str) -> None:
+    """Every sample of the manifest's split appears exactly once in each view: no duplicate, none missing."""
+    keys = table["key"].to_pylist()
+    views = table["view"].to_pylist()
+    problems = []
+    for view in VIEWS:
+        counts = collections.Counter(k for k, v in zip(keys, views) if v == view)
+        dupes = [k for k, c in counts.items() if c > 1]
+        if dupes:
+            problems.append(f"{len(dupes)} duplicate keys in view {view!r} (e.g. {', '.join(dupes[:5])})")
+        if len(counts) != expected:
+            problems.append(f"view {view!r} has {len(counts)} distinct samples, manifest says {expected}")
+    if set(views) - set(VIEWS):
+        problems.append(f"unknown views {sorted(set(views) - set(VIEWS))}")
+    orig = {k for k, v in zip(keys, views) if v == "orig"}
+    flip = {k for k, v in zip(keys, views) if v == "flip"}
+    if orig != flip:
+        problems.append(f"{len(orig ^ flip)} keys lack one of the two views")
+    if problems:
+        raise PipelineError(f"features for split {split!r} do not match the shard manifest: " + "; ".join(problems))
+
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """Rows by key, `orig` before `flip`. Loader workers and DDP ranks each interleave batches in
+    their own way; sorted, the file is the same however many of them read the shards."""
+    return table.sort_by([("key", "ascending"), ("view", "descending")])
+
+
+def write_split(table: pa.Table, expected: int, split: str, path: Path) -> pa.Table:
+    """Check a split's table against the manifest count and write it in canonical order; returns
+    the table as written."""
+    check_exactly_once(table, expected, split)
+    table = canonical_order(table)
+    write_features(path, [table])
+    return table

@@ -1,30 +1,48 @@
-"""What every training stage shares: torchrun/DDP set-up, seeding, EMA, resumable checkpoints.
+"""The one training loop every trained model of the pipeline goes through.
 
-The encoder (MoCo v3), the RDM and the image generator all train through these pieces, so resume,
-EMA and distributed behaviour are the same everywhere. Launch any stage under `torchrun` unchanged:
-`setup_distributed` reads the environment torchrun sets and does nothing without it.
+The MoCo v3 encoder, the RDM (paper section 3.2), the image generators (section 3.3) and the
+evaluation network all train with `fit`: a stage supplies its model, its optimiser, an iterator of
+ready batches and a `loss(model, batch, step)`; the loop does the rest, the same way for all of them:
+torchrun/DDP wrapping, bf16 autocast, gradient clipping, a non-finite-loss check, EMA, one learning-
+rate schedule (`lr_factor`), the loss averaged over steps and all-reduced over ranks before it is
+logged, a progress bar, MLflow step metrics, and resumable checkpoints.
+
+Resume is exact: a checkpoint holds the model, EMA, optimiser, every RNG stream (torch, numpy,
+python, and the stage's own generators) and the step, and the stage's data iterator is rebuilt at
+that step (`data(start)`). On CPU a run that is interrupted and resumed ends with the same weights,
+bit for bit, as one that is not (tests/test_training.py). Checkpoints hold only tensors and plain
+Python values and are read with `weights_only=True`, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import math
 import os
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from rcg.io import atomic_path, get_logger
+from rcg.io import PipelineError, atomic_path
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "rcg-checkpoint-2"
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun / DDP
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,9 +90,7 @@ def wrap_ddp(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.
     if not info.distributed:
         return model
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=ids, find_unused_parameters=find_unused
-    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -83,7 +99,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch; each rank gets `seed + rank` as in the reference."""
+    """Seed python, numpy and torch; each rank gets `seed + rank`, as the reference does."""
     s = seed + rank
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -97,22 +113,34 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def lr_factor(step: int, total: int, warmup_steps: int = 0, decay_frac: float = 0.0) -> float:
-    """Multiplier of the base learning rate for optimiser step `step` (0-based) of `total`.
+# --------------------------------------------------------------------------------------------------
+# Schedule and EMA
+# --------------------------------------------------------------------------------------------------
 
-    Linear warm-up over `warmup_steps`, then constant (the reference's RDM and DiT), then, when
-    `decay_frac` > 0, a linear decay to zero over the last `decay_frac` of the steps. The factor is a
-    function of the step alone, so a resumed run continues on the same schedule.
+Decay = Literal["constant", "cosine", "linear"]
+
+
+def lr_factor(step: int, total: int, warmup: int = 0, decay: Decay = "constant", decay_frac: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimiser step `step` (0-based) of `total`.
+
+    Linear warm-up over `warmup` steps, then one of: `constant` (the reference RDM and DiT),
+    `cosine` (a half cosine to zero over the remaining steps: MoCo v3), or `linear` (constant, then
+    a linear decay to zero over the last `decay_frac` of the steps). A pure function of the step, so
+    a resumed run continues on the same schedule.
     """
-    f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    decay_steps = round(decay_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "cosine":
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+    decay_steps = round(decay_frac * total) if decay == "linear" else 0
     if decay_steps > 0 and step >= total - decay_steps:
-        f = min(f, (total - step) / decay_steps)
-    return f
+        return min(1.0, (total - step) / decay_steps)
+    return 1.0
 
 
 class EMA:
-    """Exponential moving average of a model's weights (REFERENCE.md 2.3, LitEma).
+    """Exponential moving average of a model's weights (the reference's LitEma; DiT's update_ema).
 
     With `warmup=True` the decay at update n is min(decay, (1 + n) / (10 + n)), so early averages
     are not dominated by the random initialisation; the reference RDM does this, DiT does not.
@@ -150,26 +178,63 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: tensors and plain values only, read with weights_only=True
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG stream a training step may draw from, as tensors and plain values."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Restore what `rng_state` captured (the stage's generators by name)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    for k, g in (generators or {}).items():
+        g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file as a dict, loaded without unpickling code; a clear error otherwise."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for damage
+        raise PipelineError(
+            f"{path}: not a checkpoint this project can read safely ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over"
+        ) from None
+
+
 class Checkpointer:
     """Resumable training state in `<dir>/checkpoint-last.pt`, written atomically.
 
-    Holds whatever the stage passes (model, EMA, optimiser, step, RNG states); `load` returns None
-    when there is nothing to resume, so a stage calls it unconditionally at start-up. The
-    `fingerprint` (e.g. a hash of the stage's config block) guards against resuming a run whose
-    settings have since changed: such a checkpoint is ignored, with a log line saying so.
-
-    It also keeps the training clock across runs: every save records `train_seconds`, the wall
-    time of all runs that trained this checkpoint, so a run resumed at (or near) its end still
-    reports the whole training. A stage calls `start_clock` where its training loop starts and
-    saves its last step with `final=True`, which stops the clock first, so that the checkpoint and
-    the metrics report the same time (not the loader's shutdown or the writing of outputs). A run
-    that trains nothing (resumed at its last step, to rewrite outputs) says so to `start_clock`
-    and adds no time.
+    `fingerprint` (a hash of what makes a checkpoint incompatible: settings and inputs) guards against
+    resuming a run whose settings or data have since changed: such a checkpoint is ignored, with a
+    log line saying so. The training clock is kept across runs: every save records `train_seconds`,
+    the wall time of all runs that trained this checkpoint, so a run resumed at its end still
+    reports the whole training.
     """
 
-    def __init__(
-        self, directory: str | Path, fingerprint: str = "", name: str = "checkpoint-last.pt"
-    ) -> None:
+    def __init__(self, directory: str | Path, fingerprint: str = "", name: str = "checkpoint-last.pt") -> None:
         self.path = Path(directory) / name
         self.fingerprint = fingerprint
         self.seconds_before = 0.0  # training wall time of the earlier runs, set by `load`
@@ -177,8 +242,7 @@ class Checkpointer:
         self._stopped: float | None = None
 
     def start_clock(self, training: bool = True) -> None:
-        """Mark the start of this run's training: `seconds_this_run` counts from here, or stays
-        0 when `training` is False (nothing left to train)."""
+        """Start this run's clock, or keep it at 0 when there is nothing left to train."""
         now = time.perf_counter()
         self._started, self._stopped = now, (None if training else now)
 
@@ -199,37 +263,26 @@ class Checkpointer:
         return self.seconds_before + self.seconds_this_run
 
     def save(self, state: dict[str, Any], final: bool = False) -> None:
-        """Write `state` atomically; `final` (the run's last step) stops the clock before."""
+        """Write `state` atomically; `final` (the run's last step) stops the clock first."""
         if final:
             self.stop_clock()
-        state = dict(state)
-        state["fingerprint"] = self.fingerprint
-        state["train_seconds"] = self.train_seconds
-        state["rng"] = {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
+        state = {**state, "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
+                 "train_seconds": self.train_seconds}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
     def load(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The saved state, or None when there is none or it belongs to other settings."""
         if not self.path.exists():
             return None
-        try:
-            state = torch.load(self.path, map_location=map_location, weights_only=False)
-        except Exception as e:  # a truncated file cannot come from atomic writes, but say so clearly
-            raise RuntimeError(f"{self.path}: cannot read checkpoint ({e}); delete it to start over") from e
+        state = read_checkpoint(self.path, map_location)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            log.warning("%s was written by another version of this project; starting over", self.path)
+            return None
         if state.get("fingerprint", "") != self.fingerprint:
-            log.warning("%s was written with other settings; starting over", self.path)
+            log.warning("%s was written with other settings or data; starting over", self.path)
             return None
         self.seconds_before = float(state.get("train_seconds", 0.0))
-        rng = state.get("rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-        log.info("resuming from %s (step %s)", self.path, state.get("step"))
         return state
 
 
@@ -243,11 +296,212 @@ def fingerprint(*objs: Any) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def main_process_first(info: DistInfo) -> Iterator[None]:
-    """Let rank 0 do something (e.g. write a file) before the other ranks read it."""
-    if info.distributed and not info.is_main:
-        dist.barrier()
-    yield
-    if info.distributed and info.is_main:
-        dist.barrier()
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+Loss = Callable[[nn.Module, Any, int], Tensor]  # (model, batch, step) -> scalar loss
+Data = Callable[[int], Iterator[Any]]  # start step -> ready batches from that step on
+
+
+@dataclass
+class LoopSpec:
+    """How one model trains: everything the loop needs besides the model, its data and its loss."""
+
+    name: str  # names the run in the progress bar, log lines and errors, e.g. "train_rdm (uncond)"
+    steps: int  # optimiser steps in all; raising it resumes a finished run
+    lr: float  # base (peak) learning rate
+    checkpoint_dir: str | Path
+    fingerprint: str  # what a checkpoint must match to be resumed (settings and inputs, not `steps`)
+    batch_size: int = 0  # global samples per step, for the images/s figure (0: not reported)
+    warmup_steps: int = 0
+    decay: Decay = "constant"
+    decay_frac: float = 0.0  # `linear` decay: the share of steps at the end over which lr falls to 0
+    grad_clip: float = 0.0  # max global grad norm; 0: no clipping
+    amp: bool = True  # bf16 autocast around the loss
+    ema_decay: float = 0.0  # 0: no EMA
+    ema_warmup: bool = True
+    log_every: int = 100
+    ckpt_every: int = 1000
+    metric_prefix: str = ""  # MLflow metric names: <prefix>loss, <prefix>lr, ...
+    config_key: str = ""  # the params block named in hints, e.g. "train_rdm"
+
+
+@dataclass
+class Trained:
+    """What `fit` returns: the trained model (unwrapped), its EMA copy and a summary for metrics."""
+
+    model: nn.Module
+    ema: nn.Module | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Run:
+    """The mutable state of one `fit` call (kept out of `fit` so each piece stays short)."""
+
+    def __init__(self, spec: LoopSpec, model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo,
+                 generators: dict[str, torch.Generator] | None) -> None:
+        self.spec, self.model, self.opt, self.info = spec, model, opt, info
+        self.generators = generators or {}
+        self.ema = EMA(model, spec.ema_decay, warmup=spec.ema_warmup) if spec.ema_decay > 0 else None
+        self.ckpt = Checkpointer(spec.checkpoint_dir, spec.fingerprint)
+        self.step = self.start = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        self.loss_count = 0
+        self.last_loss = float("nan")
+        self.rng: dict[str, Any] | None = None
+
+    def resume(self) -> None:
+        """Load the checkpoint's tensors (the RNG streams are restored later, see `fit`)."""
+        state = self.ckpt.load(self.info.device)
+        if state is None:
+            return
+        if int(state["step"]) > self.spec.steps:
+            log.warning("%s: %s is at step %d, past the %d steps asked for; starting over",
+                        self.spec.name, self.ckpt.path, state["step"], self.spec.steps)
+            self.ckpt.seconds_before = 0.0
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = self.start = int(state["step"])
+        self.loss_sum.fill_(float(state["loss_sum"]))
+        self.loss_count, self.last_loss = int(state["loss_count"]), float(state["last_loss"])
+        self.rng = state["rng"]
+        log.info("%s: resuming from %s at step %d", self.spec.name, self.ckpt.path, self.step)
+
+    def save(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                 "loss_sum": float(self.loss_sum), "loss_count": self.loss_count, "last_loss": self.last_loss,
+                 "rng": rng_state(self.generators)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        self.ckpt.save(state, final=self.step == self.spec.steps)
+
+    def check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            key = f"{self.spec.config_key}.lr" if self.spec.config_key else "the learning rate"
+            raise PipelineError(
+                f"{self.spec.name}: the loss became {value} before step {self.step} (last finite mean "
+                f"{self.last_loss:.4g}); nothing was saved from this point; lower {key} or check the inputs"
+            )
+
+    def mean_loss(self) -> float:
+        """The mean loss since the last log line, averaged over every rank."""
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64,
+                                                         device=self.loss_sum.device)])
+        if self.info.distributed:
+            dist.all_reduce(total)
+        value = float(total[0] / total[1]) if float(total[1]) > 0 else float("nan")
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return value
+
+
+def _train_step(run: _Run, model: nn.Module, loss_fn: Loss, batch: Any) -> None:
+    """One optimiser step: lr, autocast loss, backward, clipping, update, EMA."""
+    spec = run.spec
+    for group in run.opt.param_groups:
+        group["lr"] = spec.lr * lr_factor(run.step, spec.steps, spec.warmup_steps, spec.decay, spec.decay_frac)
+    with autocast(run.info.device, spec.amp):
+        loss = loss_fn(model, batch, run.step)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if spec.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+    run.opt.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    run.loss_sum += loss.detach().double()
+    run.loss_count += 1
+    run.step += 1
+
+
+def _log(run: _Run, tracker: Any, bar: Any, extras: Callable[[int], dict[str, float]] | None) -> None:
+    """Every `log_every` steps: the all-reduced mean loss to the bar, the log and MLflow."""
+    run.last_loss = loss = run.mean_loss()
+    run.check_finite(loss)
+    spec, p = run.spec, run.spec.metric_prefix
+    metrics = {f"{p}loss": loss, f"{p}lr": run.opt.param_groups[0]["lr"]}
+    seconds = run.ckpt.seconds_this_run
+    if spec.batch_size and seconds > 0:
+        metrics[f"{p}images_per_s"] = (run.step - run.start) * spec.batch_size / seconds
+    if extras is not None:
+        metrics.update({f"{p}{k}": v for k, v in extras(run.step).items()})
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", **({"img_s": f"{metrics[f'{p}images_per_s']:.0f}"}
+                                               if f"{p}images_per_s" in metrics else {}))
+    if tracker is not None:
+        tracker.log_metrics(metrics, step=run.step)
+
+
+def fit(
+    spec: LoopSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Loss,
+    data: Data,
+    info: DistInfo,
+    tracker: Any = None,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+    extras: Callable[[int], dict[str, float]] | None = None,
+    on_step: Callable[[int, nn.Module | None], None] | None = None,
+) -> Trained:
+    """Train `model` for `spec.steps` optimiser steps, resuming from its checkpoint if there is one.
+
+    `data(start)` returns an iterator of ready batches from step `start` on (anything the stage's
+    `loss` takes); it is called before the RNG streams are restored, so whatever it draws at start
+    (a DataLoader's base seed) is drawn the same way in a fresh and in a resumed run. `generators`
+    are the stage's own RNG streams, saved and restored with the global ones. `extras(step)` adds
+    values to each log line; `on_step(step, ema_model)` runs after every step on rank 0 (e.g. for
+    sample grids).
+    """
+    run = _Run(spec, model, optimizer, info, generators)
+    run.resume()
+    ddp = wrap_ddp(model, info)
+    batches = data(run.step) if run.step < spec.steps else iter(())
+    if run.rng is not None:
+        set_rng_state(run.rng, run.generators)
+    bar = None
+    if info.is_main and run.step < spec.steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=spec.steps, initial=run.step, desc=spec.name, unit="step", dynamic_ncols=True)
+    run.ckpt.start_clock(training=run.step < spec.steps)
+    cpu0 = time.process_time()
+    ddp.train()
+    while run.step < spec.steps:
+        _train_step(run, ddp, loss, next(batches))
+        if bar is not None:
+            bar.update(1)
+        if run.step % spec.log_every == 0 or run.step == spec.steps:
+            _log(run, tracker, bar, extras)
+        if info.is_main and (run.step % spec.ckpt_every == 0 or run.step == spec.steps):
+            run.check_finite(float(run.loss_sum))
+            run.save()
+        if on_step is not None and info.is_main:
+            on_step(run.step, None if run.ema is None else run.ema.model)
+    if bar is not None:
+        bar.close()
+    del batches  # stops DataLoader workers before the stage goes on
+    return Trained(unwrap(ddp), None if run.ema is None else run.ema.model, _summary(run, cpu0))
+
+
+def _summary(run: _Run, cpu0: float) -> dict[str, Any]:
+    """What every training stage reports about its run (metrics files, MLflow)."""
+    seconds = run.ckpt.stop_clock()
+    trained = run.step - run.start
+    return {
+        "steps": run.step,
+        "resumed_from": run.start or None,
+        "steps_this_run": trained,
+        "train_seconds_total": round(run.ckpt.train_seconds, 2),  # every run of this checkpoint
+        "train_seconds_this_run": round(seconds, 2),
+        # CPU seconds of this process (its threads, not loader workers): on a shared machine this,
+        # not the wall time, shows what a run costs.
+        "train_cpu_seconds_this_run": round(time.process_time() - cpu0, 1),
+        "images_per_s": round(trained * run.spec.batch_size / seconds, 1) if trained and run.spec.batch_size else None,
+        "final_loss": run.last_loss if math.isfinite(run.last_loss) else None,
+    }

@@ -22,6 +22,8 @@ from rcg.encoders import EncoderSpec, RepEncoder, load_encoder, save_encoder
 from rcg.encoders.vit import build_vit
 from rcg.features import read_features, to_table
 from rcg.io import PipelineError
+from rcg import features
+from rcg.metrics import representations
 from rcg.stages import encode as stage
 
 BLOCKS = [f.name for f in dataclasses.fields(config_mod.Config) if f.name != "preset"]
@@ -98,10 +100,10 @@ def test_rows_do_not_depend_on_the_loader_workers(shards, tmp_path):
     read_order, written = {}, {}
     for workers in (0, 2):
         cfg.encode.num_workers = workers
-        table = stage.encode_split(enc, cfg, "train", torch.device("cpu"), progress=False)
+        table = features.encode_split(enc, cfg.data, "train", torch.device("cpu"), cfg.encode.batch_size, cfg.encode.num_workers, progress=False)
         read_order[workers] = table["key"].to_pylist()
         written[workers] = tmp_path / f"train_{workers}.parquet"
-        stage.write_split(table, n, "train", written[workers])
+        features.write_split(table, n, "train", written[workers])
     # The two loaders really do interleave the 3 shards differently ...
     assert read_order[0] != read_order[2] and sorted(read_order[0]) == sorted(read_order[2])
     # ... and the files are byte for byte the same, in the canonical order.
@@ -114,12 +116,12 @@ def test_rows_do_not_depend_on_the_loader_workers(shards, tmp_path):
 def test_exactly_once_check_names_duplicates_and_missing():
     reps = np.zeros((4, 256), np.float32)
     ok = to_table(["a", "b", "a", "b"], [0, 1, 0, 1], ["orig", "orig", "flip", "flip"], reps)
-    stage.check_exactly_once(ok, 2, "train")
+    features.check_exactly_once(ok, 2, "train")
     dup = to_table(["a", "a", "a", "b"], [0, 0, 0, 1], ["orig", "orig", "flip", "flip"], reps)
     with pytest.raises(PipelineError, match="duplicate keys in view 'orig' \\(e.g. a\\)"):
-        stage.check_exactly_once(dup, 2, "train")
+        features.check_exactly_once(dup, 2, "train")
     with pytest.raises(PipelineError, match="manifest says 3"):
-        stage.check_exactly_once(ok, 3, "val")
+        features.check_exactly_once(ok, 3, "val")
 
 
 def test_uniformity_and_noise_floor():
@@ -127,10 +129,10 @@ def test_uniformity_and_noise_floor():
     spread = torch.randn(2000, 16, generator=g)
     clumped = torch.randn(2000, 16, generator=g) * 0.05 + 1.0
     # Uniformly spread reps are more uniform (lower loss) than a tight cluster; identical points give 0.
-    assert stage.uniformity(spread) < stage.uniformity(clumped) < -0.0
-    assert stage.uniformity(torch.ones(10, 4)) == pytest.approx(0.0)
+    assert representations.uniformity(spread) < representations.uniformity(clumped) < -0.0
+    assert representations.uniformity(torch.ones(10, 4)) == pytest.approx(0.0)
     # Two halves of one Gaussian: small FD; a shifted second half: FD about the squared shift.
-    fd = stage.frechet_noise_floor(spread)
+    fd = representations.frechet_noise_floor(spread)
     assert 0 < fd < 0.5
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 

@@ -63,7 +63,7 @@ def test_stage_learns_writes_artifacts_and_resumes(in_workspace: Path, caplog: p
     m = read_json("metrics/evalnet.json")
     # 24 steps on 256 Fashion-MNIST images: far above chance (0.1) on the 256 val images.
     assert m["test_accuracy"] > 0.4, m
-    assert m["train_steps"] == 24 and set(m["per_class_accuracy"]) <= set(read_json("data/shards/manifest.json")["classes"])
+    assert m["steps"] == 24 and set(m["per_class_accuracy"]) <= set(read_json("data/shards/manifest.json")["classes"])
     net, meta = load_evalnet("models/evalnet/evalnet.safetensors")
     assert meta["test_accuracy"] == m["test_accuracy"] and meta["kwargs"]["in_channels"] == 1
     ckpt = torch.load("checkpoints/evalnet/checkpoint-last.pt", weights_only=False)

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from rcg import config as config_mod
 from rcg.encoders import load_encoder
 from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
-from rcg.encoders.knn import knn_top1
+from rcg.metrics.knn import knn_top1
 from rcg.encoders.moco import MoCoV3, init_patch_embed, lr_at, momentum_at
 from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
 from rcg.io import PipelineError
 from rcg.training import Checkpointer
+from tests.interrupt import Interrupted, interrupt_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,20 +163,18 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(shards)
-    # Interrupt the first run after the checkpoint at step 2 (of 4).
-    calls = {"n": 0}
+    # Interrupt the first run during step 3 (of 4), after the checkpoint at step 2.
     real_momentum = stage.momentum_at
 
-    def interrupted(step, total, m0):
-        calls["n"] += 1
-        if step == 2:
-            raise KeyboardInterrupt
+    def slow(step, total, m0):
         time.sleep(0.1)  # the first run's 2 steps take >= 0.2 s on the training clock
         return real_momentum(step, total, m0)
 
-    monkeypatch.setattr(stage, "momentum_at", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        stage.run(cfg)
+    monkeypatch.setattr(stage, "momentum_at", slow)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)
+        with pytest.raises(Interrupted):
+            stage.run(cfg)
     ckpt = Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()
     assert ckpt is not None and ckpt["step"] == 2 and ckpt["train_seconds"] >= 0.2
     assert not Path("models/encoder/encoder.json").exists()
@@ -186,7 +185,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     assert meta["source"] == "mocov3-pretrain" and meta["steps"] == 4
     assert "knn_k" not in meta["training_config"]  # evaluation settings do not define the weights
     metrics = json.loads(Path("metrics/encoder.json").read_text())
-    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
+    assert metrics["resumed_from"] == 2 and metrics["steps"] == 4
     # The clock covers both runs: the first run's time plus this one's (steps 3-4).
     assert metrics["train_seconds_total"] == pytest.approx(
         ckpt["train_seconds"] + metrics["train_seconds_this_run"], abs=0.02)
@@ -207,7 +206,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     stage.run(tiny_config(shards, **{"encoder.knn_k": 5}))
     assert {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()} == files
     again = json.loads(Path("metrics/encoder.json").read_text())
-    assert again["resumed_from_step"] == 4 and again["images_per_s"] is None
+    assert again["resumed_from"] == 4 and again["images_per_s"] is None
     assert again["train_seconds_total"] == pytest.approx(metrics["train_seconds_total"], abs=0.02)
     assert again["final_loss"] == metrics["final_loss"] and again["knn_k"] == 5
     # A changed setting starts over instead of resuming.

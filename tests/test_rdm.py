@@ -256,7 +256,7 @@ def test_missing_features_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
 
 def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     """A tiny RDM trained briefly must beat its untrained self by a wide margin in FD to the data."""
-    from rcg.stages.train_rdm import diffusion_meta, train_rdm_model
+    from rcg.stages.train_rdm import diffusion_meta, train_one
     from rcg.training import DistInfo
 
     cfg = config.load("params.yaml", {"train_rdm": {"steps": 300, "ema_decay": 0.99, "lr": 2e-3}})
@@ -265,7 +265,7 @@ def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(0)
     untrained = build_rdm("tiny")
-    ema_net, summary = train_rdm_model(rc, f.reps.clone(), None, info)
+    ema_net, summary = train_one(rc, f.reps.clone(), None, 0, info)
     meta = _meta(ema_net)
     meta["diffusion"] = diffusion_meta(rc)  # the schedule and parameterisation it was trained with
     stats = feature_statistics(f.reps)
@@ -280,7 +280,7 @@ def test_rdm_fds_are_means_over_independent_draws(num_classes: int) -> None:
     """eval_repeats=3 reports the mean and spread of three single draws, each with fresh samples."""
     import statistics
 
-    from rcg.stages.train_rdm import evaluate_rdm
+    from rcg.metrics.rdm import score_rdm
 
     torch.manual_seed(0)
     net = build_rdm("tiny", num_classes=num_classes)
@@ -290,12 +290,10 @@ def test_rdm_fds_are_means_over_independent_draws(num_classes: int) -> None:
     x, y = synthetic_reps(300)
     train = (torch.from_numpy(x), torch.from_numpy(y % 3))
     val = (train[0][:120], train[1][:120])
-    rc = config.resolve(yaml.safe_load(tiny_params())).train_rdm
-    rc.n_eval, rc.sample_steps, rc.eval_batch_size = 60, 5, 60
+    bundle.meta["sampling"] = {"steps": 5, "eta": 0.0, "temperature": 1.0, "amp": False}
 
     def score(repeats: int, seed: int) -> dict:
-        rc.eval_repeats, rc.seed = repeats, seed
-        return evaluate_rdm(bundle, rc, train, val)
+        return score_rdm(bundle, train, val, n_eval=60, repeats=repeats, seed=seed, batch_size=60)
 
     singles = [score(1, r * 1000) for r in range(3)]
     merged = score(3, 0)
@@ -351,40 +349,38 @@ def test_checkpointer_carries_the_training_clock_across_runs(
 def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
     from rcg.training import lr_factor
 
-    assert [lr_factor(s, 10, decay_frac=0.3) for s in range(10)] == pytest.approx([1] * 8 + [2 / 3, 1 / 3])
+    assert [lr_factor(s, 10, decay="linear", decay_frac=0.3) for s in range(10)] == pytest.approx([1] * 8 + [2 / 3, 1 / 3])
     assert [lr_factor(s, 10) for s in range(10)] == [1.0] * 10  # the reference's constant lr
-    assert [lr_factor(s, 10, warmup_steps=4) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+    assert [lr_factor(s, 10, warmup=4) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+    cosine = [lr_factor(s, 12, warmup=2, decay="cosine") for s in range(12)]
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[7] == pytest.approx(0.5)  # MoCo v3
 
 
-def test_lr_decay_is_applied_and_survives_an_interrupted_run(rdm_workspace: Path) -> None:
-    """The lr is a function of the step alone: a run cut at step 6 of 12 resumes onto the same schedule."""
-    from rcg.stages.train_rdm import train_rdm_model
+def test_lr_decay_is_applied_and_survives_an_interrupted_run(rdm_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lr is a function of the step alone: a run cut at step 7 of 12 resumes onto the same schedule."""
+    from rcg.stages.train_rdm import train_one
     from rcg.training import DistInfo
+    from tests.interrupt import Interrupted, interrupt_after
 
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     reps = read_features("data/features/train.parquet").reps.clone()
     over = {"steps": 12, "lr_decay_frac": 0.5, "batch_size": 32, "ckpt_every": 3}
 
     def last_lr(ck_dir: str) -> float:
-        return torch.load(f"{ck_dir}/uncond/checkpoint-last.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"]
+        return torch.load(f"{ck_dir}/uncond/checkpoint-last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
 
     whole = config.load("params.yaml", {"train_rdm": {**over, "checkpoint_dir": "ck_whole"}}).train_rdm
-    train_rdm_model(whole, reps, None, info)
+    train_one(whole, reps, None, 0, info)
     assert last_lr("ck_whole") == pytest.approx(whole.lr / 6)  # step 12 of 12: 1/6 of the way down the decay
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_6(done: int) -> None:
-        if done == 6:
-            raise Interrupt
-
     split = config.load("params.yaml", {"train_rdm": {**over, "checkpoint_dir": "ck_split"}}).train_rdm
-    with pytest.raises(Interrupt):
-        train_rdm_model(split, reps, None, info, on_step=stop_at_6)
-    assert last_lr("ck_split") == pytest.approx(split.lr)  # steps 1-6: still the constant phase
-    train_rdm_model(split, reps, None, info)
-    ck = torch.load("ck_split/uncond/checkpoint-last.pt", weights_only=False)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 7)
+        with pytest.raises(Interrupted):
+            train_one(split, reps, None, 0, info)
+    assert last_lr("ck_split") == pytest.approx(split.lr)  # saved at step 6: still the constant phase
+    train_one(split, reps, None, 0, info)
+    ck = torch.load("ck_split/uncond/checkpoint-last.pt", weights_only=True)
     assert ck["step"] == 12 and last_lr("ck_split") == pytest.approx(whole.lr / 6)
 
 
@@ -414,13 +410,13 @@ def _ddp_worker(rank: int, world: int, port: int, workdir: str) -> None:
     )
     torch.set_num_threads(1)
     os.chdir(workdir)
-    from rcg.stages.train_rdm import train_rdm_model
+    from rcg.stages.train_rdm import train_one
     from rcg.training import cleanup_distributed, setup_distributed
 
     info = setup_distributed()
     cfg = config.load("params.yaml", {"train_rdm": {"steps": 12, "batch_size": 32}})
     f = read_features("data/features/train.parquet")
-    ema_net, _ = train_rdm_model(cfg.train_rdm, f.reps.clone(), f.labels.clone(), info, num_classes=4)
+    ema_net, _ = train_one(cfg.train_rdm, f.reps.clone(), f.labels.clone(), 4, info)
     net_state = torch.load(Path(cfg.train_rdm.checkpoint_dir) / "class" / "checkpoint-last.pt",
                            weights_only=False) if rank == 0 else None
     torch.save({"ema": ema_net.state_dict(), "ckpt_step": None if net_state is None else net_state["step"]},

@@ -64,32 +64,25 @@ def test_each_condition_trains_and_saves(ws: Path, condition: str) -> None:
 
 
 def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rcg.training as training
+    from tests.interrupt import Interrupted, interrupt_after
+
     cfg = load_cfg()  # tiny: 6 steps, a checkpoint every 3
-    real_step = train_generator.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated interruption at step 5")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train_generator, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_generator.run(cfg, condition="rep")
-    state = torch.load("checkpoints/train_generator/rep/checkpoint-last.pt", weights_only=False)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 4)
+        with pytest.raises(Interrupted):
+            train_generator.run(cfg, condition="rep")
+    state = torch.load("checkpoints/train_generator/rep/checkpoint-last.pt", weights_only=True)
     assert state["step"] == 3
     assert not Path("models/generator/rep/generator.safetensors").exists()
 
-    monkeypatch.setattr(train_generator, "train_step", real_step)
-    calls["n"] = 0
-    counted = {"n": 0}
+    real_step, counted = training._train_step, {"n": 0}
 
     def counting_step(*args, **kwargs):
         counted["n"] += 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_generator, "train_step", counting_step)
+    monkeypatch.setattr(training, "_train_step", counting_step)
     train_generator.run(cfg, condition="rep")
     assert counted["n"] == 3  # only the steps after the checkpoint
     m = _metrics("rep")
@@ -171,7 +164,9 @@ def test_encoder_on_the_fly_matches_cache(ws: Path) -> None:
     train_generator.run(cfg, condition="rep")
     assert _metrics("rep")["steps"] == cfg.train_generator.steps
 
-    cache = train_generator.RepCache("data/features/train.parquet")
+    from rcg.features import RepCache
+
+    cache = RepCache("data/features/train.parquet")
     enc = load_encoder("models/encoder")
     batch = next(iter(make_loader(cfg.data, "train", "once", 8)))
     flipped = torch.tensor([False, True] * 4)
@@ -181,10 +176,8 @@ def test_encoder_on_the_fly_matches_cache(ws: Path) -> None:
 
 
 def test_label_baseline_needs_labels(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rcg.data.loader as loader
-
-    manifest = loader.read_manifest("data/shards")
-    monkeypatch.setattr(loader, "read_manifest", lambda d: {**manifest, "classes": []})
+    manifest = train_generator.read_manifest("data/shards")
+    monkeypatch.setattr(train_generator, "read_manifest", lambda d: {**manifest, "classes": []})
     with pytest.raises(PipelineError, match="no classes"):
         train_generator.run(load_cfg(), condition="label")
     with pytest.raises(PipelineError, match="rep, none or label"):

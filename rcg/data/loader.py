@@ -3,9 +3,12 @@
 - `once`: every sample exactly once across DDP ranks and DataLoader workers (shards are split by
   node, then by worker, never shuffled): encoding and evaluation.
 - `train`: an endless stream of resampled shards with an in-memory shuffle buffer; each rank and
-  worker draws with its own seed, derived from the caller's, so a run is reproducible. Training
-  loops count steps, not epochs, and pass seed + the step they resume from, so that a resumed run
-  draws fresh samples instead of replaying the start of the stream.
+  worker draws with its own seed, derived from the caller's, so a run is reproducible. A run
+  resumed at step k asks for the stream with `skip_batches=k`: every worker replays its share of the
+  first k batches without decoding them (tar reading only), so the resumed run sees exactly the
+  batches an uninterrupted run would have seen. Past `data.resume_replay_max` samples per worker the
+  replay would cost too much reading (ImageNet-sized runs): the stream is then reseeded at k, which
+  keeps the data fresh but not identical, and the log says so.
 
 Batches are dicts: {"key": list[str], "image": float [B, C, H, W] in [0, 1], "label": int64 [B]},
 with label -1 for unlabelled samples.
@@ -13,6 +16,7 @@ with label -1 for unlabelled samples.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,7 +29,8 @@ import webdataset as wds
 from rcg.config import DataConfig
 from rcg.data.images import decode, decode_plain_png, resize_crop, to_pixels, to_unit
 from rcg.io import PipelineError, file_digest, read_json
-from rcg.training import DistInfo
+
+log = logging.getLogger(__name__)
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,21 +61,20 @@ def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
 class _Decode:
     """Shard sample -> {"key", "image", "label"}; a picklable callable for DataLoader workers."""
 
-    def __init__(self, size: int, channels: int, random_crop: bool, transform: Transform | None):
+    def __init__(self, size: int, channels: int, random_crop: bool, transform: Transform | None, seed: int = 0):
         self.size, self.channels, self.random_crop, self.transform = size, channels, random_crop, transform
-        self._rng: np.random.Generator | None = None
+        self.seed = seed
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         data = sample.get("png", sample.get("jpg"))
         if data is None:
             raise PipelineError(f"{sample.get('__url__')}: sample {sample['__key__']} has no image")
-        if self.random_crop and self._rng is None:
-            # Seeded from torch's per-worker seed, so workers differ but runs are reproducible.
-            self._rng = np.random.default_rng(torch.initial_seed() % 2**32)
         image = decode_plain_png(data, self.channels, self.size)  # the common case, decoded fast
         if image is None:
-            img = resize_crop(decode(data, self.channels), self.size, self._rng if self.random_crop else None)
-            image = to_pixels(img)
+            # A crop's randomness is a function of the sample's place in the stream, so a replayed
+            # (resumed) stream crops exactly as the first pass did.
+            rng = np.random.default_rng([self.seed, *sample["__place__"]]) if self.random_crop else None
+            image = to_pixels(resize_crop(decode(data, self.channels), self.size, rng))
         if self.transform is not None:
             image = self.transform(to_unit(image))
         cls = sample.get("cls")
@@ -78,15 +82,63 @@ class _Decode:
         return {"key": sample["__key__"], "image": image, "label": label}
 
 
-class _WorkerShuffle:
-    """WebDataset's shuffle buffer with an rng seeded by (seed, rank, worker) when iteration starts."""
+class _StreamOf:
+    """Which worker's stream this DataLoader worker produces: (rank, stream index, workers).
 
-    def __init__(self, buffer: int, seed: int) -> None:
-        self.buffer, self.seed = buffer, seed
+    DataLoader hands batch i of an iterator to worker i % W, starting again at worker 0 for every new
+    iterator. A run resumed after k batches must see next the batch that stream k % W would have
+    served, so worker w of the new iterator plays stream (w + k) % W. Without a resume this is the
+    worker's own index, and the seeds are WebDataset's usual (rank * 1000 + worker).
+    """
+
+    def __init__(self, skip_batches: int) -> None:
+        self.skip_batches = skip_batches
+
+    def __call__(self) -> tuple[int, int, int]:
+        rank, _, worker, workers = wds.utils.pytorch_worker_info()
+        workers = max(1, workers)
+        return rank, (worker + self.skip_batches) % workers, workers
+
+    def seed(self) -> int:
+        rank, stream, _ = self()
+        return rank * 1000 + stream
+
+
+class _WorkerShuffle:
+    """WebDataset's shuffle buffer with an rng seeded by (seed, rank, stream) when iteration starts."""
+
+    def __init__(self, buffer: int, seed: int, stream: _StreamOf) -> None:
+        self.buffer, self.seed, self.stream = buffer, seed, stream
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-        rng = random.Random(wds.utils.make_seed(self.seed, wds.utils.pytorch_worker_seed()))
+        rng = random.Random(wds.utils.make_seed(self.seed, self.stream.seed()))
         return wds.shuffle(self.buffer, rng=rng)(src)
+
+
+class _Position:
+    """Numbers the samples of one stream and drops the first `skip_batches` batches' worth.
+
+    After k batches, stream s has served the batches i < k with i % W == s; those samples are
+    dropped here, before decoding, so replaying them costs only reading the tar members.
+    """
+
+    def __init__(self, skip_batches: int, batch_size: int, stream: _StreamOf) -> None:
+        self.skip_batches, self.batch_size, self.stream = skip_batches, batch_size, stream
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        rank, stream, workers = self.stream()
+        skip = len(range(stream, self.skip_batches, workers)) * self.batch_size
+        for i, sample in enumerate(src):
+            if i >= skip:
+                sample["__place__"] = (rank, stream, i)
+                yield sample
+
+
+def replay_limit_exceeded(data_cfg: DataConfig, skip_batches: int, batch_size: int) -> bool:
+    """Whether replaying `skip_batches` batches would read more than data.resume_replay_max samples
+    per worker (then the stream is reseeded instead: see the module docstring)."""
+    workers = max(1, data_cfg.num_workers)
+    return skip_batches * batch_size / workers > data_cfg.resume_replay_max
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,10 +156,13 @@ def image_dataset(
     mode: Literal["once", "train"],
     transform: Transform | None = None,
     seed: int = 0,
+    skip_batches: int = 0,
+    batch_size: int = 1,
 ) -> wds.DataPipeline:
     """The per-sample WebDataset pipeline for `split` (see the module docstring for the modes)."""
     urls = shard_urls(data_cfg.shards_dir, split)
-    dec = _Decode(data_cfg.image_size, data_cfg.channels, random_crop=(mode == "train"), transform=transform)
+    dec = _Decode(data_cfg.image_size, data_cfg.channels, random_crop=(mode == "train"), transform=transform,
+                  seed=seed)
     if mode == "once":
         ds = wds.WebDataset(
             urls,
@@ -117,13 +172,15 @@ def image_dataset(
             empty_check=False,  # a worker may get no shard when shards < workers x ranks
         )
     elif mode == "train":
+        stream = _StreamOf(skip_batches)
         # Built from parts because webdataset 1.0's WebDataset(resampled=True, seed=...) ignores the
         # seed and, like .shuffle(), seeds itself from the clock, pid and os.urandom: no two runs saw
         # the same samples. ResampledShards(deterministic=True) mixes seed, rank and worker instead.
         return wds.DataPipeline(
-            wds.ResampledShards(urls, seed=seed, deterministic=True),
+            wds.ResampledShards(urls, seed=seed, deterministic=True, worker_seed=stream.seed),
             wds.tarfile_to_samples(),
-            _WorkerShuffle(data_cfg.shuffle_buffer, seed),
+            _WorkerShuffle(data_cfg.shuffle_buffer, seed, stream),
+            _Position(skip_batches, batch_size, stream),
             wds.map(dec),
         )
     else:
@@ -137,23 +194,29 @@ def make_loader(
     mode: Literal["once", "train"],
     batch_size: int,
     transform: Transform | None = None,
-    info: DistInfo | None = None,
     drop_last: bool | None = None,
     num_workers: int | None = None,
     seed: int = 0,
+    skip_batches: int = 0,
 ) -> Iterable[dict[str, Any]]:
     """A DataLoader over the shards of `split` yielding dict batches (module docstring).
 
-    `seed` picks the `train` stream (shards, shuffle); crops use torch's per-worker seed.
-
-    `info` is accepted for symmetry with the training code; rank and world size are read from
+    `seed` picks the `train` stream (shards, shuffle, crops); `skip_batches` starts it where a run
+    that already took that many batches left off. Rank and world size are read from
     torch.distributed by WebDataset's node splitter. `drop_last` defaults to True in `train` mode
     (equal batch shapes for DDP) and False in `once` mode (nothing may be lost).
     """
-    del info  # splitting by node reads torch.distributed directly
     workers = data_cfg.num_workers if num_workers is None else num_workers
-    ds = image_dataset(data_cfg, split, mode, transform, seed)
+    if mode == "train" and skip_batches and replay_limit_exceeded(data_cfg, skip_batches, batch_size):
+        log.warning("resuming at batch %d: replaying the stream would read more than data.resume_replay_max "
+                    "samples per worker; the stream is reseeded, so the data order differs from an "
+                    "uninterrupted run", skip_batches)
+        seed, skip_batches = seed + skip_batches, 0
+    ds = image_dataset(data_cfg, split, mode, transform, seed, skip_batches, batch_size)
     drop = (mode == "train") if drop_last is None else drop_last
+    # `once` streams draw nothing random, so they get a private generator and leave torch's global
+    # RNG alone; a `train` DataLoader draws its base seed from it, as DataLoader does by default.
+    generator = torch.Generator().manual_seed(seed) if mode == "once" else None
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -162,4 +225,5 @@ def make_loader(
         drop_last=drop,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        generator=generator,
     )

@@ -155,3 +155,31 @@ def class_accuracy(
         if mask.any():
             per_class[name] = float(hit[mask].mean())
     return {"overall": float(hit.mean()) if len(hit) else float("nan"), "per_class": per_class}
+
+
+@torch.no_grad()
+def val_accuracy(model: EvalNet, data_cfg: Any, classes: list[str], device: torch.device) -> dict[str, Any]:
+    """Top-1 accuracy on every labelled val sample (split across ranks, counts summed)."""
+    import torch.distributed as dist
+
+    from rcg.data.loader import make_loader
+
+    model.eval()
+    preds, targets = [], []
+    for batch in make_loader(data_cfg, "val", "once", batch_size=500):
+        keep = batch["label"] >= 0
+        if keep.any():
+            preds.append(model(batch["image"][keep].to(device)).argmax(1).cpu())
+            targets.append(batch["label"][keep])
+    p = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    if dist.is_initialized():  # per-class hit and total counts from every rank
+        counts = torch.zeros(2, len(classes), dtype=torch.float64)
+        counts[0].index_add_(0, t, (p == t).double())
+        counts[1].index_add_(0, t, torch.ones_like(t, dtype=torch.float64))
+        dist.all_reduce(counts)
+        per_class = {c: float(counts[0, i] / counts[1, i]) for i, c in enumerate(classes) if counts[1, i]}
+        return {"overall": float(counts[0].sum() / counts[1].sum()), "per_class": per_class}
+    if len(t) == 0:
+        raise PipelineError(f"{data_cfg.shards_dir}/val: no labelled val samples to test the classifier on")
+    return class_accuracy(p, t, classes)
