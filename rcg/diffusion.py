@@ -1,7 +1,8 @@
 """The one diffusion module shared by the RDM and the image generator (DESIGN.md, REFERENCE.md 2.3-2.4).
 
 - Beta schedules (`make_betas`): the reference RDM's linear-in-sqrt schedule, ADM's linear one and
-  Nichol & Dhariwal's cosine one.
+  Nichol & Dhariwal's cosine one; `diffusion_meta` / `Diffusion.from_meta` write and read the one
+  JSON description of a process that the RDM and the generator artifacts share.
 - `Diffusion`: the forward process q(x_t | x_0), the eps / x0 / v parameterisations and the plain MSE
   training loss (DDPM, Ho et al. 2020; the reference RDM trains with x0-prediction; v-prediction is
   Salimans & Ho 2022).
@@ -67,6 +68,26 @@ def make_betas(
     raise ValueError(f"unknown beta schedule {schedule!r} (expected sqrt_linear, linear or cosine)")
 
 
+def diffusion_meta(
+    beta_schedule: Schedule,
+    timesteps: int,
+    linear_start: float | None = None,
+    linear_end: float | None = None,
+    parameterization: Parameterization = "eps",
+) -> dict[str, Any]:
+    """The `diffusion` entry of a model's JSON (RDM and image generator alike): what
+    `Diffusion.from_meta` rebuilds the process from. Unset endpoints (None) are left out, meaning
+    the schedule's defaults.
+    """
+    meta: dict[str, Any] = {"timesteps": int(timesteps), "beta_schedule": beta_schedule}
+    if linear_start is not None:
+        meta["linear_start"] = linear_start
+    if linear_end is not None:
+        meta["linear_end"] = linear_end
+    meta["parameterization"] = parameterization
+    return meta
+
+
 # --------------------------------------------------------------------------------------------------
 # The forward process and the loss
 # --------------------------------------------------------------------------------------------------
@@ -100,16 +121,19 @@ class Diffusion:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
 
     @classmethod
-    def from_schedule(
-        cls,
-        schedule: Schedule,
-        timesteps: int = 1000,
-        parameterization: Parameterization = "eps",
-        linear_start: float | None = None,
-        linear_end: float | None = None,
-    ) -> Diffusion:
-        """`Diffusion(make_betas(...), parameterization)` in one call."""
-        return cls(make_betas(schedule, timesteps, linear_start, linear_end), parameterization)
+    def from_meta(cls, meta: dict[str, Any]) -> Diffusion:
+        """The Diffusion a model was trained with, from the `diffusion` entry of its JSON
+        (`diffusion_meta`'s keys; `linear_start`/`linear_end` absent or null mean the schedule's
+        defaults, `parameterization` absent means eps). Raises KeyError for a missing key.
+        """
+        if "beta_schedule" not in meta and "schedule" in meta:
+            # RDM JSON written before the RDM and the generator shared this format spells the key
+            # "schedule"; trained models on disk still carry it.
+            meta = {**meta, "beta_schedule": meta["schedule"]}
+        betas = make_betas(
+            meta["beta_schedule"], int(meta["timesteps"]), meta.get("linear_start"), meta.get("linear_end")
+        )
+        return cls(betas, meta.get("parameterization", "eps"))
 
     # ---- forward process --------------------------------------------------------------------------
 

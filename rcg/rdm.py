@@ -17,7 +17,6 @@ and `sample_reps`, which the image-generation pipeline calls.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rcg.diffusion import Diffusion, ddim_sample, make_betas
+from rcg.diffusion import Diffusion, ddim_sample
 from rcg.io import PipelineError, atomic_path, get_logger, read_json, write_json
+from rcg.layers import lookup_arch, timestep_embedding, zero_module
 from rcg.training import autocast
 
 log = get_logger(__name__)
@@ -41,24 +41,6 @@ RDM_ARCHS: dict[str, dict[str, int]] = {
 }
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / (dim/2)) (cos first,
-    as in the reference; REFERENCE.md 2.2)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
-def _zero(module: nn.Linear) -> nn.Linear:
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
-
-
 class ResBlock(nn.Module):
     """x + Linear0(SiLU(LN(Linear(SiLU(LN(x))) + emb_proj(SiLU(emb)) [+ ctx_proj(SiLU(ctx))])))."""
 
@@ -70,7 +52,7 @@ class ResBlock(nn.Module):
             nn.Sequential(nn.SiLU(), nn.Linear(context_dim, width)) if context_dim else None
         )
         self.out_layers = nn.Sequential(
-            nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout), _zero(nn.Linear(width, width))
+            nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, width)
         )
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
@@ -78,7 +60,7 @@ class ResBlock(nn.Module):
         h = h + self.emb_layers(emb)  # additive time conditioning
         if self.context_layers is not None and context is not None:
             h = h + self.context_layers(context)  # additive class conditioning
-        return x + self.out_layers(h)  # (B, W); zero-init: each block starts as the identity
+        return x + self.out_layers(h)  # (B, W); RDMNet zero-inits the last Linear: identity at first
 
 
 class RDMNet(nn.Module):
@@ -106,9 +88,16 @@ class RDMNet(nn.Module):
         self.blocks = nn.ModuleList(
             [ResBlock(width, time_embed_dim, ctx, dropout) for _ in range(depth)]
         )
-        self.out = nn.Sequential(
-            nn.LayerNorm(width, eps=1e-6), nn.SiLU(), _zero(nn.Linear(width, rep_dim))
-        )
+        self.out = nn.Sequential(nn.LayerNorm(width, eps=1e-6), nn.SiLU(), nn.Linear(width, rep_dim))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The reference's init (REFERENCE.md 2.2): every block's output Linear and the head's last
+        Linear are zero, so each block starts as the identity and the untrained RDM predicts x0 = 0;
+        every other layer keeps PyTorch's default init, drawn as the layers are constructed."""
+        for block in self.blocks:
+            zero_module(block.out_layers[-1])
+        zero_module(self.out[-1])
 
     @property
     def class_cond(self) -> bool:
@@ -129,9 +118,8 @@ class RDMNet(nn.Module):
 
 def build_rdm(arch: str, rep_dim: int = 256, num_classes: int = 0) -> RDMNet:
     """An RDM of a named size (`RDM_ARCHS`); num_classes > 0 makes it class-conditional."""
-    if arch not in RDM_ARCHS:
-        raise PipelineError(f"train_rdm.arch: unknown RDM size {arch!r} (known: {', '.join(RDM_ARCHS)})")
-    return RDMNet(rep_dim=rep_dim, num_classes=num_classes, **RDM_ARCHS[arch])
+    size = lookup_arch(RDM_ARCHS, arch, "RDM size", key="train_rdm.arch")
+    return RDMNet(rep_dim=rep_dim, num_classes=num_classes, **size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,9 +193,7 @@ def make_meta(
 
 def bundle_from(model: RDMNet, meta: dict[str, Any]) -> RDMBundle:
     """Wrap an in-memory network with its metadata (what `load_rdm` returns, without the files)."""
-    d = meta["diffusion"]
-    betas = make_betas(d["schedule"], d["timesteps"], d.get("linear_start"), d.get("linear_end"))
-    return RDMBundle(model.eval(), Diffusion(betas, d["parameterization"]), meta)
+    return RDMBundle(model.eval(), Diffusion.from_meta(meta["diffusion"]), meta)
 
 
 def load_rdm(
@@ -222,13 +208,18 @@ def load_rdm(
         what = "class-conditional RDM (needs labelled features and train_rdm.class_cond)" if class_cond else "RDM"
         raise PipelineError(f"{wpath}: no trained {what} here (run `rcg train-rdm` first)")
     meta = read_json(jpath)
-    m = meta["model"]
-    model = RDMNet(
-        rep_dim=m["rep_dim"], width=m["width"], depth=m["depth"], time_embed_dim=m["time_embed_dim"],
-        num_classes=m["num_classes"], class_embed_dim=m["class_embed_dim"],
-    )
+    try:
+        m = meta["model"]
+        model = RDMNet(
+            rep_dim=m["rep_dim"], width=m["width"], depth=m["depth"], time_embed_dim=m["time_embed_dim"],
+            num_classes=m["num_classes"], class_embed_dim=m["class_embed_dim"],
+        )
+        bundle = bundle_from(model, meta)
+    except KeyError as e:
+        raise PipelineError(f"{jpath}: missing key {e}") from None
     model.load_state_dict(load_file(str(wpath)), strict=True)
-    return bundle_from(model.to(device).requires_grad_(False), meta)
+    model.to(device).requires_grad_(False)
+    return bundle
 
 
 # --------------------------------------------------------------------------------------------------

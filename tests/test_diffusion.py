@@ -13,6 +13,7 @@ from rcg.diffusion import (
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    diffusion_meta,
     make_betas,
     respaced_timesteps,
 )
@@ -60,6 +61,33 @@ def test_linear_and_cosine_schedules() -> None:
     assert ab[t].item() == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError):
         make_betas("quadratic", 10)  # type: ignore[arg-type]
+
+
+def test_diffusion_meta_round_trips_through_from_meta() -> None:
+    meta = diffusion_meta("sqrt_linear", 100, 0.001, 0.02, "x0")
+    assert meta == {"timesteps": 100, "beta_schedule": "sqrt_linear", "linear_start": 0.001,
+                    "linear_end": 0.02, "parameterization": "x0"}
+    d = Diffusion.from_meta(meta)
+    assert d.parameterization == "x0" and torch.equal(d.betas, make_betas("sqrt_linear", 100, 0.001, 0.02))
+    # Unset endpoints are left out and mean the schedule's defaults (the generator's JSON).
+    meta = diffusion_meta("linear", 1000, parameterization="v")
+    assert meta == {"timesteps": 1000, "beta_schedule": "linear", "parameterization": "v"}
+    assert torch.equal(Diffusion.from_meta(meta).betas, make_betas("linear", 1000))
+
+
+def test_from_meta_reads_the_old_spellings() -> None:
+    """JSON of trained models on disk: the RDM's "schedule" key, a generator's missing endpoints
+    and parameterisation (eps), and explicit nulls."""
+    old_rdm = {"schedule": "sqrt_linear", "timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195,
+               "parameterization": "x0"}
+    d = Diffusion.from_meta(old_rdm)
+    assert d.parameterization == "x0" and torch.equal(d.betas, make_betas("sqrt_linear", 1000))
+    old_gen = {"timesteps": 1000, "beta_schedule": "cosine"}
+    assert Diffusion.from_meta(old_gen).parameterization == "eps"
+    nulls = {"timesteps": 50, "beta_schedule": "linear", "linear_start": None, "linear_end": None}
+    assert torch.equal(Diffusion.from_meta(nulls).betas, make_betas("linear", 50))
+    with pytest.raises(KeyError, match="beta_schedule"):
+        Diffusion.from_meta({"timesteps": 10})
 
 
 # ---- forward process and loss ----------------------------------------------------------------------

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from rcg.encoders import EncoderSpec, RepEncoder, load_encoder, save_encoder
 from rcg.encoders.checkpoints import load_checkpoint, load_strict
-from rcg.encoders.vit import build_vit, sincos_pos_embed_2d
+from rcg.encoders.vit import ARCHS, ENCODER_ARCHS, build_vit, encoder_spec
 from rcg.io import PipelineError
+from rcg.layers import sincos_pos_embed_2d
 
 
 def small_spec(**kw) -> EncoderSpec:
@@ -86,15 +87,29 @@ def test_channel_mismatch_is_an_error():
 
 
 def test_sincos_position_embedding_is_fixed_and_zero_for_cls():
-    pe = sincos_pos_embed_2d(4, 16)
-    assert pe.shape == (1, 17, 16)
-    assert torch.equal(pe[0, 0], torch.zeros(16))
-    # Patch (row 0, col 1): w = 1 -> sin(1 * omega_0) = sin(1) in channel 0; h = 0 -> cos(0) = 1.
-    assert pe[0, 2, 0].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item())
-    assert pe[0, 2, 12].item() == pytest.approx(1.0)
     vit = build_vit(small_spec())
     assert not vit.pos_embed.requires_grad
-    torch.testing.assert_close(vit.pos_embed.data, sincos_pos_embed_2d(4, 64))
+    pe = vit.pos_embed.data
+    assert pe.shape == (1, 17, 64)
+    assert torch.equal(pe[0, 0], torch.zeros(64))  # the CLS token has no position
+    # The patches: the shared embedding, computed in float32 as MoCo v3's torch code does.
+    assert torch.equal(pe[0, 1:], sincos_pos_embed_2d(4, 64, dtype=torch.float32))
+    learned = build_vit(small_spec(pos_embed="learn"))
+    assert learned.pos_embed.requires_grad and not torch.equal(learned.pos_embed.data[0, 1:], pe[0, 1:])
+
+
+def test_encoder_sizes_registry():
+    base = encoder_spec("mocov3_vit_base")
+    assert (base.embed_dim, base.depth, base.num_heads, base.rep_dim, base.head) == (768, 12, 12, 256, "mocov3")
+    assert encoder_spec("mocov3_vit_small", rep_dim=128).rep_dim == 128
+    dino = encoder_spec("ibot_vit_base")
+    assert (dino.head, dino.head_hidden_dim, dino.pos_embed) == ("dino", 2048, "learn")
+    assert encoder_spec("deit_vit_base", rep_dim=256).rep_dim == 1000  # its classifier is the representation
+    # The old name -> function(rep_dim) shape still gives the same specs.
+    assert set(ARCHS) == set(ENCODER_ARCHS)
+    assert all(ARCHS[name](64) == encoder_spec(name, 64) for name in ENCODER_ARCHS)
+    with pytest.raises(PipelineError, match=r"unknown encoder arch 'vit_huge' \(known: mocov3_vit_small, "):
+        encoder_spec("vit_huge")
 
 
 def test_save_and_load_encoder_round_trip(tmp_path):

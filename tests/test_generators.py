@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from rcg.generators import REGISTRY, build_generator, load_generator, save_generator
-from rcg.generators.dit import DiT
+from rcg.generators.dit import DIT_ARCHS, DiT, build_dit
+from rcg.generators.unet import UNET_ARCHS, UNet, build_unet
 from rcg.generators.vae import PixelCodec, VAECodec, codec_for, make_codec
 from rcg.io import PipelineError
+from rcg.layers import sincos_pos_embed_2d
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ARCHS = ["dit_tiny", "unet_tiny"]
@@ -62,8 +64,27 @@ def test_registry_has_every_dit_size_and_patch() -> None:
     n = sum(p.numel() for p in model.parameters())
     assert 32.0e6 < n < 33.5e6
     assert model.grid == 16 and model.depth == 12 and model.hidden_size == 384
-    with pytest.raises(PipelineError, match="not in the registry"):
+    with pytest.raises(PipelineError, match=r"unknown generator arch 'DiT-XXL/3' \(known: DiT-S/2, "):
         build_generator("DiT-XXL/3")
+
+
+def test_registry_is_the_union_of_the_family_tables() -> None:
+    assert set(REGISTRY) == set(DIT_ARCHS) | set(UNET_ARCHS) and not set(DIT_ARCHS) & set(UNET_ARCHS)
+    assert DIT_ARCHS["DiT-XL/2"] == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
+    unet = build_unet("unet_tiny", input_size=28, in_channels=1, channel_mult=[1, 2], attention_levels=[1])
+    assert isinstance(unet, UNet)  # JSON lists for the tuple kwargs are fine
+    dit = build_dit("dit_tiny", input_size=28, in_channels=1, depth=1)  # kwargs override the entry
+    assert isinstance(dit, DiT) and dit.depth == 1 and dit.patch_size == 4
+    with pytest.raises(PipelineError, match=r"unknown DiT size 'unet_tiny' \(known: DiT-S/2, "):
+        build_dit("unet_tiny")
+    with pytest.raises(PipelineError, match=r"unknown U-Net size 'dit_tiny' \(known: unet_tiny, unet_fmnist\)"):
+        build_unet("dit_tiny")
+
+
+def test_dit_positions_are_the_shared_sincos_embedding() -> None:
+    model = build_generator("dit_fmnist", input_size=28, in_channels=1)
+    assert torch.equal(model.pos_embed[0], sincos_pos_embed_2d(4, 128))  # float64 sinusoids, as DiT's
+    assert "pos_embed" not in model.state_dict()  # fixed: rebuilt, never saved
 
 
 @pytest.mark.parametrize("arch", SMALL_ARCHS)

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from rcg import config
+from rcg.diffusion import diffusion_meta
 from rcg.features import read_features, to_table, write_features
 from rcg.io import PipelineError
 from rcg.metrics.frechet import feature_statistics, frechet_distance
@@ -24,7 +25,6 @@ from rcg.rdm import (
     make_meta,
     sample_reps,
     save_rdm,
-    timestep_embedding,
 )
 from tests.conftest import tiny_params
 
@@ -91,11 +91,10 @@ def test_network_matches_reference_shape_and_init() -> None:
     assert torch.equal(net.blocks[0](h, emb, ctx), h)
 
 
-def test_timestep_embedding_is_cos_then_sin() -> None:
-    e = timestep_embedding(torch.tensor([0, 3]), 8)
-    assert torch.equal(e[0], torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]))
-    freqs = torch.exp(-np.log(10000.0) * torch.arange(4) / 4)
-    torch.testing.assert_close(e[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
+def test_unknown_size_names_the_config_key_and_the_known_sizes() -> None:
+    known = r"\(known: tiny, small, base, paper\)$"
+    with pytest.raises(PipelineError, match=r"^train_rdm.arch: unknown RDM size 'huge' " + known):
+        build_rdm("huge")
 
 
 def test_class_conditioning_changes_output_after_training_step() -> None:
@@ -118,9 +117,25 @@ def test_class_conditioning_changes_output_after_training_step() -> None:
 
 
 def _meta(net: RDMNet) -> dict:
-    diff = {"schedule": "sqrt_linear", "timesteps": 100, "linear_start": 0.0015, "linear_end": 0.0195,
-            "parameterization": "x0"}
+    diff = diffusion_meta("sqrt_linear", 100, 0.0015, 0.0195, "x0")
     return make_meta(net, "tiny", diff, {"steps": 5, "eta": 1.0, "temperature": 1.0})
+
+
+def test_rdm_json_of_the_old_format_still_loads(tmp_path: Path) -> None:
+    """RDM JSON written before the shared diffusion format spells the schedule key "schedule"."""
+    net = build_rdm("tiny")
+    meta = _meta(net)
+    meta["diffusion"] = {"schedule": "sqrt_linear", "timesteps": 100, "linear_start": 0.0015,
+                         "linear_end": 0.0195, "parameterization": "x0"}  # as train-rdm wrote it
+    save_rdm(net, meta, tmp_path, "rdm")
+    old = load_rdm(tmp_path).diffusion
+    new = bundle_from(net, _meta(net)).diffusion
+    assert old.parameterization == new.parameterization == "x0"
+    assert torch.equal(old.betas, new.betas) and old.num_timesteps == 100
+    del meta["diffusion"]["timesteps"]
+    save_rdm(net, meta, tmp_path, "rdm")
+    with pytest.raises(PipelineError, match=r"rdm.json: missing key 'timesteps'"):
+        load_rdm(tmp_path)
 
 
 def test_save_load_round_trip_and_sample_reps(tmp_path: Path) -> None:

@@ -5,6 +5,13 @@
 files; `moco` pretrains a MoCo v3 encoder when there is no checkpoint.
 """
 
-from rcg.encoders.vit import ARCHS, EncoderSpec, RepEncoder, load_encoder, save_encoder
+from rcg.encoders.vit import (
+    ENCODER_ARCHS,
+    EncoderSpec,
+    RepEncoder,
+    encoder_spec,
+    load_encoder,
+    save_encoder,
+)
 
-__all__ = ["ARCHS", "EncoderSpec", "RepEncoder", "load_encoder", "save_encoder"]
+__all__ = ["ENCODER_ARCHS", "EncoderSpec", "RepEncoder", "encoder_spec", "load_encoder", "save_encoder"]

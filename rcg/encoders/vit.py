@@ -18,6 +18,7 @@ stem (`conv_stem`). The representation of an image in [0, 1] is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from rcg.io import PipelineError, atomic_path, write_json
+from rcg.layers import lookup_arch, sincos_pos_embed_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,41 +82,26 @@ class EncoderSpec:
         return cls(**d)
 
 
-# Size presets of the official checkpoints (REFERENCE.md section 1).
-def mocov3_vit_small(rep_dim: int = 256) -> EncoderSpec:
-    return EncoderSpec(embed_dim=384, depth=12, num_heads=12, rep_dim=rep_dim)  # MoCo v3 ViT-S: 12 heads
-
-
-def mocov3_vit_base(rep_dim: int = 256) -> EncoderSpec:
-    return EncoderSpec(embed_dim=768, depth=12, num_heads=12, rep_dim=rep_dim)
-
-
-def mocov3_vit_large(rep_dim: int = 256) -> EncoderSpec:
-    return EncoderSpec(embed_dim=1024, depth=24, num_heads=16, rep_dim=rep_dim)
-
-
-def dino_vit_base(rep_dim: int = 256) -> EncoderSpec:
-    # DINO/iBOT use a learned position embedding and the DINO head (bottleneck = rep_dim).
-    return EncoderSpec(head="dino", head_hidden_dim=2048, rep_dim=rep_dim, pos_embed="learn")
-
-
-def ibot_vit_base(rep_dim: int = 256) -> EncoderSpec:
-    return dino_vit_base(rep_dim)
-
-
-def deit_vit_base(rep_dim: int = 1000) -> EncoderSpec:
-    del rep_dim  # DeiT has no projector: the representation is its 1000-way classifier output
-    return EncoderSpec(head="linear", rep_dim=1000, pos_embed="learn")
-
-
-ARCHS = {
-    "mocov3_vit_small": mocov3_vit_small,
-    "mocov3_vit_base": mocov3_vit_base,
-    "mocov3_vit_large": mocov3_vit_large,
-    "dino_vit_base": dino_vit_base,
-    "ibot_vit_base": ibot_vit_base,
-    "deit_vit_base": deit_vit_base,
+# Size presets of the official checkpoints (REFERENCE.md section 1): EncoderSpec fields by name.
+# `rep_dim` is the caller's unless the entry fixes it (DeiT's representation is its 1000-way output).
+_DINO = dict(head="dino", head_hidden_dim=2048, pos_embed="learn")  # DINO head, learned positions
+ENCODER_ARCHS: dict[str, dict[str, Any]] = {
+    "mocov3_vit_small": dict(embed_dim=384, depth=12, num_heads=12),  # MoCo v3 ViT-S: 12 heads
+    "mocov3_vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "mocov3_vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "dino_vit_base": _DINO,
+    "ibot_vit_base": _DINO,
+    "deit_vit_base": dict(head="linear", rep_dim=1000, pos_embed="learn"),  # no projector
 }
+
+
+def encoder_spec(name: str, rep_dim: int = 256) -> EncoderSpec:
+    """The EncoderSpec of the official size `name` (`ENCODER_ARCHS`) with a `rep_dim`-d representation."""
+    return EncoderSpec(**{"rep_dim": rep_dim, **lookup_arch(ENCODER_ARCHS, name, "encoder arch")})
+
+
+# Old shape of the registry (name -> function of rep_dim), kept for rcg/stages/encoder.py only.
+ARCHS = {name: functools.partial(encoder_spec, name) for name in ENCODER_ARCHS}
 
 
 def build_mlp(
@@ -149,23 +136,6 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
-
-
-def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
-    """MoCo v3's fixed 2-D sin-cos position embedding [1, 1 + grid^2, dim], zero for the CLS token.
-
-    A quarter of the channels each for sin(w), cos(w), sin(h), cos(h), frequencies 1/10000^(k/(dim/4)).
-    """
-    if dim % 4:
-        raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
-    coords = torch.arange(grid, dtype=torch.float32)
-    gh, gw = torch.meshgrid(coords, coords, indexing="ij")  # row-major patch order, as PatchEmbed
-    quarter = dim // 4
-    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    out_w = gw.flatten()[:, None] * omega[None]  # (grid^2, dim/4)
-    out_h = gh.flatten()[:, None] * omega[None]
-    pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # (grid^2, dim)
-    return torch.cat([torch.zeros(1, dim), pe], dim=0)[None]
 
 
 def conv_stem(in_chans: int, embed_dim: int, img_size: int, patch_size: int) -> nn.Sequential:
@@ -219,8 +189,9 @@ def build_vit(spec: EncoderSpec) -> VisionTransformer:
             blk.attn.fused_attn = False
     if spec.pos_embed == "sincos":
         grid = spec.img_size // spec.patch_size
-        with torch.no_grad():
-            vit.pos_embed.copy_(sincos_pos_embed_2d(grid, spec.embed_dim))
+        with torch.no_grad():  # zero for the CLS token; float32 sinusoids, as MoCo v3's torch code
+            vit.pos_embed[0, 0].zero_()
+            vit.pos_embed[0, 1:].copy_(sincos_pos_embed_2d(grid, spec.embed_dim, dtype=torch.float32))
         vit.pos_embed.requires_grad_(False)  # fixed, not learned (MoCo v3)
     return vit
 
@@ -323,6 +294,6 @@ def load_encoder(model_dir: str | Path = "models/encoder", device: str | torch.d
 
 
 __all__ = [
-    "ARCHS", "DINOHead", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token", "conv_stem",
-    "load_encoder", "preprocess", "read_spec", "save_encoder", "sincos_pos_embed_2d", "standardize",
+    "ARCHS", "DINOHead", "ENCODER_ARCHS", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token",
+    "conv_stem", "encoder_spec", "load_encoder", "preprocess", "read_spec", "save_encoder", "standardize",
 ]

@@ -1,9 +1,11 @@
 """Image generators of RCG (DESIGN.md step 3): a registry of architectures, saving and loading.
 
-``REGISTRY`` maps an architecture name to a constructor taking the model kwargs (``input_size``,
-``in_channels``, ``condition``, ``rep_dim``, ``num_classes``, ``rep_drop_prob``). DiT sizes follow the
-DiT paper ('DiT-S/2' ... 'DiT-XL/8'); the small presets ('dit_tiny', 'dit_fmnist', 'unet_tiny',
-'unet_fmnist') are sized for tests and for Fashion-MNIST on a CPU.
+Each family keeps its named sizes in one dict, name -> constructor kwargs (``DIT_ARCHS``,
+``UNET_ARCHS``), built by ``build_dit`` / ``build_unet``; ``build_generator(arch, **kwargs)`` picks the
+family by name, and ``REGISTRY`` maps every name to its constructor. The model kwargs are
+``input_size``, ``in_channels``, ``condition``, ``rep_dim``, ``num_classes``, ``rep_drop_prob``. DiT
+sizes follow the DiT paper ('DiT-S/2' ... 'DiT-XL/8'); the small presets ('dit_tiny', 'dit_fmnist',
+'unet_tiny', 'unet_fmnist') are sized for tests and for Fashion-MNIST on a CPU.
 
 A trained generator lives in ``<model_dir>/generator.safetensors`` (EMA weights) beside
 ``generator.json`` (architecture, kwargs, diffusion schedule, codec = pixel or VAE, data shape), and
@@ -12,6 +14,7 @@ A trained generator lives in ``<model_dir>/generator.safetensors`` (EMA weights)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,32 +23,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rcg.diffusion import Diffusion, make_betas
-from rcg.generators.dit import DiT, dit_constructors
-from rcg.generators.unet import unet_constructors
+from rcg.diffusion import Diffusion
+from rcg.generators.dit import DIT_ARCHS, DiT, build_dit
+from rcg.generators.unet import UNET_ARCHS, build_unet
 from rcg.io import PipelineError, atomic_path, read_json, write_json
+from rcg.layers import lookup_arch
 
-REGISTRY: dict[str, Callable[..., nn.Module]] = {**dit_constructors(), **unet_constructors()}
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    **{name: functools.partial(build_dit, name) for name in DIT_ARCHS},
+    **{name: functools.partial(build_unet, name) for name in UNET_ARCHS},
+}
 
 WEIGHTS, META = "generator.safetensors", "generator.json"
 
 
 def build_generator(arch: str, **kwargs: Any) -> nn.Module:
     """Instantiate registry entry `arch` with model kwargs (see the module docstring)."""
-    if arch not in REGISTRY:
-        raise PipelineError(f"generator arch {arch!r} is not in the registry (known: {', '.join(sorted(REGISTRY))})")
-    return REGISTRY[arch](**kwargs)
+    return lookup_arch(REGISTRY, arch, "generator arch")(**kwargs)
 
 
-def make_diffusion(meta_diffusion: dict[str, Any]) -> Diffusion:
-    """The generator's Diffusion from the `diffusion` entry of generator.json."""
-    betas = make_betas(
-        meta_diffusion["beta_schedule"],
-        int(meta_diffusion["timesteps"]),
-        meta_diffusion.get("linear_start"),
-        meta_diffusion.get("linear_end"),
-    )
-    return Diffusion(betas, meta_diffusion.get("parameterization", "eps"))
+# The generator's old name for `Diffusion.from_meta`, kept for rcg/stages/train_generator.py only.
+make_diffusion = Diffusion.from_meta
 
 
 def save_generator(model_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
@@ -65,6 +63,7 @@ def load_generator(model_dir: str | Path, device: torch.device | str = "cpu") ->
     meta = read_json(model_dir / META)
     try:
         model = build_generator(meta["arch"], **meta["kwargs"])
+        diffusion = Diffusion.from_meta(meta["diffusion"])
     except KeyError as e:
         raise PipelineError(f"{model_dir / META}: missing key {e}") from None
     state = load_file(str(model_dir / WEIGHTS))
@@ -75,7 +74,10 @@ def load_generator(model_dir: str | Path, device: torch.device | str = "cpu") ->
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     model.to(device).eval().requires_grad_(False)
-    return model, make_diffusion(meta["diffusion"]), meta
+    return model, diffusion, meta
 
 
-__all__ = ["REGISTRY", "DiT", "build_generator", "load_generator", "save_generator", "make_diffusion"]
+__all__ = [
+    "DIT_ARCHS", "REGISTRY", "UNET_ARCHS", "DiT", "build_dit", "build_generator", "build_unet", "load_generator",
+    "make_diffusion", "save_generator",
+]

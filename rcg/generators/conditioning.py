@@ -10,24 +10,12 @@ class for the label baseline; ``c = t_emb`` for the unconditional baseline (pape
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rcg.layers import timestep_embedding
+
 CONDITIONS = ("rep", "none", "label")
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, [cos, sin] halves as in DiT."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*half)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 class Conditioner(nn.Module):
@@ -48,18 +36,30 @@ class Conditioner(nn.Module):
         self.condition, self.rep_drop_prob, self.freq_dim = condition, rep_drop_prob, freq_dim
         self.t_embedder = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         if condition == "rep":
-            # xavier init as the reference's rep_embedder (not zero); fake_latent ~ N(0, 0.02).
             self.rep_embedder = nn.Linear(rep_dim, hidden)
-            nn.init.xavier_uniform_(self.rep_embedder.weight)
-            nn.init.zeros_(self.rep_embedder.bias)
-            self.fake_latent = nn.Parameter(torch.randn(1, rep_dim) * 0.02)  # the null representation
+            self.fake_latent = nn.Parameter(torch.empty(1, rep_dim))  # the null representation
         elif condition == "label":
             self.num_classes = num_classes
             self.y_embedder = nn.Embedding(num_classes + 1, hidden)  # index num_classes = null class
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
-        for lin in (self.t_embedder[0], self.t_embedder[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Every non-default init of the conditioning: the rep embedder xavier (as the reference's,
+        not zero), fake_latent ~ N(0, 0.02), the label table and the t-MLP ~ N(0, 0.02) (DiT).
+
+        Called at the end of __init__, so these draws come right after the Conditioner's own default
+        inits and before its owner constructs its later layers: the owner must not call it again.
+        """
+        with torch.no_grad():
+            if self.condition == "rep":
+                nn.init.xavier_uniform_(self.rep_embedder.weight)
+                nn.init.zeros_(self.rep_embedder.bias)
+                self.fake_latent.copy_(torch.randn(self.fake_latent.shape) * 0.02)
+            elif self.condition == "label":
+                nn.init.normal_(self.y_embedder.weight, std=0.02)
+            for lin in (self.t_embedder[0], self.t_embedder[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
 
     def _drop_mask(self, n: int, device: torch.device, drop: Tensor | None) -> Tensor | None:
         """Which samples get the null condition: forced ones, plus random ones while training."""

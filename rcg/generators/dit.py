@@ -18,31 +18,14 @@ modulation, and shapes that let bf16 autocast do the heavy matmuls.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rcg import layers
 from rcg.generators.conditioning import Conditioner, Guided
-
-# --------------------------------------------------------------------------------------------------
-# Embedders
-# --------------------------------------------------------------------------------------------------
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (MAE/DiT), row-major patch order."""
-    assert dim % 4 == 0, "hidden size must be a multiple of 4 for the 2-D sin-cos embedding"
-    coords = torch.arange(grid, dtype=torch.float64)
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def one_axis(pos: Tensor) -> Tensor:
-        out = pos[:, None] * omega[None]  # (M, dim/4)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim/2)
-
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
-    emb = torch.cat([one_axis(gx.reshape(-1)), one_axis(gy.reshape(-1))], dim=1)  # (T, dim)
-    return emb.float()
-
 
 # --------------------------------------------------------------------------------------------------
 # Blocks
@@ -125,7 +108,8 @@ class DiT(Guided, nn.Module):
         self.grid = input_size // patch_size
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
+        # Fixed sin-cos positions, computed in float64 as DiT's numpy code (rcg.layers).
+        self.register_buffer("pos_embed", layers.sincos_pos_embed_2d(self.grid, hidden_size)[None], persistent=False)
         self.cond = Conditioner(hidden_size, condition, rep_dim, num_classes, rep_drop_prob)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         # Every block's adaLN modulation (6 vectors) plus the final layer's (2) in one Linear: one
@@ -136,7 +120,12 @@ class DiT(Guided, nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT init: xavier Linears, zero adaLN and output layer (adaLN-Zero); Conditioner inits itself."""
+        """DiT init: xavier Linears and patch projection, zero adaLN and output layer (adaLN-Zero).
+
+        The Conditioner (t-MLP, rep / label embedders) ran its own `initialize_weights` when it was
+        built, before the blocks drew their default inits; doing it here instead would reorder the
+        random draws and so change every initial weight.
+        """
 
         def _basic(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -149,10 +138,8 @@ class DiT(Guided, nn.Module):
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.zeros_(self.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_linear.weight)
-        nn.init.zeros_(self.final_linear.bias)
+        layers.zero_module(self.adaLN_modulation[-1])
+        layers.zero_module(self.final_linear)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -185,40 +172,36 @@ class DiT(Guided, nn.Module):
 # Sizes (DiT paper Table 1) and small presets for CPU
 # --------------------------------------------------------------------------------------------------
 
-SIZES: dict[str, dict[str, int]] = {
+# DiT paper Table 1: depth, width and heads of S/B/L/XL; each comes with patch 2, 4 and 8.
+_TABLE1: dict[str, dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 
-# Small presets: `dit_tiny` makes the tests run in seconds; `dit_fmnist` is sized for Fashion-MNIST
-# 28 px on CPU: patch 7 -> 16 tokens, 128 wide, 4 deep (1.3M parameters). Measured on one shared core
-# with bf16: ~880 img/s per CPU-second for a training step, 2.6x the patch-4 model's 340, and at equal
-# CPU time its held-out diffusion loss is as low or lower (issue 5 closing note). `dit_fmnist_p4` is
-# the finer, slower alternative for longer budgets. The default preset now uses `unet_fmnist`
-# (rcg/generators/unet.py): at equal CPU time its samples score better and are not blocky.
-SMALL: dict[str, dict[str, int]] = {
+# Named sizes -> DiT kwargs: 'DiT-S/2' ... 'DiT-XL/8', then the small presets. `dit_tiny` makes the
+# tests run in seconds; `dit_fmnist` is sized for Fashion-MNIST 28 px on CPU: patch 7 -> 16 tokens,
+# 128 wide, 4 deep (1.3M parameters). Measured on one shared core with bf16: ~880 img/s per
+# CPU-second for a training step, 2.6x the patch-4 model's 340, and at equal CPU time its held-out
+# diffusion loss is as low or lower. `dit_fmnist_p4` is the finer, slower alternative for longer
+# budgets. The default preset now uses `unet_fmnist` (rcg/generators/unet.py): at equal CPU time
+# its samples score better and are not blocky.
+DIT_ARCHS: dict[str, dict[str, int]] = {
+    **{f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in _TABLE1.items() for p in (2, 4, 8)},
     "dit_tiny": dict(depth=2, hidden_size=32, num_heads=2, patch_size=4),
     "dit_fmnist": dict(depth=4, hidden_size=128, num_heads=2, patch_size=7),
     "dit_fmnist_p4": dict(depth=4, hidden_size=128, num_heads=2, patch_size=4),
 }
 
 
-def dit_constructors() -> dict[str, object]:
-    """Registry entries: 'DiT-S/2' ... 'DiT-XL/8' plus the small presets; each takes DiT kwargs."""
-    out: dict[str, object] = {}
-    for size, arch in SIZES.items():
-        for p in (2, 4, 8):
-            out[f"DiT-{size}/{p}"] = _factory(dict(arch, patch_size=p))
-    for name, arch in SMALL.items():
-        out[name] = _factory(arch)
-    return out
+def build_dit(name: str, **kwargs: Any) -> DiT:
+    """The DiT of named size `name` (`DIT_ARCHS`); `kwargs` (input_size, in_channels, condition,
+    ...) complete or override its entry."""
+    return DiT(**{**layers.lookup_arch(DIT_ARCHS, name, "DiT size"), **kwargs})
 
 
-def _factory(arch: dict[str, int]):
-    def build(**kwargs) -> DiT:
-        return DiT(**{**arch, **kwargs})
-
-    build.arch = dict(arch)  # type: ignore[attr-defined]
-    return build
+def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
+    """Old argument order (dim, grid) of `rcg.layers.sincos_pos_embed_2d(grid, dim)`, the values
+    the DiT uses; kept only for benchmarks/bench_dit.py."""
+    return layers.sincos_pos_embed_2d(grid, dim)

@@ -10,32 +10,29 @@ learn, which pays on a CPU budget of a few thousand steps; the DiT stays the 256
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rcg.generators.conditioning import Conditioner, Guided
+from rcg.layers import lookup_arch, zero_module
 
 
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(32 if ch % 32 == 0 else 8, ch, eps=1e-6)
 
 
-def _zero(m: nn.Module) -> nn.Module:
-    for p in m.parameters():
-        nn.init.zeros_(p)
-    return m
-
-
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv -> scale-shift GN(emb) -> SiLU -> zero conv, plus a skip (ADM)."""
+    """GN -> SiLU -> conv -> scale-shift GN(emb) -> SiLU -> conv (zero-initialised), plus a skip (ADM)."""
 
     def __init__(self, cin: int, cout: int, emb: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, 2 * cout))
         self.out_norm = _norm(cout)
-        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -46,14 +43,14 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Spatial self-attention (fused SDPA) with a zero-initialised output projection."""
+    """Spatial self-attention (fused SDPA); UNet zero-initialises the output projection."""
 
     def __init__(self, ch: int, head_channels: int = 32) -> None:
         super().__init__()
         self.heads = max(1, ch // head_channels)
         self.norm = _norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+        self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         n, c, h, w = x.shape
@@ -112,7 +109,19 @@ class UNet(Guided, nn.Module):
                 if level > 0 and i == num_res_blocks:
                     layers.append(_Upsample(ch))
                 self.up.append(nn.ModuleList(layers))
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """ADM's init: the last conv of every residual block, every attention output projection and
+        the output conv are zero, so each block starts as its skip and the untrained U-Net predicts
+        0; the rest keeps PyTorch's default init. (The Conditioner initialised itself when built.)"""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                zero_module(m.out_layers[-1])
+            elif isinstance(m, AttnBlock):
+                zero_module(m.proj)
+        zero_module(self.out[-1])
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
@@ -144,25 +153,20 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-SMALL: dict[str, dict[str, object]] = {
+# Named sizes -> UNet kwargs. `unet_fmnist`: 1.25M parameters, the default preset's generator,
+# ~160 img/s per CPU-second for a training step (1/6 of dit_fmnist), yet with v-prediction 500 steps
+# (~400 CPU-s) reach fd (evalnet) 12.2 for RCG samples against dit_fmnist's 19.2 after 3000 steps
+# at the same CPU time.
+UNET_ARCHS: dict[str, dict[str, Any]] = {
     "unet_tiny": dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,)),
-    # 1.25M parameters, the default preset's generator: ~160 img/s per CPU-second for a training step
-    # (1/6 of dit_fmnist), yet with v-prediction 500 steps (~400 CPU-s) reach fd (evalnet) 12.2 for
-    # RCG samples against dit_fmnist's 19.2 after 3000 steps at the same CPU time (issue 5 note).
     "unet_fmnist": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,)),
 }
 
 
-def unet_constructors() -> dict[str, object]:
-    """Registry entries for the small U-Nets; each takes UNet kwargs (input_size, in_channels, ...)."""
-
-    def factory(arch: dict[str, object]):
-        def build(**kwargs) -> UNet:
-            merged = {**arch, **kwargs}
-            for k in ("channel_mult", "attention_levels"):
-                merged[k] = tuple(merged[k])  # JSON round-trips tuples as lists
-            return UNet(**merged)
-
-        return build
-
-    return {name: factory(arch) for name, arch in SMALL.items()}
+def build_unet(name: str, **kwargs: Any) -> UNet:
+    """The U-Net of named size `name` (`UNET_ARCHS`); `kwargs` (input_size, in_channels, condition,
+    ...) complete or override its entry."""
+    merged = {**lookup_arch(UNET_ARCHS, name, "U-Net size"), **kwargs}
+    for k in ("channel_mult", "attention_levels"):
+        merged[k] = tuple(merged[k])  # JSON round-trips tuples as lists
+    return UNet(**merged)
