@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rcg.generators.conditioning import timestep_embedding
-from rcg.generators.dit import DiT, sincos_pos_embed_2d
+from rcg.generators.dit import DiT
+from rcg.layers import sincos_pos_embed_2d, timestep_embedding
 
 
 class NaiveBlock(nn.Module):
@@ -62,7 +62,7 @@ class NaiveDiT(nn.Module):
         d = hidden_size
         self.p, self.c, self.grid, self.rep_drop_prob = patch_size, in_channels, input_size // patch_size, rep_drop_prob
         self.x_embedder = nn.Conv2d(in_channels, d, patch_size, stride=patch_size)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, self.grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(self.grid, d)[None], requires_grad=False)
         self.t1, self.t2 = nn.Linear(256, d), nn.Linear(d, d)
         self.rep_embedder = nn.Linear(rep_dim, d)
         self.fake_latent = nn.Parameter(torch.zeros(1, rep_dim))

@@ -78,7 +78,7 @@ class EncoderConfig:
 
     With `checkpoint` set, an official file is converted (strictly) into models/encoder/; otherwise
     MoCo v3 pretrains the architecture below on the train shards. The size fields apply when `arch`
-    is empty; a named `arch` (rcg.encoders.vit.ARCHS) brings its own size and ImageNet normalisation.
+    is empty; a named `arch` (rcg.encoders.vit.ENCODER_ARCHS) brings its own size and ImageNet normalisation.
     """
 
     checkpoint: str = ""  # official checkpoint file; empty = pretrain MoCo v3 on the train shards

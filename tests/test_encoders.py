@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from rcg.encoders import EncoderSpec, RepEncoder, load_encoder, save_encoder
 from rcg.encoders.checkpoints import load_checkpoint, load_strict
-from rcg.encoders.vit import ARCHS, ENCODER_ARCHS, build_vit, encoder_spec
+from rcg.encoders.vit import build_vit, encoder_spec
 from rcg.io import PipelineError
 from rcg.layers import sincos_pos_embed_2d
 
@@ -105,9 +105,6 @@ def test_encoder_sizes_registry():
     dino = encoder_spec("ibot_vit_base")
     assert (dino.head, dino.head_hidden_dim, dino.pos_embed) == ("dino", 2048, "learn")
     assert encoder_spec("deit_vit_base", rep_dim=256).rep_dim == 1000  # its classifier is the representation
-    # The old name -> function(rep_dim) shape still gives the same specs.
-    assert set(ARCHS) == set(ENCODER_ARCHS)
-    assert all(ARCHS[name](64) == encoder_spec(name, 64) for name in ENCODER_ARCHS)
     with pytest.raises(PipelineError, match=r"unknown encoder arch 'vit_huge' \(known: mocov3_vit_small, "):
         encoder_spec("vit_huge")
 

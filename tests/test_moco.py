@@ -244,7 +244,7 @@ def test_encoder_stage_converts_an_official_checkpoint(shards, tmp_path, monkeyp
     state = {"module.base_encoder." + k: v for k, v in vit.state_dict().items()}
     torch.save({"state_dict": state}, tmp_path / "moco.pth.tar")
     cfg = tiny_config(shards)
-    # A size not in ARCHS: name it through the size fields with ImageNet normalisation, 3 channels.
+    # A size not in ENCODER_ARCHS: name it through the size fields with ImageNet normalisation, 3 channels.
     cfg.encoder.checkpoint = str(tmp_path / "moco.pth.tar")
     cfg.encoder.img_size, cfg.encoder.patch_size, cfg.encoder.embed_dim = 32, 8, 64
     cfg.encoder.num_heads, cfg.encoder.proj_hidden_dim = 2, 64

@@ -271,7 +271,7 @@ def test_missing_features_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
 
 def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     """A tiny RDM trained briefly must beat its untrained self by a wide margin in FD to the data."""
-    from rcg.stages.train_rdm import diffusion_meta, train_one
+    from rcg.stages.train_rdm import schedule, train_one
     from rcg.training import DistInfo
 
     cfg = config.load("params.yaml", {"train_rdm": {"steps": 300, "ema_decay": 0.99, "lr": 2e-3}})
@@ -282,7 +282,7 @@ def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     untrained = build_rdm("tiny")
     ema_net, summary = train_one(rc, f.reps.clone(), None, 0, info)
     meta = _meta(ema_net)
-    meta["diffusion"] = diffusion_meta(rc)  # the schedule and parameterisation it was trained with
+    meta["diffusion"] = schedule(rc)  # the schedule and parameterisation it was trained with
     stats = feature_statistics(f.reps)
     fd_trained = frechet_distance(sample_reps(bundle_from(ema_net, meta), 300, steps=20), stats)
     fd_untrained = frechet_distance(sample_reps(bundle_from(untrained, meta), 300, steps=20), stats)

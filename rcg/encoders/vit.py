@@ -18,7 +18,6 @@ stem (`conv_stem`). The representation of an image in [0, 1] is
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -98,10 +97,6 @@ ENCODER_ARCHS: dict[str, dict[str, Any]] = {
 def encoder_spec(name: str, rep_dim: int = 256) -> EncoderSpec:
     """The EncoderSpec of the official size `name` (`ENCODER_ARCHS`) with a `rep_dim`-d representation."""
     return EncoderSpec(**{"rep_dim": rep_dim, **lookup_arch(ENCODER_ARCHS, name, "encoder arch")})
-
-
-# Old shape of the registry (name -> function of rep_dim), kept for rcg/stages/encoder.py only.
-ARCHS = {name: functools.partial(encoder_spec, name) for name in ENCODER_ARCHS}
 
 
 def build_mlp(
@@ -294,6 +289,6 @@ def load_encoder(model_dir: str | Path = "models/encoder", device: str | torch.d
 
 
 __all__ = [
-    "ARCHS", "DINOHead", "ENCODER_ARCHS", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token",
+    "DINOHead", "ENCODER_ARCHS", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token",
     "conv_stem", "encoder_spec", "load_encoder", "preprocess", "read_spec", "save_encoder", "standardize",
 ]

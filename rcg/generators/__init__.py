@@ -42,10 +42,6 @@ def build_generator(arch: str, **kwargs: Any) -> nn.Module:
     return lookup_arch(REGISTRY, arch, "generator arch")(**kwargs)
 
 
-# The generator's old name for `Diffusion.from_meta`, kept for rcg/stages/train_generator.py only.
-make_diffusion = Diffusion.from_meta
-
-
 def save_generator(model_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write `generator.safetensors` (weights) and `generator.json` (meta) atomically."""
     model_dir = Path(model_dir)
@@ -79,5 +75,5 @@ def load_generator(model_dir: str | Path, device: torch.device | str = "cpu") ->
 
 __all__ = [
     "DIT_ARCHS", "REGISTRY", "UNET_ARCHS", "DiT", "build_dit", "build_generator", "build_unet", "load_generator",
-    "make_diffusion", "save_generator",
+    "save_generator",
 ]

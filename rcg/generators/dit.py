@@ -199,9 +199,3 @@ def build_dit(name: str, **kwargs: Any) -> DiT:
     """The DiT of named size `name` (`DIT_ARCHS`); `kwargs` (input_size, in_channels, condition,
     ...) complete or override its entry."""
     return DiT(**{**layers.lookup_arch(DIT_ARCHS, name, "DiT size"), **kwargs})
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """Old argument order (dim, grid) of `rcg.layers.sincos_pos_embed_2d(grid, dim)`, the values
-    the DiT uses; kept only for benchmarks/bench_dit.py."""
-    return layers.sincos_pos_embed_2d(grid, dim)

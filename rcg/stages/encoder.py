@@ -24,7 +24,7 @@ from rcg.data.loader import make_loader, read_manifest, shards_id
 from rcg.encoders.augment import augment, two_view_recipes
 from rcg.encoders.checkpoints import load_checkpoint
 from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at
-from rcg.encoders.vit import ARCHS, EncoderSpec, RepEncoder, build_vit, load_encoder, preprocess, save_encoder
+from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, build_vit, load_encoder, preprocess, save_encoder
 from rcg.io import PipelineError, write_json
 from rcg.metrics.knn import knn_report
 from rcg.tracking import Tracker, stage_run
@@ -40,9 +40,9 @@ _NOT_TRAINING = {"checkpoint", "checkpoint_format", "knn_k", "knn_max_train", "c
 def spec_from_config(ecfg: EncoderConfig, channels: int) -> EncoderSpec:
     """The encoder architecture the config describes (a named official size, or the size fields)."""
     if ecfg.arch:
-        if ecfg.arch not in ARCHS:
-            raise PipelineError(f"encoder.arch: unknown {ecfg.arch!r} (known: {', '.join(sorted(ARCHS))})")
-        return ARCHS[ecfg.arch](ecfg.rep_dim)
+        if ecfg.arch not in ENCODER_ARCHS:
+            raise PipelineError(f"encoder.arch: unknown {ecfg.arch!r} (known: {', '.join(sorted(ENCODER_ARCHS))})")
+        return encoder_spec(ecfg.arch, ecfg.rep_dim)
     if len(ecfg.mean) != channels or len(ecfg.std) != channels:
         raise PipelineError(
             f"encoder.mean/std: need {channels} values for data.channels={channels}, got {ecfg.mean} / {ecfg.std}"

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from rcg.config import Config, GeneratorConfig
 from rcg.data.loader import make_loader, read_manifest, shards_id
-from rcg.diffusion import Diffusion
+from rcg.diffusion import Diffusion, diffusion_meta
 from rcg.features import RepCache
-from rcg.generators import build_generator, make_diffusion, save_generator
+from rcg.generators import build_generator, save_generator
 from rcg.generators.vae import Codec, codec_for
 from rcg.io import PipelineError, file_digest, write_json
 from rcg.sampling import sample_images, save_grid
@@ -147,9 +147,8 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
     codec = codec_for(gcfg.vae, gcfg.vae_scale or None).to(device)
     kwargs = model_kwargs(cfg, condition, codec, len(classes))
     model = build_generator(gcfg.arch, **kwargs).to(device)
-    diffusion_meta = {"timesteps": gcfg.timesteps, "beta_schedule": gcfg.beta_schedule,
-                      "parameterization": gcfg.parameterization}
-    diffusion = make_diffusion(diffusion_meta)
+    schedule = diffusion_meta(gcfg.beta_schedule, gcfg.timesteps, parameterization=gcfg.parameterization)
+    diffusion = Diffusion.from_meta(schedule)
     opt = torch.optim.AdamW(model.parameters(), lr=gcfg.lr, betas=(0.9, 0.95), weight_decay=gcfg.weight_decay)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("generator %s (%s, %.2fM params) on %s, condition=%s", gcfg.arch, codec.meta()["type"],
@@ -192,7 +191,7 @@ def train(cfg: Config, condition: str, info: DistInfo) -> Path:
         trained = fit(spec, model, opt, loss, data, info, tracker, on_step=grid)
         if info.is_main:
             meta = {"arch": gcfg.arch, "kwargs": kwargs, "condition": condition, "codec": codec.meta(),
-                    "diffusion": diffusion_meta, "classes": classes, "params": n_params, "step": trained.summary["steps"],
+                    "diffusion": schedule, "classes": classes, "params": n_params, "step": trained.summary["steps"],
                     "data": {"image_size": cfg.data.image_size, "channels": cfg.data.channels},
                     "sampling": sampling_settings(gcfg, codec)}
             save_generator(out_dir, trained.ema, meta)

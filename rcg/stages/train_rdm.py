@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rcg.config import Config, ConfigError, RDMConfig
-from rcg.diffusion import Diffusion, make_betas
+from rcg.diffusion import Diffusion, diffusion_meta
 from rcg.features import read_features
 from rcg.io import PipelineError, write_json
 from rcg.metrics.rdm import score_rdm
@@ -37,9 +37,9 @@ _TRAINING_KEYS = ("arch", "timesteps", "beta_schedule", "linear_start", "linear_
                   "timestep_power", "batch_size", "lr", "lr_decay_frac", "weight_decay", "ema_decay", "seed")
 
 
-def diffusion_meta(rc: RDMConfig) -> dict[str, Any]:
-    return {"schedule": rc.beta_schedule, "timesteps": rc.timesteps, "linear_start": rc.linear_start,
-            "linear_end": rc.linear_end, "parameterization": rc.parameterization}
+def schedule(rc: RDMConfig) -> dict[str, Any]:
+    """The RDM's diffusion process as its JSON describes it (paper section 3.2: 1000 steps, x0)."""
+    return diffusion_meta(rc.beta_schedule, rc.timesteps, rc.linear_start, rc.linear_end, rc.parameterization)
 
 
 def index_batches(n: int, batch: int, info: DistInfo, seed: int, start: int) -> Iterator[torch.Tensor]:
@@ -69,7 +69,7 @@ def train_one(rc: RDMConfig, reps: torch.Tensor, labels: torch.Tensor | None, nu
         batch = max(info.world_size, n - n % info.world_size)
     torch.manual_seed(rc.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     net = build_rdm(rc.arch, dim, num_classes if labels is not None else 0).to(info.device)
-    diffusion = Diffusion(make_betas(rc.beta_schedule, rc.timesteps, rc.linear_start, rc.linear_end), rc.parameterization)
+    diffusion = Diffusion.from_meta(schedule(rc))
     # fused AdamW: the same update in one kernel (several times faster than the per-tensor loop on CPU)
     opt = torch.optim.AdamW(net.parameters(), lr=rc.lr, weight_decay=rc.weight_decay, fused=True)
     data_id = [n, dim, num_classes, float(reps[:: max(1, n // 1000)].double().sum())]
@@ -124,7 +124,7 @@ def _save(rc: RDMConfig, net: torch.nn.Module, name: str, summary: dict[str, Any
           device: torch.device) -> RDMBundle:
     """Write models/rdm/<name>.* with the sampler settings every later use of this RDM reads."""
     meta = make_meta(
-        net, rc.arch, diffusion_meta(rc),
+        net, rc.arch, schedule(rc),
         {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
         {"trained_steps": summary["steps"], "ema_decay": rc.ema_decay,
          "features": str(Path(rc.features_dir) / "train.parquet"), "num_train_reps": n_reps},
