@@ -36,6 +36,11 @@ MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
 CONDITION_OF = {"uncond": "none", "label": "label", "rcg": "rep", "rcg_cfg": "rep", "rcg_class": "rep", "oracle": "rep"}
 
 
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """The noise stream of batch `batch` of a `sample_images` call with `seed` (CPU, any device)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch)
+
+
 class GuidedDenoiser:
     """The `model(x, t, **cond)` callable the samplers use: autocast, float32 out, optional guidance."""
 
@@ -86,7 +91,7 @@ def sample_images(
 ) -> Tensor:
     """n images [n, C, H, W] in [0, 1] from a generator, in batches; `cond` tensors have n rows.
 
-    Batch b draws its noise from seed (seed, b), so a given (seed, batch_size) is reproducible.
+    Batch b draws its noise from `batch_generator(seed, b)`, so a given (seed, batch_size) is reproducible.
     `x_T` (n, *shape) fixes the starting noise (interpolations share it across rows).
     `clip_x0` > 0 clamps each step's x0 estimate to [-clip_x0, clip_x0] (ADM's clip_denoised; only
     meaningful in pixel space, where the data range is known).
@@ -107,7 +112,7 @@ def sample_images(
     for b, i in enumerate(starts):
         j = min(n, i + batch_size)
         kw = {k: v[i:j].to(device) for k, v in cond.items()}
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        g = batch_generator(seed, b)
         xt = None if x_T is None else x_T[i:j]
         if sampler == "ddim":
             z = ddim_sample(denoiser, diffusion, (j - i, *shape), steps, eta=eta, model_kwargs=kw, generator=g,
