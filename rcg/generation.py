@@ -126,7 +126,7 @@ class ImageGenerator:
         if label is not None:
             ids, k = class_tensor(label, n), int(self.meta["kwargs"].get("num_classes", 0))
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k):
-                raise PipelineError(f"{where}: class ids must be in [0, {k}), got {ids.min()}..{ids.max()}")
+                raise PipelineError(f"{where}: class ids must be in [0, {k}), got {int(ids.min())}..{int(ids.max())}")
             return {"label": ids}
         return {}
 
