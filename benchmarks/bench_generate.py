@@ -4,8 +4,8 @@ Generation is RDM sampling (250 DDIM steps of a residual MLP on 256-d vectors) f
 image generator (train_generator.sample_steps steps over whole images). The RDM should cost at most
 10% of the total (the paper: training and sampling the RDM is cheap next to the image generator).
 Both models are built at the default preset's sizes with random weights (speed does not depend on
-the weights) and saved where `rcg.sampling.generate_images` looks for them; the real `rcg` path is
-timed, with the RDM's part measured around `rcg.rdm.sample_reps`.
+the weights), saved to model folders and loaded as an `rcg.generation.RCGGenerator`; the two halves
+of its `sample` (`sample_reps`, then `from_reps`) are timed with the same settings `sample` uses.
 
     .venv/bin/python benchmarks/bench_generate.py [--n 500] [--batch 250] [--threads 1] [--cfg 0]
 
@@ -37,52 +37,40 @@ def main() -> None:
 
     import rcg.rdm as rdm
     from rcg.config import Config
+    from rcg.generation import RDM_BATCH, RCGGenerator
     from rcg.generators import build_generator, save_generator
-    from rcg.sampling import generate_images
 
     cfg = Config()
     if args.arch:
         cfg.train_generator.arch = args.arch
     rc, gc = cfg.train_rdm, cfg.train_generator
     with tempfile.TemporaryDirectory() as tmp:
-        cfg.train_rdm.out_dir = os.path.join(tmp, "rdm")
-        cfg.train_generator.out_dir = os.path.join(tmp, "generator")
+        rdm_dir, gen_dir = os.path.join(tmp, "rdm"), Path(tmp) / "generator" / "rep"
         net = rdm.build_rdm(rc.arch, cfg.encoder.rep_dim)
         meta = rdm.make_meta(
             net, rc.arch,
             {"schedule": rc.beta_schedule, "timesteps": rc.timesteps, "linear_start": rc.linear_start,
              "linear_end": rc.linear_end, "parameterization": rc.parameterization},
-            {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": getattr(rc, "amp", False)},
+            {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
         )
-        rdm.save_rdm(net, meta, cfg.train_rdm.out_dir, "rdm")
+        rdm.save_rdm(net, meta, rdm_dir, "rdm")
         kwargs = dict(input_size=cfg.data.image_size, in_channels=cfg.data.channels, condition="rep",
                       rep_dim=cfg.encoder.rep_dim, num_classes=10, rep_drop_prob=gc.rep_drop_prob)
         gen = build_generator(gc.arch, **kwargs)
-        save_generator(Path(cfg.train_generator.out_dir) / "rep", gen, {
+        save_generator(gen_dir, gen, {
             "arch": gc.arch, "kwargs": kwargs, "condition": "rep", "codec": {"type": "pixel"},
             "diffusion": {"timesteps": gc.timesteps, "beta_schedule": gc.beta_schedule,
                           "parameterization": gc.parameterization},
             "sampling": {"sampler": gc.sampler, "steps": gc.sample_steps, "eta": gc.sample_eta, "amp": gc.amp},
         })
-
-        spent = {"rdm": 0.0}
-        real = rdm.sample_reps
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            out = real(*a, **kw)
-            spent["rdm"] += time.perf_counter() - t0
-            return out
-
-        rdm.sample_reps = timed
-        generate_images(cfg, "rcg", 8, steps=2, batch_size=8, progress=False)  # warm-up, loading
-        spent["rdm"] = 0.0
-        t0 = time.perf_counter()
+        rcg = RCGGenerator.load(rdm_dir, gen_dir)
+        rcg.sample(8, steps=2, batch_size=8)  # warm-up
         gen_steps = args.gen_steps or cfg.evaluate.sample_steps
-        generate_images(cfg, "rcg", args.n, cfg_scale=args.cfg, steps=gen_steps,
-                        batch_size=args.batch, progress=False)
+        t0 = time.perf_counter()
+        reps = rcg.sample_reps(args.n, batch_size=max(args.batch, RDM_BATCH))  # what rcg.sample draws
+        spent = {"rdm": time.perf_counter() - t0}
+        rcg.from_reps(reps, cfg=args.cfg, steps=gen_steps, batch_size=args.batch)
         total = time.perf_counter() - t0
-        rdm.sample_reps = real
 
     share = spent["rdm"] / total
     print(f"RCG generation of {args.n} images, {args.threads} thread(s), shared CPU (expect noise):")

@@ -4,9 +4,10 @@ DESIGN.md, "Roles": MLflow records models; the registry holds the servable RCG g
 aliases such as `@champion`. The pyfunc bundles what generation needs (DESIGN.md step 4): the RDM
 (`models/rdm/rdm.*`), the class-conditional RDM when it was trained (`rdm_class.*`), the
 representation-conditioned image generator (`models/generator/rep/`), the resolved config, and the
-evaluation table its `fd` comes from. `predict` calls the same library function as `rcg generate`
-(rcg.sampling.generate_images): RDM sample -> image generator, optional guidance (`cfg`), optional
-class through the class-conditional RDM (paper section 4.4: no retraining of the image generator).
+evaluation table its `fd` comes from. `load_context` loads `rcg.generation.RCGGenerator` straight
+from the artifact folders (the config is a record), and `predict` calls it as `rcg generate` does:
+RDM sample -> image generator, optional guidance (`cfg`), optional class through the
+class-conditional RDM (paper section 4.4: no retraining of the image generator).
 
 Input: one row per request, columns `n` (images), optional `class` (class index; empty = unconditional),
 `cfg` (guidance scale, 0 = none), `seed`. Output: one row per image, columns `request`, `index`,
@@ -93,22 +94,18 @@ def _integer(value: Any, key: str, row: int) -> int:
     return int(f)
 
 
-class RCGGenerator(PythonModel):
-    """MLflow pyfunc: RDM -> representation-conditioned generator (DESIGN.md, "The method", step 4)."""
+class RCGPyfunc(PythonModel):
+    """MLflow pyfunc around rcg.generation.RCGGenerator: RDM samples -> images (paper section 3)."""
 
     def load_context(self, context: Any) -> None:
-        from rcg import config as config_mod
+        from rcg.generation import RCGGenerator
 
         arts = context.artifacts
-        params = json.loads(Path(arts["config"]).read_text())
-        # Point the config at the copies inside the model, wherever MLflow unpacked it.
-        params["train_rdm"]["out_dir"] = arts["rdm"]
-        params["train_generator"]["out_dir"] = arts["generator"]
-        self.cfg: Config = config_mod.resolve(params)
-        self.class_rdm = (Path(arts["rdm"]) / "rdm_class.safetensors").exists()
+        self.generator = RCGGenerator.load(arts["rdm"], Path(arts["generator"]) / "rep")
+        evaluate = json.loads(Path(arts["config"]).read_text()).get("evaluate", {})  # the run's record
         table = json.loads(Path(arts["eval"]).read_text()) if "eval" in arts else {}
-        self.default_cfg = float(table.get("cfg", self.cfg.evaluate.cfg) or 0.0)
-        self.cfg_schedule = self.cfg.evaluate.cfg_schedule
+        self.default_cfg = float(table.get("cfg", evaluate.get("cfg", 0.0)) or 0.0)
+        self.cfg_schedule = str(evaluate.get("cfg_schedule", "linear"))
 
     # pd.DataFrame is the one input hint MLflow accepts without inferring a schema from it: the
     # logged signature() stays the schema, and MLflow does not warn about a missing hint.
@@ -116,8 +113,6 @@ class RCGGenerator(PythonModel):
         """Images for every request row (module docstring for the columns). pyfunc hands the rows
         over as a DataFrame; a dict or a list of dicts also works when called directly."""
         import torch
-
-        from rcg.sampling import generate_images
 
         requests = (
             model_input.to_dict("records") if isinstance(model_input, pd.DataFrame)
@@ -138,14 +133,10 @@ class RCGGenerator(PythonModel):
             seed = 0 if seed is None else _integer(seed, "seed", i)
             if n < 1:
                 raise PipelineError(f"request {i}: n must be at least 1, got {n}")
-            if cls is not None and not self.class_rdm:
+            if cls is not None and not self.generator.class_conditional:
                 raise PipelineError("class given, but this model has no class-conditional RDM")
-            images = generate_images(
-                self.cfg, "rcg_class" if cls is not None else ("rcg_cfg" if cfg_scale > 0 else "rcg"),
-                n, class_ids=None if cls is None else torch.full((n,), cls, dtype=torch.long),
-                cfg_scale=cfg_scale, cfg_schedule=self.cfg_schedule,
-                steps=None if steps is None else int(steps), seed=seed, progress=False,
-            )
+            images = self.generator.sample(n, cls, cfg=cfg_scale, cfg_schedule=self.cfg_schedule,
+                                           steps=None if steps is None else int(steps), seed=seed)
             u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             rows += [
                 {"request": i, "index": j, "class": -1 if cls is None else cls, "seed": seed,
@@ -236,7 +227,7 @@ def log_generator(cfg: Config, register: bool = True) -> Any:
             mlflow.set_tags({"served_mode": mode})
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
-            python_model=RCGGenerator(),
+            python_model=RCGPyfunc(),
             artifacts=artifacts,
             code_paths=[str(Path(__file__).parent)],  # the model carries the rcg code it was built with
             signature=signature(),

@@ -13,6 +13,7 @@ import torch
 from rcg import cli, config
 from rcg.features import to_table, write_features
 from rcg.io import PipelineError, read_json
+from rcg.metrics import evaluation
 from rcg.metrics.fidelity import read_real_images
 from rcg.stages import evalnet as evalnet_stage
 from rcg.stages import evaluate as evaluate_stage
@@ -23,7 +24,7 @@ MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "orac
 
 
 class StandIn:
-    """Plays rcg.sampling.generate_images: real train images plus mode-dependent noise.
+    """Plays rcg.metrics.evaluation.ModeGenerators: real train images plus mode-dependent noise.
 
     `label` returns images of the asked-for class, `rcg_class` of the *next* class (so its class
     accuracy must come out low), `rcg` with guidance is cleaner than without.
@@ -32,10 +33,11 @@ class StandIn:
     def __init__(self, cfg: config.Config) -> None:
         self.images, self.labels = read_real_images(cfg.data, "train")
         self.calls: list[dict[str, Any]] = []
+        self.strips: list[dict[str, Any]] = []
 
-    def __call__(self, cfg, mode, n, *, class_ids=None, reps=None, cfg_scale=0.0, cfg_schedule="linear",
-                 steps=None, seed=0, batch_size=250, progress=True) -> torch.Tensor:
-        self.calls.append(dict(mode=mode, n=n, class_ids=class_ids, reps=reps, cfg_scale=cfg_scale,
+    def sample(self, mode, n, *, class_ids=None, reps=None, cfg=0.0, cfg_schedule="linear", steps=None,
+               seed=0, batch_size=250, progress=False) -> torch.Tensor:
+        self.calls.append(dict(mode=mode, n=n, class_ids=class_ids, reps=reps, cfg_scale=cfg,
                                cfg_schedule=cfg_schedule, steps=steps, seed=seed))
         g = torch.Generator().manual_seed(seed)
         if class_ids is not None:
@@ -46,8 +48,12 @@ class StandIn:
         else:
             idx = torch.randint(len(self.images), (n,), generator=g)
         x = self.images[idx].float() / 255.0
-        sigma = MODE_NOISE[mode] * (0.5 if cfg_scale > 0 else 1.0)
+        sigma = MODE_NOISE[mode] * (0.5 if cfg > 0 else 1.0)
         return (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+    def interpolate(self, rep_a, rep_b, points=8, *, seed=0, steps=None, batch_size=250) -> torch.Tensor:
+        self.strips.append(dict(rep_a=rep_a, rep_b=rep_b, points=points, seed=seed, steps=steps))
+        return torch.rand(len(rep_a) * points, *self.images.shape[1:], generator=torch.Generator().manual_seed(seed))
 
 
 def _write_features(split: str, labels: list[int], seed: int) -> torch.Tensor:
@@ -74,8 +80,8 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     ev = cfg.evaluate
     gen = StandIn(cfg)
     reads: list[str] = []
-    real_read = evaluate_stage.read_real_images
-    monkeypatch.setattr(evaluate_stage, "read_real_images",
+    real_read = evaluation.read_real_images
+    monkeypatch.setattr(evaluation, "read_real_images",
                         lambda data_cfg, split, n=0: (reads.append(split), real_read(data_cfg, split, n))[1])
     res = evaluate_stage.evaluate(cfg, gen)
 
@@ -106,6 +112,12 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     assert int((calls["label"]["class_ids"] == 3).sum()) == 18
     val_reps = _read_val_reps()
     assert all(any(torch.equal(r, v) for v in val_reps) for r in calls["oracle"]["reps"])
+
+    # Fig. 7's strips: 4 rows between consecutive pairs of the oracle's val reps, 8 images each.
+    (strip,) = gen.strips
+    oracle = calls["oracle"]["reps"]
+    assert strip["points"] == evaluation.INTERP_POINTS and strip["seed"] == ev.seed
+    assert torch.equal(strip["rep_a"], oracle[0:8:2]) and torch.equal(strip["rep_b"], oracle[1:8:2])
 
     plots = Path(ev.plots_dir)
     for mode in ev.modes:
@@ -144,10 +156,27 @@ def test_unknown_mode_and_too_many_samples_are_clear_errors(in_workspace: Path) 
 
 
 def test_class_ids_follow_the_given_frequencies_exactly() -> None:
-    ids = evaluate_stage.class_ids_for(torch.tensor([1.0, 1.0, 2.0]), 10, seed=0)
+    ids = evaluation.class_ids_for(torch.tensor([1.0, 1.0, 2.0]), 10, seed=0)
     counts = torch.bincount(ids, minlength=3).tolist()
     assert sum(counts) == 10 and counts[2] == 5 and sorted(counts[:2]) == [2, 3]
-    assert torch.equal(ids, evaluate_stage.class_ids_for(torch.tensor([1.0, 1.0, 2.0]), 10, seed=0))
+    assert torch.equal(ids, evaluation.class_ids_for(torch.tensor([1.0, 1.0, 2.0]), 10, seed=0))
+
+
+def test_generate_mode_draws_in_chunks_with_their_own_seeds() -> None:
+    ev = config.EvaluateConfig(batch_size=2, cfg=1.5, sample_steps=3)  # chunks of 10 batches: 20 images
+    calls: list[tuple] = []
+
+    class Fixed:
+        def sample(self, mode, n, **kw):
+            calls.append((mode, n, kw["seed"], kw["cfg"], kw["steps"], kw["batch_size"]))
+            return torch.full((n, 1, 4, 4), 0.5)
+
+    out = evaluation.generate_mode(Fixed(), "rcg_cfg", 45, ev, (1, 4, 4), seed=3)
+    assert out.dtype == torch.uint8 and out.shape == (45, 1, 4, 4) and int(out[0, 0, 0, 0]) == 128
+    # rcg_cfg is rcg with guidance; chunk i uses seed + 1000 i (a call uses seed and seed + 1)
+    assert calls == [("rcg", 20, 3, 1.5, 3, 2), ("rcg", 20, 1003, 1.5, 3, 2), ("rcg", 5, 2003, 1.5, 3, 2)]
+    with pytest.raises(PipelineError, match="expected"):
+        evaluation.generate_mode(Fixed(), "uncond", 4, ev, (3, 4, 4))
 
 
 def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -1,26 +1,24 @@
-"""RCG generation: modes of generate_images, guidance schedules, Fig. 6/7 helpers, `rcg generate`."""
+"""RCG generation: the sampler, guidance schedules, the loaded generators (Fig. 6/7), `rcg generate`."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from rcg.diffusion import Diffusion, make_betas
+from rcg.generation import ImageGenerator, RCGGenerator
 from rcg.generators import build_generator
 from rcg.generators.vae import PixelCodec
 from rcg.io import PipelineError
-from rcg.sampling import (
-    GuidedDenoiser,
-    generate_from_images,
-    generate_images,
-    interpolate,
-    sample_images,
-    save_grid,
-    save_pngs,
-)
+from rcg.metrics.evaluation import CLASS_MODES, ModeGenerators
+from rcg.rdm import sample_reps
+from rcg.sampling import GuidedDenoiser, load_image, sample_images, save_grid, save_pngs
 from tests.generator_workspace import build, chdir, load_cfg
 
 
@@ -88,111 +86,196 @@ def test_sample_images_is_seeded_and_guidance_changes_it() -> None:
         sample_images(model, diffusion, PixelCodec(), 5, cond, **kw)
 
 
-@pytest.mark.parametrize("mode", ["uncond", "rcg", "rcg_cfg"])
-def test_generate_modes_without_labels(ws: Path, mode: str) -> None:
-    cfg = load_cfg()
-    images = generate_images(cfg, mode, 5, cfg_scale=1.0 if mode == "rcg_cfg" else 0.0, steps=3,
-                             batch_size=3, progress=False)
+def _folder(root: Path, condition: str) -> Path:
+    return root / "models" / "generator" / condition
+
+
+def test_image_generator_samples_seeded_images_in_range(ws: Path) -> None:
+    none = ImageGenerator.load(_folder(ws, "none"), device="cpu")
+    assert none.condition == "none" and none.shape == (1, 28, 28)
+    images = none.sample(5, steps=3, batch_size=3)
     assert images.shape == (5, 1, 28, 28) and images.dtype == torch.float32
-    assert 0 <= images.min() and images.max() <= 1
-    again = generate_images(cfg, mode, 5, cfg_scale=1.0 if mode == "rcg_cfg" else 0.0, steps=3,
-                            batch_size=3, progress=False)
-    assert torch.equal(images, again)
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
+    assert torch.equal(images, none.sample(5, steps=3, batch_size=3))
+    assert not torch.equal(images, none.sample(5, steps=3, batch_size=3, seed=1))
+    label = ImageGenerator.load(_folder(ws, "label"), device="cpu")
+    assert label.sample(4, label=torch.tensor([0, 1, 2, 3]), steps=3).shape == (4, 1, 28, 28)
+    assert torch.equal(label.sample(3, label=7, steps=3), label.sample(3, label=torch.tensor([7, 7, 7]), steps=3))
 
 
-def test_generator_json_sets_the_x0_clamp(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """generate_images samples with the clamp recorded in generator.json (absent: off)."""
-    import rcg.sampling as sampling
+def test_image_generator_rejects_a_condition_that_does_not_fit(ws: Path) -> None:
+    rep, label, none = (ImageGenerator.load(_folder(ws, c), device="cpu") for c in ("rep", "label", "none"))
+    with pytest.raises(PipelineError, match="pass rep="):
+        rep.sample(2, steps=3)
+    with pytest.raises(PipelineError, match=r"rep must be \[2, 256\]"):
+        rep.sample(2, rep=torch.zeros(3, 256), steps=3)
+    with pytest.raises(PipelineError, match="pass label="):
+        label.sample(2, steps=3)
+    with pytest.raises(PipelineError, match=r"class ids must be in \[0, 10\)"):
+        label.sample(2, label=10, steps=3)
+    with pytest.raises(PipelineError, match="2 class ids for 3 samples"):
+        label.sample(3, label=torch.tensor([1, 2]), steps=3)
+    with pytest.raises(PipelineError, match="no condition"):
+        none.sample(2, rep=torch.zeros(2, 256), steps=3)
 
-    seen: list[float] = []
-    real = sampling.sample_images
 
-    def spy(*a, **kw):
-        seen.append(kw["clip_x0"])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sampling, "sample_images", spy)
+def test_generator_json_sets_the_x0_clamp(ws: Path, tmp_path: Path) -> None:
+    """The sampler's settings are generator.json's (the x0 clamp here); absent means off."""
     cfg = load_cfg()
-    meta_path = Path(cfg.train_generator.out_dir) / "none" / "generator.json"
-    original = meta_path.read_text()
-    clamped = generate_images(cfg, "uncond", 4, steps=3, progress=False)
-    meta = json.loads(original)
-    meta["sampling"]["clip_x0"] = 0.0
-    try:
-        meta_path.write_text(json.dumps(meta))
-        sampling._CACHE.clear()
-        free = generate_images(cfg, "uncond", 4, steps=3, progress=False)
-    finally:  # the workspace is shared by the module's tests
-        meta_path.write_text(original)
-        sampling._CACHE.clear()
-    assert seen == [cfg.train_generator.sample_clip_x0, 0.0]
-    assert not torch.equal(clamped, free)  # the clamp changes what a 6-step tiny model samples
+    clamped = ImageGenerator.load(_folder(ws, "none"), device="cpu")
+    assert clamped.settings()["clip_x0"] == cfg.train_generator.sample_clip_x0 > 0
+    assert clamped.settings(steps=7)["steps"] == 7 and clamped.settings()["steps"] == cfg.train_generator.sample_steps
+    copy = tmp_path / "none"
+    shutil.copytree(_folder(ws, "none"), copy)
+    meta = json.loads((copy / "generator.json").read_text())
+    del meta["sampling"]["clip_x0"]
+    (copy / "generator.json").write_text(json.dumps(meta))
+    free = ImageGenerator.load(copy, device="cpu")
+    assert free.settings()["clip_x0"] == 0.0
+    # the clamp changes what a 6-step tiny model samples
+    assert not torch.equal(clamped.sample(4, steps=3), free.sample(4, steps=3))
 
 
-def test_class_modes(ws: Path) -> None:
-    cfg = load_cfg()
-    ids = torch.tensor([0, 1, 2, 3])
-    for mode in ("label", "rcg_class"):
-        out = generate_images(cfg, mode, 4, class_ids=ids, steps=3, progress=False)
-        assert out.shape == (4, 1, 28, 28)
-        with pytest.raises(PipelineError, match="class_ids"):
-            generate_images(cfg, mode, 4, steps=3, progress=False)
-    one = generate_images(cfg, "rcg_class", 3, class_ids=torch.tensor(7), steps=3, progress=False)
-    assert one.shape[0] == 3
+@pytest.fixture(scope="module")
+def rcg_gen(trained: Path) -> RCGGenerator:
+    return RCGGenerator.load(trained / "models" / "rdm", _folder(trained, "rep"), trained / "models" / "encoder",
+                             device="cpu")
 
 
-def test_rcg_uses_rdm_samples(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`rcg` is exactly `oracle` fed with the RDM's samples (same seeds)."""
-    import rcg.rdm as rdm
-
-    cfg = load_cfg()
-    seen = {}
-    real = rdm.sample_reps
-
-    def spy(bundle, n, **kw):
-        seen["reps"] = real(bundle, n, **kw)
-        seen["class_cond"] = bundle.class_cond
-        return seen["reps"]
-
-    monkeypatch.setattr(rdm, "sample_reps", spy)
-    a = generate_images(cfg, "rcg", 4, steps=3, seed=5, progress=False)
-    assert seen["class_cond"] is False and seen["reps"].shape == (4, 256)
-    b = generate_images(cfg, "oracle", 4, reps=seen["reps"], steps=3, seed=5, progress=False)
-    assert torch.equal(a, b)
-    with pytest.raises(PipelineError, match="reps"):
-        generate_images(cfg, "oracle", 4, steps=3, progress=False)
-    with pytest.raises(PipelineError, match="mode"):
-        generate_images(cfg, "dream", 4)
+def test_rcg_is_the_image_generator_on_rdm_samples(rcg_gen: RCGGenerator) -> None:
+    """sample(seed) is exactly from_reps(sample_reps(seed), seed), and guidance changes it."""
+    a = rcg_gen.sample(4, steps=3, seed=5, batch_size=3)
+    reps = rcg_gen.sample_reps(4, seed=5)
+    assert reps.shape == (4, 256) and a.shape == (4, 1, 28, 28) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, rcg_gen.from_reps(reps, steps=3, seed=5, batch_size=3))
+    assert torch.equal(a, rcg_gen.sample(4, steps=3, seed=5, batch_size=3))
+    assert not torch.equal(a, rcg_gen.sample(4, steps=3, seed=6, batch_size=3))
+    assert not torch.equal(a, rcg_gen.sample(4, steps=3, seed=5, batch_size=3, cfg=1.0))
 
 
-def test_images_and_interpolation(ws: Path) -> None:
-    cfg = load_cfg()
+def test_class_ids_go_through_the_class_conditional_rdm(rcg_gen: RCGGenerator, trained: Path, tmp_path: Path) -> None:
+    assert rcg_gen.class_conditional
+    reps = rcg_gen.sample_reps(3, class_ids=2, seed=1)
+    assert not torch.equal(reps, rcg_gen.sample_reps(3, seed=1))  # not the unconditional RDM
+    images = rcg_gen.sample(3, class_ids=torch.tensor([2, 2, 2]), steps=3, seed=1)
+    assert torch.equal(images, rcg_gen.from_reps(reps, steps=3, seed=1))
+    with pytest.raises(PipelineError, match="class ids must be in"):
+        rcg_gen.sample_reps(2, class_ids=99)
+    uncond_only = tmp_path / "rdm"
+    uncond_only.mkdir()
+    for f in (trained / "models" / "rdm").glob("rdm.*"):
+        shutil.copy(f, uncond_only / f.name)
+    plain = RCGGenerator.load(uncond_only, _folder(trained, "rep"), device="cpu")
+    assert not plain.class_conditional
+    with pytest.raises(PipelineError, match=re.escape(str(uncond_only)) + ".*no class-conditional RDM"):
+        plain.sample(2, class_ids=1, steps=3)
+
+
+def test_missing_folders_are_errors_naming_the_path(trained: Path, tmp_path: Path) -> None:
+    rdm_dir, rep_dir = trained / "models" / "rdm", _folder(trained, "rep")
+    with pytest.raises(PipelineError, match=re.escape(str(tmp_path / "nope"))):
+        ImageGenerator.load(tmp_path / "nope")
+    with pytest.raises(PipelineError, match=re.escape(str(tmp_path / "nope"))):
+        RCGGenerator.load(tmp_path / "nope", rep_dir)
+    with pytest.raises(PipelineError, match=re.escape(str(tmp_path / "enc"))):
+        RCGGenerator.load(rdm_dir, rep_dir, tmp_path / "enc")
+    with pytest.raises(PipelineError, match="rep-conditioned generator"):
+        RCGGenerator.load(rdm_dir, _folder(trained, "none"))
+    with pytest.raises(PipelineError, match="encoder_dir"):
+        RCGGenerator.load(rdm_dir, rep_dir, device="cpu").encode(torch.rand(1, 1, 28, 28))
+
+
+def test_interpolation_rows_share_noise_and_end_at_from_reps(rcg_gen: RCGGenerator) -> None:
+    """Fig. 7: a row's end points are from_reps of its end points (same seed, same noise)."""
+    rep_a, rep_b = rcg_gen.sample_reps(3, seed=2), rcg_gen.sample_reps(3, seed=3)
+    strip = rcg_gen.interpolate(rep_a, rep_b, points=4, seed=7, steps=3)
+    assert strip.shape == (12, 1, 28, 28)
+    rows = strip.view(3, 4, 1, 28, 28)
+    # the saved sampler is deterministic DDIM here, so from_reps starts from the same noise
+    assert rcg_gen.image.settings()["sampler"] == "ddim" and rcg_gen.image.settings()["eta"] == 0.0
+    assert torch.equal(rows[:, 0], rcg_gen.from_reps(rep_a, seed=7, steps=3))
+    assert torch.equal(rows[:, -1], rcg_gen.from_reps(rep_b, seed=7, steps=3))
+    assert not torch.equal(rows[:, 0], rows[:, 1])
+    # one pair over two rows: a row per starting noise
+    pair = rcg_gen.interpolate(rep_a[0], rep_b[0], points=4, rows=2, seed=7, steps=3)
+    assert pair.shape == (8, 1, 28, 28) and not torch.equal(pair[0], pair[4])
+    assert torch.equal(pair[0], rows[0, 0])
+    with pytest.raises(PipelineError, match="end points"):
+        rcg_gen.interpolate(rep_a, rep_b[:2])
+
+
+def test_from_images_conditions_on_the_encoders_representations(rcg_gen: RCGGenerator, ws: Path) -> None:
+    """Fig. 6: per_image samples of each given image, equal to from_reps of its representation."""
     from rcg.data.loader import make_loader
 
-    imgs = next(iter(make_loader(cfg.data, "val", "once", 2)))["image"]
-    out = generate_from_images(cfg, imgs, 3, steps=3, progress=False)
+    imgs = next(iter(make_loader(load_cfg().data, "val", "once", 2)))["image"]
+    reps = rcg_gen.encode(imgs)
+    assert reps.shape == (2, 256)
+    out = rcg_gen.from_images(imgs, 3, steps=3)
     assert out.shape == (6, 1, 28, 28)
-    line = interpolate(cfg, imgs[0], imgs[1], n_steps=4, rows=2, steps=3)
-    assert line.shape == (8, 1, 28, 28)
-    assert not torch.equal(line[0], line[3])
+    assert torch.equal(out, rcg_gen.from_reps(reps.repeat_interleave(3, dim=0), steps=3))
 
 
-def test_generate_cli_writes_pngs_and_grid(ws: Path, tmp_path: Path) -> None:
+def test_seeding_convention(rcg_gen: RCGGenerator) -> None:
+    """RDM samples from `seed`, image noise from (seed + 1, batch): metrics/eval.json rests on it."""
+    x_T = rcg_gen.image.start_noise(2, seed=3)
+    assert torch.equal(x_T, torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(4 * 1_000_003)))
+    reps = rcg_gen.sample_reps(2, seed=3)
+    assert torch.equal(reps, sample_reps(rcg_gen.reps.rdm, 2, seed=3, batch_size=1000))
+    assert torch.equal(rcg_gen.from_reps(reps, steps=3, seed=3), rcg_gen.image.sample(2, rep=reps, steps=3, x_T=x_T))
+
+
+def test_evaluation_modes_draw_from_the_loaded_generators(trained: Path, rcg_gen: RCGGenerator) -> None:
+    gens = ModeGenerators(trained / "models" / "generator", trained / "models" / "rdm", device="cpu")
+    kw = dict(steps=3, seed=4, batch_size=3)
+    ids = torch.tensor([0, 1, 2, 3])
+    reps = rcg_gen.sample_reps(4)
+    assert torch.equal(gens.sample("rcg", 4, **kw), rcg_gen.sample(4, **kw))
+    assert torch.equal(gens.sample("rcg_cfg", 4, cfg=1.0, **kw), rcg_gen.sample(4, cfg=1.0, **kw))
+    assert torch.equal(gens.sample("rcg_class", 4, class_ids=ids, **kw), rcg_gen.sample(4, ids, **kw))
+    assert torch.equal(gens.sample("oracle", 4, reps=reps, **kw), rcg_gen.from_reps(reps, **kw))
+    none, label = (ImageGenerator.load(_folder(trained, c), device="cpu") for c in ("none", "label"))
+    assert torch.equal(gens.sample("uncond", 4, **kw), none.sample(4, **kw))
+    assert torch.equal(gens.sample("label", 4, class_ids=ids, **kw), label.sample(4, label=ids, **kw))
+    assert gens.rcg() is gens.rcg() and gens.baseline("none") is gens.baseline("none")  # loaded once, kept
+    for mode in CLASS_MODES:
+        with pytest.raises(PipelineError, match="class_ids"):
+            gens.sample(mode, 4, steps=3)
+    with pytest.raises(PipelineError, match="reps"):
+        gens.sample("oracle", 4, steps=3)
+    with pytest.raises(PipelineError, match="dream"):
+        gens.sample("dream", 4)
+
+
+def test_generate_cli_writes_pngs_and_grid(ws: Path, tmp_path: Path, rcg_gen: RCGGenerator) -> None:
     from PIL import Image
 
     from rcg.cli import main
+
+    def pngs(folder: Path) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(p))) for p in sorted(folder.glob("0*.png"))])
+
+    def as_png(images: torch.Tensor) -> torch.Tensor:  # what save_pngs writes
+        return (images.clamp(0, 1) * 255).to(torch.uint8)[:, 0]
 
     out = tmp_path / "gen"
     assert main(["generate", "--n", "4", "--cfg", "1.0", "--steps", "3", "--out", str(out)]) == 0
     assert len(list(out.glob("0*.png"))) == 4 and (out / "grid.png").exists()
     assert Image.open(out / "00000.png").size == (28, 28)
+    # the stage adds nothing to RCGGenerator
+    assert torch.equal(pngs(out), as_png(rcg_gen.sample(4, cfg=1.0, steps=3)))
     assert main(["generate", "--n", "2", "--class", "3", "--steps", "3", "--out", str(out / "c")]) == 0
+    assert torch.equal(pngs(out / "c"), as_png(rcg_gen.sample(2, class_ids=3, steps=3)))
     save_pngs(torch.rand(1, 1, 28, 28), tmp_path / "img")
     src = tmp_path / "img" / "00000.png"
+    assert load_image(src, 1, 28).shape == (1, 28, 28)
     assert main(["generate", "--n", "2", "--from-image", str(src), "--steps", "3", "--out", str(out / "f")]) == 0
     assert len(list((out / "f").glob("0*.png"))) == 3  # the source image, then its 2 samples
-    assert main(["generate", "--n", "8", "--interpolate", str(src), str(src), "--steps", "3",
+    assert main(["generate", "--n", "16", "--interpolate", str(src), str(src), "--steps", "3",
                  "--out", str(out / "i")]) == 0
+    strip = pngs(out / "i")  # two rows of 8 between one image and itself: constant along each row
+    assert len(strip) == 16 and all(torch.equal(strip[r * 8], strip[r * 8 + 7]) for r in (0, 1))
+    assert not torch.equal(strip[0], strip[8])
     assert main(["generate", "--from-image", str(tmp_path / "nope.png"), "--out", str(out / "x")]) == 1
 
 

@@ -105,6 +105,14 @@ def test_registry_round_trip_and_champion_moves_only_on_better_fd(project: confi
     images = decode_images(out)
     assert images.shape == (3, 28, 28, 1) and images.dtype == np.uint8
     assert images.std() > 0
+    # The pyfunc is RCGGenerator loaded from the logged folders, with the table's guidance (cfg 1.0).
+    from rcg.generation import RCGGenerator
+    from rcg.serving import RCGPyfunc
+
+    assert isinstance(model.unwrap_python_model(), RCGPyfunc)
+    local = RCGGenerator.load(project.train_rdm.out_dir, Path(project.train_generator.out_dir) / "rep")
+    want = local.sample(2, cfg=1.0, cfg_schedule=project.evaluate.cfg_schedule, seed=0)
+    assert np.array_equal(images[:2], (want.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     again = decode_images(model.predict(pd.DataFrame([{"n": 2, "seed": 0}])))
     other = decode_images(model.predict(pd.DataFrame([{"n": 2, "seed": 5}])))
     assert np.array_equal(again, images[:2]) and not np.array_equal(other, images[:2])

@@ -1,7 +1,9 @@
 """`rcg sample-reps`: draw representations from the trained RDM into a features Parquet file.
 
-The same `rcg.rdm.sample_reps` serves the image-generation pipeline; this stage only adds the file:
-one row per sample, key `sample-%06d`, view `orig`, label = the requested class (null without one).
+The same `rcg.generation.RepGenerator` feeds the image generator, with the sampler settings saved
+in the RDM's JSON (train_rdm.sample_steps / eta / temperature when it was trained); this stage only
+adds the file: one row per sample, key `sample-%06d`, view `orig`, label = the requested class
+(null without one).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from typing import Any
 
 from rcg.config import Config
 from rcg.features import to_table, write_features
+from rcg.generation import RepGenerator
 from rcg.io import PipelineError, get_logger
-from rcg.rdm import load_rdm, sample_reps
 from rcg.tracking import stage_run
 
 log = get_logger(__name__)
@@ -27,23 +29,18 @@ def run(
     **options: Any,
 ) -> None:
     """Sample `n` reps (from the class-conditional RDM when `class_id` is given) and write them to `out`."""
-    rc = cfg.train_rdm
     if n < 1:
         raise PipelineError(f"--n must be at least 1, got {n}")
-    bundle = load_rdm(rc.out_dir, class_cond=class_id is not None)
-    log.info(
-        "sampling %d reps from %s (%s, %d DDIM steps, eta %g)", n, rc.out_dir,
-        f"class {class_id}" if class_id is not None else "unconditional", rc.sample_steps, rc.eta,
-    )
-    reps = sample_reps(
-        bundle, n, class_ids=class_id, steps=rc.sample_steps, eta=rc.eta, temperature=rc.temperature,
-        seed=seed, batch_size=rc.eval_batch_size, progress=True,
-    )
-    table = to_table(
-        [f"sample-{i:06d}" for i in range(n)], [class_id] * n, ["orig"] * n, reps.numpy()
-    )
+    rdm = RepGenerator.load(cfg.train_rdm.out_dir)
+    s = rdm.settings
+    log.info("sampling %d reps from %s (%s, %s DDIM steps, eta %s, temperature %s)", n, cfg.train_rdm.out_dir,
+             f"class {class_id}" if class_id is not None else "unconditional", s.get("steps"), s.get("eta"),
+             s.get("temperature"))
+    # The batch size only bounds memory (train_rdm.eval_batch_size, as the stage's own evaluation).
+    reps = rdm.sample(n, class_ids=class_id, seed=seed, batch_size=cfg.train_rdm.eval_batch_size, progress=True)
+    table = to_table([f"sample-{i:06d}" for i in range(n)], [class_id] * n, ["orig"] * n, reps.numpy())
     write_features(out, [table])
     log.info("wrote %d sampled reps to %s", n, Path(out))
     with stage_run(cfg, "sample_reps") as tracker:
         tracker.log_metrics({"n": n, "rep_norm_mean": float(reps.norm(dim=1).mean())})
-        tracker.log_dict({"out": str(out), "class": class_id, "seed": seed}, "sample_reps.json")
+        tracker.log_dict({"out": str(out), "class": class_id, "seed": seed, "sampling": s}, "sample_reps.json")

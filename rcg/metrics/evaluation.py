@@ -1,0 +1,310 @@
+"""The evaluation protocol (paper section 4, Table 9a): the table of metrics/eval.json.
+
+Every generation mode draws `evaluate.n_samples` images, scored against the cached statistics of
+the real val images under one extractor: Frechet distance (`fd`), IS, KID, precision and recall
+(rcg.metrics.fidelity). The modes (`MODES`, the table's rows):
+
+- `uncond`: the generator trained with no condition (the baseline the paper beats);
+- `label`: the generator trained on class labels, given labels with the train split's frequencies
+  (paper Table 9a's baseline);
+- `rcg` / `rcg_cfg`: the representation-conditioned generator on RDM samples, without / with
+  guidance (`evaluate.cfg`);
+- `rcg_class`: the same generator on class-conditional RDM samples (same labels as `label`);
+- `oracle`: the same generator on representations of real val images (paper Table 9a's oracle).
+
+`floor` scores N real train images the same way: the best any mode can do at this N. The
+classifier's accuracy on `label` and `rcg_class` samples against the asked-for class measures
+class-conditional quality. Sample grids and Fig. 7's interpolation strips come out as figures;
+writing files and MLflow records is the stage's part (rcg/stages/evaluate.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from rcg.config import DataConfig, EvaluateConfig
+from rcg.data.loader import read_manifest
+from rcg.features import read_features
+from rcg.generation import ImageGenerator, RCGGenerator
+from rcg.io import PipelineError, file_digest, get_logger
+from rcg.metrics.evalnet import EvalNet, class_accuracy, classify, load_evalnet
+from rcg.metrics.extractors import INCEPTION, extractor_setup
+from rcg.metrics.fidelity import LazyImages, UInt8Images, cache_name, fidelity_metrics, read_real_images, to_uint8
+
+log = get_logger(__name__)
+
+MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
+CLASS_MODES = ("label", "rcg_class")  # modes that are asked for a class
+BASELINES = {"uncond": "none", "label": "label"}  # mode -> its generator's condition; the rest are RCG
+INTERP_PAIRS, INTERP_POINTS = 4, 8  # interpolation strips: rows, images per row
+
+
+def check_modes(modes: list[str] | tuple[str, ...]) -> None:
+    """A PipelineError naming any mode that is not one of `MODES`."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise PipelineError(f"evaluate.modes: unknown mode(s) {unknown} (known: {', '.join(MODES)})")
+
+
+class ModeSampler(Protocol):
+    """What the protocol draws images from (`ModeGenerators`, or a stand-in in tests)."""
+
+    def sample(self, mode: str, n: int, *, class_ids: Tensor | None = None, reps: Tensor | None = None,
+               cfg: float = 0.0, cfg_schedule: str = "linear", steps: int | None = None, seed: int = 0,
+               batch_size: int = 250, progress: bool = False) -> Tensor: ...
+
+    def interpolate(self, rep_a: Tensor, rep_b: Tensor, points: int = 8, *, seed: int = 0,
+                    steps: int | None = None, batch_size: int = 250) -> Tensor: ...
+
+
+class ModeGenerators:
+    """The trained generators behind the modes, each loaded from its folder on first use and kept."""
+
+    def __init__(self, generator_dir: str | Path, rdm_dir: str | Path,
+                 device: torch.device | str | None = None) -> None:
+        self.generator_dir, self.rdm_dir, self.device = Path(generator_dir), Path(rdm_dir), device
+        self._baselines: dict[str, ImageGenerator] = {}
+        self._rcg: RCGGenerator | None = None
+
+    def baseline(self, condition: str) -> ImageGenerator:
+        """The `none` or `label` generator of `<generator_dir>/<condition>`."""
+        if condition not in self._baselines:
+            self._baselines[condition] = ImageGenerator.load(self.generator_dir / condition, self.device)
+        return self._baselines[condition]
+
+    def rcg(self) -> RCGGenerator:
+        """The RDM folder with `<generator_dir>/rep`."""
+        if self._rcg is None:
+            self._rcg = RCGGenerator.load(self.rdm_dir, self.generator_dir / "rep", device=self.device)
+        return self._rcg
+
+    def sample(self, mode: str, n: int, *, class_ids: Tensor | None = None, reps: Tensor | None = None,
+               cfg: float = 0.0, cfg_schedule: str = "linear", steps: int | None = None, seed: int = 0,
+               batch_size: int = 250, progress: bool = False) -> Tensor:
+        """n images [n, C, H, W] in [0, 1] of `mode` (module docstring); `class_ids` [n] for the class
+        modes, `reps` [n, D] for `oracle`; `rcg_cfg` is `rcg` with the caller's guidance `cfg`."""
+        check_modes([mode])
+        if mode in CLASS_MODES and class_ids is None:
+            raise PipelineError(f"mode {mode!r} needs class_ids")
+        kw: dict[str, Any] = dict(cfg=cfg, cfg_schedule=cfg_schedule, steps=steps, seed=seed,
+                                  batch_size=batch_size, progress=progress)
+        if mode in BASELINES:
+            return self.baseline(BASELINES[mode]).sample(n, label=class_ids if mode == "label" else None, **kw)
+        if mode == "oracle":
+            if reps is None or reps.shape[0] != n:
+                raise PipelineError(f"mode 'oracle' needs reps with {n} rows")
+            return self.rcg().from_reps(reps, **kw)
+        return self.rcg().sample(n, class_ids if mode == "rcg_class" else None, **kw)
+
+    def interpolate(self, rep_a: Tensor, rep_b: Tensor, points: int = 8, *, seed: int = 0,
+                    steps: int | None = None, batch_size: int = 250) -> Tensor:
+        """RCGGenerator.interpolate of the rep generator (paper Fig. 7)."""
+        return self.rcg().interpolate(rep_a, rep_b, points, seed=seed, steps=steps, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real side: reference statistics, the floor, class targets
+# --------------------------------------------------------------------------------------------------
+
+
+def class_frequencies(manifest: dict[str, Any], train_features: str | Path) -> Tensor:
+    """Train-split class counts [K]: from the manifest if it has them, else the train features."""
+    k = len(manifest["classes"])
+    counts = manifest["splits"]["train"].get("class_counts")
+    if counts:
+        return torch.as_tensor([float(counts[c]) if isinstance(counts, dict) else float(counts[i])
+                                for i, c in enumerate(manifest["classes"])])
+    path = Path(train_features)
+    if path.exists():
+        labels = read_features(path, view="orig").labels
+        return torch.bincount(labels[labels >= 0], minlength=k).double()[:k]
+    log.warning("no class counts in the manifest and no %s: asking for every class equally often", path)
+    return torch.ones(k, dtype=torch.float64)
+
+
+def class_ids_for(freq: Tensor, n: int, seed: int) -> Tensor:
+    """`n` labels with exactly the frequencies `freq` (largest remainder), in seeded random order."""
+    share = freq.double() / freq.sum() * n
+    counts = share.floor().long()
+    rest = n - int(counts.sum())
+    counts[torch.argsort(share - counts, descending=True)[:rest]] += 1
+    ids = torch.repeat_interleave(torch.arange(len(freq)), counts)
+    return ids[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def oracle_reps(val_features: str | Path, n: int, seed: int) -> Tensor:
+    """Representations of `n` real val images (original view), drawn without replacement if possible."""
+    feats = read_features(Path(val_features), view="orig")
+    if len(feats) == 0:
+        raise PipelineError(f"{val_features}: no val representations for mode oracle")
+    g = torch.Generator().manual_seed(seed)
+    if n <= len(feats):
+        idx = torch.randperm(len(feats), generator=g)[:n]
+    else:
+        idx = torch.randint(len(feats), (n,), generator=g)
+    return feats.reps[idx].clone()
+
+
+@dataclass
+class Reference:
+    """What every row is scored against: `n_ref` real val images under one extractor."""
+
+    n: int  # images per mode (and real train images of the floor)
+    n_ref: int
+    manifest: dict[str, Any]
+    key: tuple[Any, ...]  # everything the real images' features depend on (names their caches)
+    images: LazyImages
+    fidelity: dict[str, Any] = field(default_factory=dict)  # fidelity_metrics keywords of every row
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes") or [])
+
+    @property
+    def extractor(self) -> str:
+        return str(self.fidelity["extractor"])
+
+
+def reference_set(ev: EvaluateConfig, data: DataConfig, evalnet_weights: str | Path) -> Reference:
+    """The val reference and extractor of the configured protocol; PipelineErrors for too few images."""
+    manifest = read_manifest(data.shards_dir)
+    splits = manifest["splits"]
+    n_val = int(splits.get("val", {}).get("written", 0))
+    n_train = int(splits["train"]["written"])
+    n, n_ref = ev.n_samples, ev.n_reference or n_val
+    if n_val == 0 or n_ref > n_val:
+        raise PipelineError(f"{data.shards_dir}: {n_val} val images; the reference needs {n_ref} "
+                            "(evaluate.n_reference)")
+    if n > n_train:
+        raise PipelineError(f"evaluate.n_samples={n} exceeds the {n_train} train images the floor is measured on")
+    fe_name, fe_weights = extractor_setup(ev.extractor, evalnet_weights, ev.inception_weights)
+    # Everything the real images' features depend on: a changed input never reads a stale cache.
+    key = (fe_name, file_digest(fe_weights), manifest.get("fingerprint"), n_train, n_val,
+           data.image_size, data.channels)
+    images = LazyImages(n_ref, lambda: read_real_images(data, "val", n_ref)[0])
+    fidelity = dict(
+        extractor=fe_name, weights=fe_weights, cache_root=ev.cache_dir,
+        reference_cache=cache_name("val", n_ref, *key), kid_subset_size=ev.kid_subset_size,
+        prc_neighborhood=ev.prc_neighborhood, batch_size=ev.feature_batch_size, seed=ev.seed,
+    )
+    log.info("evaluate: extractor %s (%s), %d samples per mode against %d val images", fe_name, fe_weights, n, n_ref)
+    return Reference(n, n_ref, manifest, key, images, fidelity)
+
+
+def floor_metrics(ref: Reference, data: DataConfig) -> dict[str, float]:
+    """The floor: `ref.n` real train images against the reference (their features cached too)."""
+    t0 = time.perf_counter()
+    train_real = LazyImages(ref.n, lambda: read_real_images(data, "train", ref.n)[0])
+    floor = fidelity_metrics(train_real, ref.images, generated_cache=cache_name("train", ref.n, *ref.key),
+                             **ref.fidelity)
+    floor["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("floor (real train vs val): %s", _fmt(floor))
+    return floor
+
+
+def class_targets(ev: EvaluateConfig, ref: Reference, evalnet_weights: str | Path,
+                  train_features: str | Path) -> tuple[Tensor | None, EvalNet | None]:
+    """The class ids the class modes are asked for (train frequencies) and the classifier that
+    checks them; (None, None) when no class mode runs or the shards carry no labels."""
+    if not ref.classes or not any(m in CLASS_MODES for m in ev.modes):
+        return None, None
+    class_ids = class_ids_for(class_frequencies(ref.manifest, train_features), ref.n, ev.seed)
+    weights = Path(evalnet_weights)
+    if not weights.exists():
+        log.warning("%s missing: class accuracy of %s not measured", weights, CLASS_MODES)
+        return class_ids, None
+    classifier, meta = load_evalnet(weights)
+    if meta.get("classes", ref.classes) != ref.classes:
+        raise PipelineError(f"{weights}: trained on classes {meta.get('classes')}, shards have {ref.classes}")
+    return class_ids, classifier
+
+
+# --------------------------------------------------------------------------------------------------
+# The generated side: one row per mode
+# --------------------------------------------------------------------------------------------------
+
+
+def generate_mode(gens: ModeSampler, mode: str, n: int, ev: EvaluateConfig, shape: tuple[int, int, int], *,
+                  class_ids: Tensor | None = None, reps: Tensor | None = None, seed: int = 0) -> Tensor:
+    """`n` images of `mode` as uint8 [n, C, H, W], generated in chunks so memory stays bounded."""
+    base = "rcg" if mode == "rcg_cfg" else mode  # rcg_cfg is the rcg mode with guidance
+    scale = ev.cfg if mode == "rcg_cfg" else 0.0
+    chunk = 10 * ev.batch_size  # float images of one chunk live in memory at once
+    out = []
+    for i, start in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - start)
+        x = gens.sample(
+            base, m,
+            class_ids=None if class_ids is None else class_ids[start : start + m],
+            reps=None if reps is None else reps[start : start + m],
+            cfg=scale, cfg_schedule=ev.cfg_schedule, steps=ev.sample_steps,
+            seed=seed + 1000 * i,  # a call uses seed and seed + 1 (rcg.generation's seeding)
+            batch_size=ev.batch_size, progress=True,
+        )
+        if tuple(x.shape) != (m, *shape):
+            raise PipelineError(f"mode {mode}: generator returned shape {tuple(x.shape)}, expected {(m, *shape)}")
+        out.append(to_uint8(x))
+    return torch.cat(out)
+
+
+def interpolation_strips(gens: ModeSampler, reps: Tensor, ev: EvaluateConfig, pairs: int = INTERP_PAIRS,
+                         points: int = INTERP_POINTS) -> Tensor:
+    """Paper Fig. 7: row j goes from reps[2j] to reps[2j + 1]; float [pairs * points, C, H, W]."""
+    a, b = reps[0 : 2 * pairs : 2], reps[1 : 2 * pairs : 2]
+    return gens.interpolate(a[: len(b)], b, points, seed=ev.seed, steps=ev.sample_steps, batch_size=ev.batch_size)
+
+
+@dataclass
+class Evaluation:
+    """The protocol's outcome: the eval.json table and the figures (name -> images, grid columns)."""
+
+    results: dict[str, Any]
+    figures: dict[str, tuple[Tensor, int | None]] = field(default_factory=dict)
+
+
+def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, evalnet_weights: str | Path,
+                   features_dir: str | Path) -> Evaluation:
+    """Score the floor and every mode of `ev.modes` (paper section 4); nothing is written here."""
+    check_modes(ev.modes)
+    ref = reference_set(ev, data, evalnet_weights)
+    floor = floor_metrics(ref, data)
+    class_ids, classifier = class_targets(ev, ref, evalnet_weights, Path(features_dir) / "train.parquet")
+    out = Evaluation({
+        "extractor": ref.extractor,
+        "fd_is": "FID" if ref.extractor == INCEPTION else f"Frechet distance on {ref.extractor} features (not FID)",
+        "n_samples": ref.n, "n_reference": ref.n_ref, "sample_steps": ev.sample_steps, "cfg": ev.cfg,
+        "floor": floor, "modes": {}, "class_accuracy": {},
+    })
+    reps_val = oracle_reps(Path(features_dir) / "val.parquet", ref.n, ev.seed) if "oracle" in ev.modes else None
+    for mode in ev.modes:
+        if mode in CLASS_MODES and not ref.classes:
+            log.warning("mode %s skipped: the shards carry no class labels", mode)
+            continue
+        t0 = time.perf_counter()
+        images = generate_mode(gens, mode, ref.n, ev, (data.channels, data.image_size, data.image_size),
+                               class_ids=class_ids if mode in CLASS_MODES else None,
+                               reps=reps_val if mode == "oracle" else None, seed=ev.seed)
+        t_sample = time.perf_counter() - t0
+        row = fidelity_metrics(UInt8Images(images), ref.images, **ref.fidelity)
+        if classifier is not None and mode in CLASS_MODES:
+            acc = class_accuracy(classify(classifier, images.float() / 255.0), class_ids, ref.classes)
+            out.results["class_accuracy"][mode] = acc
+            row["class_accuracy"] = acc["overall"]
+        row["sample_seconds"] = round(t_sample, 1)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        out.results["modes"][mode] = row
+        out.figures[f"samples_{mode}"] = (images[: ev.grid_size].float() / 255.0, None)
+        log.info("mode %s: %s", mode, _fmt(row))
+    if reps_val is not None and len(reps_val) >= 2:
+        out.figures["interpolation"] = (interpolation_strips(gens, reps_val, ev), INTERP_POINTS)
+    return out
+
+
+def _fmt(row: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in row.items())
