@@ -37,6 +37,7 @@ def main() -> None:
 
     import rcg.rdm as rdm
     from rcg.config import Config
+    from rcg.diffusion import diffusion_meta
     from rcg.generation import RDM_BATCH, RCGGenerator
     from rcg.generators import build_generator, save_generator
 
@@ -49,8 +50,7 @@ def main() -> None:
         net = rdm.build_rdm(rc.arch, cfg.encoder.rep_dim)
         meta = rdm.make_meta(
             net, rc.arch,
-            {"schedule": rc.beta_schedule, "timesteps": rc.timesteps, "linear_start": rc.linear_start,
-             "linear_end": rc.linear_end, "parameterization": rc.parameterization},
+            diffusion_meta(rc.beta_schedule, rc.timesteps, rc.linear_start, rc.linear_end, rc.parameterization),
             {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
         )
         rdm.save_rdm(net, meta, rdm_dir, "rdm")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rcg import config
+from rcg.diffusion import diffusion_meta
 from rcg.generators import build_generator, save_generator
 from rcg.io import write_json
 from rcg.rdm import build_rdm, make_meta, save_rdm
@@ -35,8 +36,7 @@ def _perturb(model: torch.nn.Module) -> None:
 
 def _make_models(cfg: config.Config) -> None:
     """A tiny RDM, class-conditional RDM and rep-conditioned DiT in the standard model folders."""
-    diff = {"schedule": "sqrt_linear", "timesteps": 100, "linear_start": 0.0015, "linear_end": 0.0195,
-            "parameterization": "x0"}
+    diff = diffusion_meta("sqrt_linear", 100, 0.0015, 0.0195, "x0")
     for name, classes in (("rdm", 0), ("rdm_class", N_CLASSES)):
         net = build_rdm("tiny", num_classes=classes)
         _perturb(net)

@@ -106,7 +106,7 @@ def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None
             lines.append(f"| {mode} | " + " | ".join(_num(acc["per_class"], c, 2) for c in names) + " |")
     if evalnet:
         lines += ["", f"Evaluation classifier: test accuracy {evalnet.get('test_accuracy', float('nan')):.4f} "
-                  f"({evalnet.get('train_steps')} steps, {evalnet.get('train_seconds')} s)."]
+                  f"({evalnet.get('steps')} steps, {evalnet.get('train_seconds_total')} s)."]
     if "seconds" in results:
         lines.append(f"Evaluate stage wall time: {results['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
