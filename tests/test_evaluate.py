@@ -17,7 +17,7 @@ from rcg.metrics import evaluation
 from rcg.metrics.fidelity import read_real_images
 from rcg.stages import evalnet as evalnet_stage
 from rcg.stages import evaluate as evaluate_stage
-from rcg.stages.report import format_report
+from rcg.metrics.report import format_report
 from tests.conftest import tiny_params
 
 MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03}

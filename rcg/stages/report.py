@@ -1,120 +1,16 @@
-"""`rcg report`: the evaluation table as Markdown, with the paper's ImageNet numbers beside it.
-
-Reads metrics/eval.json (and metrics/evalnet.json when present) and prints one row per generation
-mode, the real-data floor, and whether the paper's claims (REFERENCE.md section 10, Table 9a) hold
-at this scale. The paper's numbers are ImageNet 256x256 FID / IS with 50k samples: orientation,
-not a target; our `fd` is only comparable to them when the extractor is Inception.
-"""
+"""`rcg report`: print the evaluation table of metrics/eval.json (rcg.metrics.report) as Markdown."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 from rcg.config import Config
 from rcg.io import read_json
-
-# mode -> (paper FID / IS on ImageNet 256x256, where it comes from): REFERENCE.md sections 6 and 10.
-PAPER: dict[str, tuple[str, str]] = {
-    "uncond": ("27.32 / -", "DiT-XL/2 without RCG (MAGE-L: 7.04)"),
-    "label": ("5.83 / 147.3", "MAGE-B on class labels, Table 9a"),
-    "rcg": ("5.07 / 142.5", "MAGE-B on RDM reps, Table 9a (DiT-XL/2: 4.89 / 143.2)"),
-    "rcg_cfg": ("3.19 / 214.9", "MAGE-B, cfg 1.0, README"),
-    "rcg_class": ("3.50 / 194.9", "MAGE-B, class-conditional RDM, README"),
-    "oracle": ("4.37 / 149.0", "MAGE-B on real-image reps, Table 9a"),
-}
-LABELS = {
-    "uncond": "uncond (no condition)",
-    "label": "label (real class labels)",
-    "rcg": "rcg (RDM reps)",
-    "rcg_cfg": "rcg_cfg (RDM reps + guidance)",
-    "rcg_class": "rcg_class (class-cond. RDM)",
-    "oracle": "oracle (real val reps)",
-}
-
-
-def _num(row: dict[str, Any], key: str, digits: int = 3) -> str:
-    v = row.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-
-
-def _claims(results: dict[str, Any]) -> list[str]:
-    """The issue's targets at small scale (paper Table 9a's ordering), checked on the numbers."""
-    modes = results.get("modes", {})
-    fd = {m: r.get("fd") for m, r in modes.items()}
-    out = []
-
-    def check(ok: bool | None, text: str) -> None:
-        mark = "n/a" if ok is None else ("yes" if ok else "NO")
-        out.append(f"- [{mark}] {text}")
-
-    def both(a: str, b: str) -> bool:
-        return fd.get(a) is not None and fd.get(b) is not None
-
-    check(fd["rcg"] <= 0.7 * fd["uncond"] if both("rcg", "uncond") else None,
-          f"rcg fd <= 0.7 x uncond fd ({_num(fd, 'rcg')} vs 0.7 x {_num(fd, 'uncond')})")
-    check(fd["rcg"] <= fd["label"] if both("rcg", "label") else None,
-          f"rcg fd <= label fd ({_num(fd, 'rcg')} vs {_num(fd, 'label')}; paper 5.07 vs 5.83)")
-    check(fd["oracle"] <= fd["rcg"] if both("oracle", "rcg") else None,
-          f"oracle fd <= rcg fd ({_num(fd, 'oracle')} vs {_num(fd, 'rcg')}; paper 4.37 vs 5.07)")
-    acc = modes.get("rcg_class", {}).get("class_accuracy")
-    check(None if acc is None else acc >= 0.8,
-          f"rcg_class samples classified as the asked-for class >= 0.8 ({_num({'a': acc}, 'a')})")
-    return out
-
-
-def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None) -> str:
-    """The Markdown report of an eval.json mapping (and the evalnet metrics, if given)."""
-    ext = results.get("extractor", "?")
-    fd_name = "FID" if ext == "inception-v3-compat" else f"fd ({ext})"
-    n = results.get("n_samples")
-    lines = [
-        f"## RCG evaluation: {n} samples per mode, {results.get('sample_steps')} sampling steps, "
-        f"against {results.get('n_reference')} real val images",
-        "",
-        f"`{fd_name}`: {results.get('fd_is', '')}. IS, KID, precision and recall use the same "
-        f"extractor. Paper columns: ImageNet 256x256, 50k samples, Inception FID / IS.",
-        "",
-        f"| mode | {fd_name} | IS | KID | precision | recall | class acc | seconds | paper FID / IS | paper setting |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, row in results.get("modes", {}).items():
-        paper, where = PAPER.get(mode, ("-", ""))
-        lines.append(
-            f"| {LABELS.get(mode, mode)} | {_num(row, 'fd')} | {_num(row, 'is', 2)} | {_num(row, 'kid')} | "
-            f"{_num(row, 'precision')} | {_num(row, 'recall')} | {_num(row, 'class_accuracy')} | "
-            f"{_num(row, 'seconds', 0)} | {paper} | {where} |"
-        )
-    floor = results.get("floor")
-    if floor:
-        lines.append(
-            f"| *floor: {n} real train images* | {_num(floor, 'fd')} | {_num(floor, 'is', 2)} | "
-            f"{_num(floor, 'kid')} | {_num(floor, 'precision')} | {_num(floor, 'recall')} | - | "
-            f"{_num(floor, 'seconds', 0)} | - | |"
-        )
-    lines += ["", "Claims (paper Table 9a ordering, checked at this scale):", *_claims(results)]
-    per_class = results.get("class_accuracy", {})
-    if per_class:
-        lines += ["", "Per-class accuracy of the evaluation classifier on conditional samples:", ""]
-        names = list(next(iter(per_class.values()))["per_class"])
-        lines.append("| mode | " + " | ".join(names) + " |")
-        lines.append("|---|" + "---|" * len(names))
-        for mode, acc in per_class.items():
-            lines.append(f"| {mode} | " + " | ".join(_num(acc["per_class"], c, 2) for c in names) + " |")
-    if evalnet:
-        lines += ["", f"Evaluation classifier: test accuracy {evalnet.get('test_accuracy', float('nan')):.4f} "
-                  f"({evalnet.get('steps')} steps, {evalnet.get('train_seconds_total')} s)."]
-    if "seconds" in results:
-        lines.append(f"Evaluate stage wall time: {results['seconds']:.0f} s.")
-    return "\n".join(lines) + "\n"
+from rcg.metrics.report import format_report
 
 
 def run(cfg: Config, **options: object) -> None:
-    """Print the report of metrics/eval.json to stdout."""
+    """Print the report of metrics/eval.json (and metrics/evalnet.json when present) to stdout."""
     results = read_json(cfg.evaluate.metrics_file)
     evalnet_path = Path(cfg.evalnet.metrics_file)
-    evalnet = read_json(evalnet_path) if evalnet_path.exists() else None
-    print(format_report(results, evalnet))
+    print(format_report(results, read_json(evalnet_path) if evalnet_path.exists() else None))
