@@ -300,3 +300,26 @@ def test_foreign_files_in_the_output_folder(tmp_path: Path, caplog: pytest.LogCa
         _shard(root, out)
     assert sorted(p.name for p in (out / "train").iterdir()) == before
     assert read_json(out / "manifest.json")["splits"]["train"]["written"] == 6
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(PipelineError, match="a_file: shard.out_dir is not a folder"):
+        _shard(root, tmp_path / "a_file")
+
+
+def test_unreadable_folder_is_a_recorded_skip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subfolder that cannot be listed (permissions; root reads anything, so it is simulated)."""
+    root = tmp_path / "flat"
+    _good(root)
+    _good(root / "locked")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    m = _shard(root, tmp_path / "out")
+    assert _skips(m) == {"locked": "unreadable folder: Permission denied"}
+    assert m["splits"]["train"]["written"] == 3
+    with pytest.raises(PipelineError, match="locked: cannot read folder"):
+        sources.image_folder(root / "locked")

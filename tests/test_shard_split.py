@@ -86,3 +86,5 @@ def test_imagenet_layout_without_and_with_val(tmp_path: Path) -> None:
     assert src.val_split == {"method": "none"} and set(src.splits) == {"train"}
     with pytest.raises(PipelineError, match=r"shard.val_fraction must be in \[0, 0.5\]"):
         sources.image_folder(root, 0.6)
+    with pytest.raises(PipelineError, match="shard.val_min_count must not be negative"):
+        sources.image_folder(root, 0.05, 0, -1)

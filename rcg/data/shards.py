@@ -309,6 +309,8 @@ def _tidy_split_folder(folder: Path, split: str) -> None:
 def _tidy_out_dir(out_dir: Path) -> None:
     """What is in `out_dir` before a run: only the stage's own leftovers are removed (each logged)."""
     if not out_dir.is_dir():
+        if out_dir.exists() or out_dir.is_symlink():
+            raise PipelineError(f"{out_dir}: shard.out_dir is not a folder")
         return
     for e in sorted(os.scandir(out_dir), key=lambda e: e.name):
         if e.name in SPLITS and e.is_dir():

@@ -306,6 +306,8 @@ def image_folder(
         raise PipelineError(
             f"shard.val_fraction must be in [0, 0.5] (train keeps most images), got {val_fraction}"
         )
+    if val_min_count < 0:
+        raise PipelineError(f"shard.val_min_count must not be negative, got {val_min_count}")
     root = Path(root)
     if not root.exists():
         raise PipelineError(f"{root}: image folder not found (set shard.folder)")
