@@ -38,6 +38,13 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 MAX_FILE_BYTES = 64 << 20
 MAX_PIXELS = 40_000_000
 ORIENTATION = 0x0112  # the EXIF (TIFF) tag that says how to turn the stored pixels upright
+# TIFF byte order mark -> (header: magic + IFD offset, entry count, entry: type + count + SHORT
+# value, the orientation tag's bytes), for the EXIF block's byte order.
+_TIFF = {
+    mark: (struct.Struct(e + "HI"), struct.Struct(e + "H"), struct.Struct(e + "HIH"),
+           struct.pack(e + "H", ORIENTATION))
+    for mark, e in ((b"II", "<"), (b"MM", ">"))
+}
 # Where a PNG can carry EXIF orientation for PIL: an eXIf chunk, ImageMagick's raw-profile text
 # chunk, or XMP's tiff:Orientation in an iTXt/tEXt/zTXt chunk. Their names appear in the file
 # uncompressed, so a PNG without any of them has no orientation and needs no decode to tell.
@@ -207,23 +214,28 @@ def _app_left_to_pil(data: bytes, marker: int, at: int, size: int) -> bool:
 def _exif_orientation(data: bytes, start: int, end: int) -> int | None:
     """The orientation in IFD0 of the TIFF structure at data[start:end] (an EXIF block): 1 when
     there is none, None when the block is not one this reader follows to the end (PIL decides)."""
-    order = data[start : start + 2]
-    e = "<" if order == b"II" else ">" if order == b"MM" else ""
-    if not e or end - start < 8:
+    layout = _TIFF.get(data[start : start + 2])
+    if layout is None or end - start < 8:
         return None
-    magic, ifd = struct.unpack_from(e + "HI", data, start + 2)
-    at = start + ifd
-    if magic != 42 or ifd < 8 or at + 2 > end:
+    head, short, entry, tag = layout
+    magic, ifd = head.unpack_from(data, start + 2)
+    first = start + ifd + 2  # the first 12-byte entry, after the entry count
+    if magic != 42 or ifd < 8 or first > end:
         return None
-    (count,) = struct.unpack_from(e + "H", data, at)
-    if at + 2 + 12 * count > end:
+    stop = first + 12 * short.unpack_from(data, first - 2)[0]
+    if stop > end:
         return None
-    tag = struct.pack(e + "H", ORIENTATION)
-    found = [j for j in range(at + 2, at + 2 + 12 * count, 12) if data.startswith(tag, j)]
-    if not found:
+    found, j = None, first
+    while (j := data.find(tag, j, stop)) >= 0:  # C-speed search; only entry starts count
+        if (j - first) % 12 == 0:
+            if found is not None:
+                return None  # two orientation entries: leave it to PIL
+            found = j
+        j += 1
+    if found is None:
         return 1
-    typ, n, value = struct.unpack_from(e + "HIH", data, found[0] + 2)
-    return value if len(found) == 1 and typ == 3 and n == 1 else None  # one SHORT, as EXIF says
+    typ, n, value = entry.unpack_from(data, found + 2)
+    return value if typ == 3 and n == 1 else None  # one SHORT, as EXIF says
 
 
 def _jpeg_ends(data: bytes) -> bool:
