@@ -295,6 +295,16 @@ def _plain_and_tricky_files(root: Path) -> dict[str, Path]:
         "sixteen.png": _save(Image.fromarray(np.full((20, 20), 40000, np.uint16)), root / "sixteen.png", "PNG"),
         "small.jpg": _save(astro.resize((6, 5)), root / "small.jpg", "JPEG"),
     }
+    turned, upright = Image.Exif(), Image.Exif()
+    turned[0x0112], upright[0x0112] = 6, 1  # Orientation
+    files["exif_turned.jpg"] = _save(astro, root / "exif_turned.jpg", "JPEG", exif=turned)
+    files["exif_upright.jpg"] = _save(astro, root / "exif_upright.jpg", "JPEG", exif=upright)
+    files["exif_turned.png"] = _save(cat, root / "exif_turned.png", "PNG", exif=turned)
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    files["xmp_turned.jpg"] = _save(astro, root / "xmp_turned.jpg", "JPEG", xmp=xmp)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("XML:com.adobe.xmp", xmp.decode())
+    files["xmp_turned.png"] = _save(cat, root / "xmp_turned.png", "PNG", pnginfo=info)
     info = PngImagePlugin.PngInfo()
     info.add_text("comment", "hello")
     files["text.png"] = _save(cat, root / "text.png", "PNG", pnginfo=info, dpi=(72, 72))
@@ -347,12 +357,17 @@ def test_byte_level_checks_decide_as_pil_does(tmp_path: Path, monkeypatch: pytes
     assert isinstance(fast["bitflip.png"], images.Skip) and "checksum" in fast["bitflip.png"].reason
     assert "too small" in fast["small.jpg"].reason
     plain = {"baseline.jpg", "progressive.jpg", "gray.jpg", "exif.jpg", "padded.jpg", "rgb.png",
-             "gray_interlaced.png", "text.png", "trns.png", "cut.jpg", "bitflip.png", "small.jpg"}
+             "gray_interlaced.png", "text.png", "trns.png", "cut.jpg", "bitflip.png", "small.jpg",
+             "exif_upright.jpg"}
     assert not plain & set(opened), sorted(plain & set(opened))  # decided without PIL
     left_to_pil = {"cmyk.jpg", "palette.png", "rgba.png", "sixteen.png", "short_dqt.jpg",
-                   "short_adobe.jpg", "photoshop.jpg"}
+                   "short_adobe.jpg", "photoshop.jpg", "exif_turned.jpg", "exif_turned.png",
+                   "xmp_turned.jpg", "xmp_turned.png"}
     assert left_to_pil <= set(opened), sorted(left_to_pil - set(opened))
     assert isinstance(fast["short_dqt.jpg"], images.Skip) and isinstance(fast["photoshop.jpg"], images.Prepared)
+    for name, turn in (("exif_turned.jpg", 6), ("exif_turned.png", 6), ("xmp_turned.jpg", 8), ("xmp_turned.png", 8)):
+        assert fast[name].converted == f"EXIF orientation {turn} applied, re-encoded as PNG", name
+    assert fast["exif_upright.jpg"].data == files["exif_upright.jpg"].read_bytes()
 
 
 def test_shard_stage_does_not_import_torch() -> None:

@@ -3,13 +3,17 @@
 The shard stage keeps a file's original bytes when it is an ordinary 8-bit PNG or JPEG (no quality
 loss, no work); anything else that is still a usable image (CMYK, palette, alpha, 16-bit, other
 formats) is converted once, here, to an 8-bit PNG, so every later stage decodes only plain
-L/RGB PNG or JPEG. Unusable files become a `Skip` with the reason, never an exception.
+L/RGB PNG or JPEG. So is a photo whose EXIF orientation says it must be turned to be upright: the
+stored pixels are upright, and no later stage needs to know about EXIF. Unusable files become a
+`Skip` with the reason, never an exception; files over the size or pixel caps are skipped before
+their pixels are decoded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -18,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from rcg.data.sources import IMAGE_SUFFIXES, Item
+from rcg.data.sources import IMAGE_SUFFIXES, Item, not_regular
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +34,25 @@ PLAIN_MODES = {"L", "RGB"}
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 # Refuse decompression bombs rather than exhausting memory on a hostile or broken file.
 Image.MAX_IMAGE_PIXELS = 200_000_000
+# Defaults of shard.max_file_bytes and shard.max_pixels (rcg.config.ShardConfig says why).
+MAX_FILE_BYTES = 64 << 20
+MAX_PIXELS = 40_000_000
+ORIENTATION = 0x0112  # the EXIF (TIFF) tag that says how to turn the stored pixels upright
+# TIFF byte order mark -> (header: magic + IFD offset, entry count, entry: type + count + SHORT
+# value, the orientation tag's bytes), for the EXIF block's byte order.
+_TIFF = {
+    mark: (struct.Struct(e + "HI"), struct.Struct(e + "H"), struct.Struct(e + "HIH"),
+           struct.pack(e + "H", ORIENTATION))
+    for mark, e in ((b"II", "<"), (b"MM", ">"))
+}
+# Where a PNG can carry EXIF orientation for PIL: an eXIf chunk, ImageMagick's raw-profile text
+# chunk, or XMP's tiff:Orientation in an iTXt/tEXt/zTXt chunk. Their names appear in the file
+# uncompressed, so a PNG without any of them has no orientation and needs no decode to tell.
+_PNG_EXIF_MARKS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+class Refused(Exception):
+    """A file the reader will not read (not a regular file, too large); the message is the reason."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +146,7 @@ _PNG_MODES = {0: "L", 2: "RGB"}  # colour type -> PIL mode, at bit depth 8
 _PNG_BEFORE_IDAT = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tEXt": 0, b"tIME": None,
                     b"bKGD": None, b"sBIT": None}
 _PNG_AFTER_IDAT = {b"tEXt", b"tIME"}
+_EXIF_TEXT_KEYS = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0")  # text chunks PIL's getexif reads
 
 
 def _jpeg_header(data: bytes) -> tuple[str, int, int] | None:
@@ -180,7 +204,38 @@ def _app_left_to_pil(data: bytes, marker: int, at: int, size: int) -> bool:
         return data.startswith(b"Photoshop 3.0\0", at)
     if marker == 0xEE:
         return size < 7 and data.startswith(b"Adobe", at)
+    if marker == 0xE1:  # EXIF, or XMP (PIL reads its tiff:Orientation when EXIF has none)
+        if data.startswith(b"Exif\0\0", at):
+            return _exif_orientation(data, at + 6, at + size) != 1
+        return data.find(b"tiff:Orientation", at, at + size) >= 0
     return False
+
+
+def _exif_orientation(data: bytes, start: int, end: int) -> int | None:
+    """The orientation in IFD0 of the TIFF structure at data[start:end] (an EXIF block): 1 when
+    there is none, None when the block is not one this reader follows to the end (PIL decides)."""
+    layout = _TIFF.get(data[start : start + 2])
+    if layout is None or end - start < 8:
+        return None
+    head, short, entry, tag = layout
+    magic, ifd = head.unpack_from(data, start + 2)
+    first = start + ifd + 2  # the first 12-byte entry, after the entry count
+    if magic != 42 or ifd < 8 or first > end:
+        return None
+    stop = first + 12 * short.unpack_from(data, first - 2)[0]
+    if stop > end:
+        return None
+    found, j = None, first
+    while (j := data.find(tag, j, stop)) >= 0:  # C-speed search; only entry starts count
+        if (j - first) % 12 == 0:
+            if found is not None:
+                return None  # two orientation entries: leave it to PIL
+            found = j
+        j += 1
+    if found is None:
+        return 1
+    typ, n, value = entry.unpack_from(data, found + 2)
+    return value if typ == 3 and n == 1 else None  # one SHORT, as EXIF says
 
 
 def _jpeg_ends(data: bytes) -> bool:
@@ -202,11 +257,11 @@ def _png_header(data: bytes) -> tuple[int, int, str, bool] | None:
     return w, h, _PNG_MODES[ctype], bool(interlace)
 
 
-def _png_checked(data: bytes) -> tuple[str, int, int] | str | None:
-    """Mode and size of a plain 8-bit L/RGB PNG after checking every chunk's CRC up to IEND.
+def _png_checked(data: bytes) -> tuple[str, int, int, str | None] | None:
+    """Mode, size and problem of a plain 8-bit L/RGB PNG after checking every chunk's CRC up to IEND.
 
-    Returns a problem string when the file is a PNG of that kind but broken (bad CRC, cut short,
-    no IEND: what PIL's verify() reports), or None when the file is anything else (left to PIL).
+    The problem is None for a sound file, or what is broken (bad CRC, cut short, no IEND: what
+    PIL's verify() reports); None for the whole result when the file is anything else (left to PIL).
     """
     header = _png_header(data)
     if header is None or not header[0] or not header[1]:
@@ -215,12 +270,14 @@ def _png_checked(data: bytes) -> tuple[str, int, int] | str | None:
     n, i, seen_idat = len(data), 8, False
     while True:
         if i + 8 > n:
-            return "truncated PNG file"
+            return mode, w, h, "truncated PNG file"
         length, cid = struct.unpack_from(">I4s", data, i)
+        if cid == b"tEXt" and data.startswith(_EXIF_TEXT_KEYS, i + 8):
+            return None  # may carry an orientation: PIL decides
         if cid == b"IEND":  # as PIL's verify(): the chunk walk ends at IEND
-            return (mode, w, h) if seen_idat else None
+            return (mode, w, h, None) if seen_idat else None
         if i + 12 + length > n:
-            return "truncated PNG file"
+            return mode, w, h, "truncated PNG file"
         if cid == b"IDAT":
             seen_idat = True
         elif cid == b"IHDR":
@@ -235,58 +292,104 @@ def _png_checked(data: bytes) -> tuple[str, int, int] | str | None:
         elif cid not in _PNG_BEFORE_IDAT or length < (_PNG_BEFORE_IDAT[cid] or 0):
             return None
         if zlib.crc32(memoryview(data)[i + 4 : i + 8 + length]) != struct.unpack_from(">I", data, i + 8 + length)[0]:
-            return f"broken PNG file (bad header checksum in {cid!r})"
+            return mode, w, h, f"broken PNG file (bad header checksum in {cid!r})"
         i += 12 + length
 
 
-def read_file(path: str, size: int = -1) -> bytes:
-    """All bytes of a file, normally with one open and one read system call.
+def read_file(path: str, size: int = -1, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """All bytes of a regular file of at most `max_bytes`, normally with one open and one read.
 
-    `size` is the size the listing saw (-1: unknown, fstat asks). Reading size + 1 bytes and getting
-    exactly `size` means the whole file was read (a regular file's read is short only at its end);
-    otherwise, e.g. when the file changed since it was listed, reading goes on to the end of file.
+    `size` is the size the listing saw for a regular file (-1: unknown; then fstat asks, and
+    anything but a regular file is refused). Reading size + 1 bytes and getting exactly `size` means
+    the whole file was read (a regular file's read is short only at its end); otherwise, e.g. when
+    the file changed since it was listed, reading goes on to the end of file, never past
+    `max_bytes` + 1 bytes. The open is non-blocking, so a file swapped for a FIFO after listing
+    cannot hang the reader either. Raises Refused (with the reason) or OSError.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if size < 0:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Refused(not_regular(st.st_mode))
+            size = st.st_size
+        if size > max_bytes:
+            raise Refused(f"file too large: {size} bytes (shard.max_file_bytes is {max_bytes})")
         data = os.read(fd, size + 1)
         if len(data) == size:
             return data
-        chunks = [data]
-        while chunks[-1]:
-            chunks.append(os.read(fd, 1 << 20))
+        chunks, total = [data], len(data)
+        while chunks[-1] and total <= max_bytes:
+            chunks.append(os.read(fd, min(1 << 20, max_bytes + 1 - total)))
+            total += len(chunks[-1])
+        if total > max_bytes:
+            raise Refused(f"file too large: over {max_bytes} bytes (shard.max_file_bytes)")
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def _fast_prepare(item: Item, data: bytes, min_size: int) -> Prepared | Skip | None:
-    """`prepare` for a plain 8-bit L/RGB JPEG or PNG checked from its bytes; None: ask PIL."""
+def _too_many_pixels(item: Item, w: int, h: int, max_pixels: int) -> Skip:
+    assert item.path is not None
+    return Skip(item.path, f"too many pixels: {w}x{h} = {w * h} (shard.max_pixels is {max_pixels})")
+
+
+def _fast_prepare(item: Item, data: bytes, min_size: int, max_pixels: int) -> Prepared | Skip | None:
+    """`prepare` for a plain 8-bit L/RGB JPEG or PNG checked from its bytes; None: ask PIL.
+
+    Checks come in PIL's order: the decompression-bomb limit (left to PIL), the pixel cap, the
+    structure, the minimum size, so both paths give the same reason for the same file.
+    """
     assert item.path is not None
     if data[:2] == b"\xff\xd8":
         head = _jpeg_header(data)
         if head is None:
             return None
-        if not _jpeg_ends(data):
-            return Skip(item.path, "corrupt or truncated image: truncated JPEG (no end-of-image marker)")
+        problem = None if _jpeg_ends(data) else "truncated JPEG (no end-of-image marker)"
         ext = "jpg"
     else:
         checked = _png_checked(data)
         if checked is None:
             return None
-        if isinstance(checked, str):
-            return Skip(item.path, f"corrupt or truncated image: corrupt PNG: {checked}")
-        head, ext = checked, "png"
-    _, w, h = head
+        *head, problem = checked
+        problem = problem and f"corrupt PNG: {problem}"
+        ext = "png"
+    w, h = head[1], head[2]
     if w * h > Image.MAX_IMAGE_PIXELS:
         return None  # PIL's decompression-bomb rule decides (a recorded skip)
+    if w * h > max_pixels:
+        return _too_many_pixels(item, w, h, max_pixels)
+    if problem:
+        return Skip(item.path, f"corrupt or truncated image: {problem}")
     if min(w, h) < min_size:
         return Skip(item.path, f"too small: {w}x{h} (shard.min_size is {min_size})")
     return Prepared(item.key, item.label, ext, data)
 
 
-def prepare(item: Item, min_size: int, verify: str = "structure") -> Prepared | Skip:
+def _orientation(img: Image.Image, data: bytes, decoded: bool) -> int:
+    """The EXIF orientation (2-8) PIL's ImageOps.exif_transpose would apply to `img`; 1 for none.
+
+    A PNG's EXIF may follow its pixels, where PIL reads it only when decoding: a PNG that may have
+    one (found by the chunk names in _PNG_EXIF_MARKS) and is not `decoded` yet is decoded in a
+    separate image, so `img` itself is still fresh for verify(). A broken EXIF block only means the
+    orientation is unknown (1).
+    """
+    if img.format == "PNG" and not decoded:
+        if not any(m in data for m in _PNG_EXIF_MARKS):
+            return 1
+        img = Image.open(io.BytesIO(data))
+        img.load()  # a decoding error is the file's: prepare skips it as corrupt
+    try:
+        value = img.getexif().get(ORIENTATION, 1)
+    except Exception:  # PIL's EXIF parser raises many kinds of errors on a malformed block
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def prepare(
+    item: Item, min_size: int, verify: str = "structure", max_bytes: int = MAX_FILE_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> Prepared | Skip:
     """Check one item and return its shard bytes, or the reason it is skipped.
 
     What `verify="structure"` validates for a file kept byte for byte (no pixel decode):
@@ -296,11 +399,14 @@ def prepare(item: Item, min_size: int, verify: str = "structure") -> Prepared | 
       data itself is not decoded, so a bit flip inside it is not caught.
     - PNG: signature, IHDR (8-bit grey or RGB, standard compression and filter method), then every
       chunk complete with a correct CRC up to IEND, and at least one IDAT; zlib data not inflated.
-    - both: width and height from the header against `min_size` and PIL's decompression-bomb limit.
-    Files these byte-level checks do not cover (other formats and modes, unusual segments or chunks)
-    go through PIL: Image.open plus PIL's verify() for PNG / the end marker for JPEG, and a full
-    decode and re-encode for files that need conversion. `verify="decode"` decodes every file's
-    pixels with PIL instead (catches damage inside the compressed data too).
+    - both: width and height from the header against `min_size`, `max_pixels` and PIL's
+      decompression-bomb limit; no EXIF orientation other than "upright".
+    Files these byte-level checks do not cover (other formats and modes, unusual segments or chunks,
+    EXIF orientation) go through PIL: Image.open (which reads the header only) and the pixel cap,
+    then PIL's verify() for PNG / the end marker for JPEG, and a full decode and re-encode for
+    files that need conversion or turning upright. `verify="decode"` decodes every file's pixels
+    with PIL instead (catches damage inside the compressed data too). Files over `max_bytes` are
+    not read at all.
     """
     if item.pixels is not None:
         img = Image.fromarray(np.ascontiguousarray(item.pixels, dtype=np.uint8))
@@ -309,43 +415,70 @@ def prepare(item: Item, min_size: int, verify: str = "structure") -> Prepared | 
     if item.skip:
         return Skip(item.path, item.skip)
     try:
-        data = read_file(item.path, item.size)
+        data = read_file(item.path, item.size, max_bytes)
+    except Refused as e:
+        return Skip(item.path, str(e))
     except OSError as e:
         return Skip(item.path, f"unreadable: {e.strerror or e}")
     if not data:
         return Skip(item.path, "empty file (0 bytes)")
     if verify == "structure":
-        fast = _fast_prepare(item, data, min_size)
+        fast = _fast_prepare(item, data, min_size, max_pixels)
         if fast is not None:
             return fast
+    return _pil_prepare(item, data, min_size, verify, max_pixels)
+
+
+def _pil_prepare(item: Item, data: bytes, min_size: int, verify: str, max_pixels: int) -> Prepared | Skip:
+    """`prepare` through PIL: any format PIL reads; converted to 8-bit PNG unless kept as it is."""
+    assert item.path is not None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # header only: the pixels are decoded by load()
             fmt = img.format
-            keep = fmt in KEEP_FORMATS and img.mode in PLAIN_MODES
-            if keep and verify == "structure":
+            if img.width * img.height > max_pixels:
+                return _too_many_pixels(item, img.width, img.height, max_pixels)
+            plain = fmt in KEEP_FORMATS and img.mode in PLAIN_MODES
+            turn = _orientation(img, data, decoded=False) if plain and verify == "structure" else 0
+            if turn == 1:  # kept as it is: its structure is checked without a decode
                 problem = _structure_ok(fmt, img, data)
                 if problem:
                     return Skip(item.path, f"corrupt or truncated image: {problem}")
             else:
                 img.load()  # full decode: catches truncated and corrupt data, not just a bad header
+                turn = turn or _orientation(img, data, decoded=True)
+            keep = plain and turn == 1
     except UnidentifiedImageError:
         why = "not an image" if Path(item.path).suffix.lower() not in IMAGE_SUFFIXES else "corrupt image"
         return Skip(item.path, f"{why}: cannot identify image data")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return Skip(item.path, f"decompression bomb refused: {e}")
+    except (OSError, SyntaxError, ValueError) as e:
         return Skip(item.path, f"corrupt or truncated image: {e}")
     w, h = img.size
     if min(w, h) < min_size:
         return Skip(item.path, f"too small: {w}x{h} (shard.min_size is {min_size})")
-    label = item.label
     if keep:
-        return Prepared(item.key, label, KEEP_FORMATS[fmt], data)
+        return Prepared(item.key, item.label, KEEP_FORMATS[fmt], data)
+    return _convert(item, img, fmt, turn)
+
+
+def _convert(item: Item, img: Image.Image, fmt: str, turn: int) -> Prepared | Skip:
+    """Re-encode a decoded image as an 8-bit L/RGB PNG, turned upright by its EXIF orientation."""
+    assert item.path is not None
     try:
-        img8, why = _to_8bit(img)
-        if fmt not in KEEP_FORMATS:
-            why = f"{fmt} re-encoded as PNG" + (f" ({why})" if img.mode not in PLAIN_MODES else "")
-        return Prepared(item.key, label, "png", encode_png(img8), converted=why)
+        if turn != 1:
+            img = ImageOps.exif_transpose(img)
+        if fmt in KEEP_FORMATS and img.mode in PLAIN_MODES:  # a plain PNG/JPEG, only turned upright
+            img8, why = img, "re-encoded as PNG"
+        else:
+            img8, why = _to_8bit(img)
+            if fmt not in KEEP_FORMATS:
+                why = f"{fmt} re-encoded as PNG" + (f" ({why})" if img.mode not in PLAIN_MODES else "")
+        if turn != 1:
+            why = f"EXIF orientation {turn} applied, {why}"
+        return Prepared(item.key, item.label, "png", encode_png(img8), converted=why)
     except (OSError, ValueError) as e:
         return Skip(item.path, f"cannot convert {img.mode} image: {e}")
 

@@ -4,17 +4,24 @@ Layout: `<out>/<split>/<split>-%06d.tar` and `<out>/manifest.json`. Samples carr
 (original bytes where possible) and `.cls` when labelled. Shard k holds the usable images among
 input items [k * shard_size, (k + 1) * shard_size), so shards are written in parallel, each by one
 worker process that reads its files and writes its own tar, and a shard may hold fewer samples
-when some files were skipped. Every shard is written to a temporary file and renamed, and the
-manifest is written last, so an interrupted run never leaves a set of shards that looks complete;
-tar headers carry fixed owner and mtime, so the same input always gives byte-identical shards,
-whatever the number of workers. The tars are standard POSIX tar, byte for byte what WebDataset's
-TarWriter writes (rcg.data.loader reads them with WebDataset).
+when some files were skipped. Every shard is written to a temporary file
+(`.<split>-NNNNNN.tar.<pid>.rcg-shard.tmp`) and renamed, and the manifest is written last, so an
+interrupted run never leaves a set of shards that looks complete; the next run removes the
+temporary files a killed run left. Tar headers carry fixed owner and mtime, so the same input
+always gives byte-identical shards, whatever the number of workers. The tars are standard POSIX
+tar, byte for byte what WebDataset's TarWriter writes (rcg.data.loader reads them with WebDataset).
+
+The output folder holds only what the stage writes: it removes its own shards (`<split>-NNNNNN.tar`)
+that a run did not write again, and its own temporary files, logging each; it leaves any other
+file alone with a warning, and refuses to run while the folder of a split holds a file named like
+a shard that it did not write (the loader reads every `<split>-*.tar` there).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,9 +32,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rcg.data.images import Skip, prepare
-from rcg.data.sources import Item, Source
-from rcg.io import PipelineError, atomic_path, get_logger, write_json
+from rcg.data.images import MAX_FILE_BYTES, MAX_PIXELS, Skip, prepare
+from rcg.data.sources import SPLITS, Item, Source
+from rcg.io import PipelineError, get_logger, write_json
 
 log = get_logger(__name__)
 FORMAT_VERSION = 1
@@ -81,7 +88,7 @@ class TarShard:
     """A tar file written member by member with vectored writes (one system call per batch)."""
 
     def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self.pending: list[bytes | bytearray] = []
         self.pending_bytes = 0
         self.offset = 0
@@ -135,6 +142,8 @@ class _ShardJob:
     items: list[Item]
     min_size: int
     verify: str
+    max_bytes: int
+    max_pixels: int
 
 
 @dataclass
@@ -152,12 +161,13 @@ def _write_shard(job: _ShardJob) -> _ShardResult:
     writes its own shard, and the result is the same whatever the number of workers.
     """
     path = job.split_dir / f"{job.split}-{job.index:06d}.tar"
+    tmp = job.split_dir / f".{path.name}.{os.getpid()}{TEMP_SUFFIX}"
     skipped, converted, written = [], [], 0
-    with atomic_path(path) as tmp:
+    try:
         tar = TarShard(tmp)
         try:
             for item in job.items:
-                res = prepare(item, job.min_size, job.verify)
+                res = prepare(item, job.min_size, job.verify, job.max_bytes, job.max_pixels)
                 if isinstance(res, Skip):
                     skipped.append({"path": res.path, "reason": res.reason})
                     continue
@@ -171,8 +181,13 @@ def _write_shard(job: _ShardJob) -> _ShardResult:
             tar.finish()
         finally:
             tar.close()
-    if written == 0:
-        path.unlink()
+        if written:
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return _ShardResult(path.name if written else None, written, skipped, converted)
 
 
@@ -263,17 +278,76 @@ def _run_jobs(
     return results  # type: ignore[return-value]
 
 
+# Names the stage gives its own files in a split's folder: shards, the temporary files they are
+# written to, and those of earlier versions (rcg.io.atomic_path's mkstemp names), and the top-level
+# manifest's temporary file (rcg.io.write_json).
+TEMP_SUFFIX = ".rcg-shard.tmp"
+_OWN_TEMP = r"\.{split}-\d{{6}}\.tar\.(?:\d+\.rcg-shard|[a-z0-9_]{{8}})\.tmp"
+_MANIFEST_TEMP = re.compile(r"\.manifest\.json\.[a-z0-9_]{8}\.tmp")
+
+
+def _tidy_split_folder(folder: Path, split: str) -> None:
+    """Before writing: remove temporary files an interrupted run left, refuse a foreign file the
+    loader would read as a shard, and warn about any other foreign file (left alone)."""
+    own, temp = re.compile(rf"{split}-\d{{6}}\.tar"), re.compile(_OWN_TEMP.format(split=split))
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        regular = e.is_file(follow_symlinks=False)
+        if regular and temp.fullmatch(e.name):
+            os.unlink(e.path)
+            log.warning("removed %s: a temporary shard file left by an interrupted run", e.path)
+        elif regular and own.fullmatch(e.name):
+            continue  # this run writes it again, or removes it when it has no such shard
+        elif e.name.startswith(f"{split}-") and e.name.endswith(".tar"):
+            raise PipelineError(
+                f"{e.path}: not a shard this stage wrote, but named like one (every {split}-*.tar in "
+                f"{folder} is read as {split} data): move or delete it, or set shard.out_dir elsewhere"
+            )
+        else:
+            log.warning("%s: not written by the shard stage; left alone", e.path)
+
+
+def _tidy_out_dir(out_dir: Path) -> None:
+    """What is in `out_dir` before a run: only the stage's own leftovers are removed (each logged)."""
+    if not out_dir.is_dir():
+        if out_dir.exists() or out_dir.is_symlink():
+            raise PipelineError(f"{out_dir}: shard.out_dir is not a folder")
+        return
+    for e in sorted(os.scandir(out_dir), key=lambda e: e.name):
+        if e.name in SPLITS and e.is_dir():
+            _tidy_split_folder(Path(e.path), e.name)
+        elif e.is_file(follow_symlinks=False) and _MANIFEST_TEMP.fullmatch(e.name):
+            os.unlink(e.path)
+            log.warning("removed %s: a temporary manifest left by an interrupted run", e.path)
+        elif e.name != "manifest.json":
+            log.warning("%s: not written by the shard stage; left alone", e.path)
+
+
+def _remove_stale(out_dir: Path, written: dict[str, list[str]]) -> None:
+    """After writing: remove the stage's own shards this run did not write (an earlier run's, or
+    a split this source no longer has), so each split's folder holds exactly this run's shards."""
+    for split in SPLITS:
+        folder = out_dir / split
+        if not folder.is_dir():
+            continue
+        own, keep = re.compile(rf"{split}-\d{{6}}\.tar"), set(written.get(split, ()))
+        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+            if own.fullmatch(e.name) and e.name not in keep and e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
+                log.info("removed %s: a shard of an earlier run", e.path)
+
+
 def _write_split(
-    split: str, items: list[Item], out_dir: Path, shard_size: int, min_size: int, workers: int,
-    verify: str,
+    split: str, items: list[Item], out_dir: Path, shard_size: int, limits: tuple[int, str, int, int],
+    workers: int,
 ) -> dict[str, Any]:
+    """Write one split's shards; `limits` is (min_size, verify, max_bytes, max_pixels)."""
     split_dir = out_dir / split
     try:
         split_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PipelineError(f"{split_dir}: cannot create output folder: {e}") from e
     jobs = [
-        _ShardJob(split_dir, split, k, items[i : i + shard_size], min_size, verify)
+        _ShardJob(split_dir, split, k, items[i : i + shard_size], *limits)
         for k, i in enumerate(range(0, len(items), shard_size))
     ]
     bar = tqdm(total=len(items), desc=f"shard {split}", unit="img", mininterval=1.0)
@@ -283,16 +357,11 @@ def _write_split(
         raise PipelineError(f"{split_dir}: writing shards failed: {e}") from e
     finally:
         bar.close()
-    # Remove shards a previous run left behind, so the folder holds exactly this run's shards.
-    names = [r.name for r in results if r.name]
-    for old in split_dir.glob(f"{split}-*.tar"):
-        if old.name not in names:
-            old.unlink()
     return {
         "written": sum(r.written for r in results),
         "skipped": sum(len(r.skipped) for r in results),
         "converted": sum(len(r.converted) for r in results),
-        "shards": names,
+        "shards": [r.name for r in results if r.name],
         "_skipped": [s for r in results for s in r.skipped],
         "_converted": [c for r in results for c in r.converted],
     }
@@ -300,13 +369,19 @@ def _write_split(
 
 def write_shards(
     source: Source, out_dir: str | Path, shard_size: int, min_size: int, workers: int,
-    verify: str = "structure",
+    verify: str = "structure", max_file_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS,
 ) -> dict[str, Any]:
-    """Shard every split of `source` into `out_dir` and write `manifest.json`; returns the manifest."""
+    """Shard every split of `source` into `out_dir` and write `manifest.json`; returns the manifest.
+
+    Files over `max_file_bytes` or `max_pixels` are skipped (rcg.data.images.prepare). The module
+    docstring says what happens to files already in `out_dir`.
+    """
     out_dir = Path(out_dir)
-    if shard_size <= 0:
-        raise PipelineError(f"shard.shard_size must be positive, got {shard_size}")
+    for key, value in (("shard_size", shard_size), ("max_file_bytes", max_file_bytes), ("max_pixels", max_pixels)):
+        if value <= 0:
+            raise PipelineError(f"shard.{key} must be positive, got {value}")
     manifest_path = out_dir / "manifest.json"
+    _tidy_out_dir(out_dir)
     # The old manifest goes first: while shards are being rewritten the folder is not "complete".
     manifest_path.unlink(missing_ok=True)
     manifest: dict[str, Any] = {
@@ -315,17 +390,21 @@ def write_shards(
         "fingerprint": source.fingerprint,
         "classes": source.classes,
         "labelled": bool(source.classes),
+        "val_split": source.val_split,
+        "limits": {"min_size": min_size, "max_file_bytes": max_file_bytes, "max_pixels": max_pixels},
         "splits": {},
         "skipped": [],
         "converted": [],
     }
     workers = max(1, min(workers, os.cpu_count() or 1))
+    limits = (min_size, verify, max_file_bytes, max_pixels)
     for split, items in source.splits.items():
-        info = _write_split(split, items, out_dir, shard_size, min_size, workers, verify)
+        info = _write_split(split, items, out_dir, shard_size, limits, workers)
         manifest["skipped"].extend({"split": split, **s} for s in info.pop("_skipped"))
         manifest["converted"].extend({"split": split, **c} for c in info.pop("_converted"))
         manifest["splits"][split] = info
         log.info("%s: %d written, %d skipped -> %s", split, info["written"], info["skipped"], out_dir / split)
+    _remove_stale(out_dir, {s: v["shards"] for s, v in manifest["splits"].items()})
     if sum(s["written"] for s in manifest["splits"].values()) == 0:
         raise PipelineError(f"{source.description}: no usable images (all {len(manifest['skipped'])} skipped)")
     if "train" not in manifest["splits"] or manifest["splits"]["train"]["written"] == 0:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,10 @@ FASHION_MNIST_FILES = {
     "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val")  # the splits a source may have: the shard stage writes no other folder
+# Hash hold-out: at most this share of a folder's images goes to val, however large val_min_count
+# is, so a small folder keeps most of its images for training.
+MAX_VAL_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,9 @@ class Item:
     path: str | None = None
     pixels: np.ndarray | None = None  # uint8 [H, W] (grayscale), for idx sources
     skip: str | None = None  # reason the source already knows this file cannot be used
-    size: int = -1  # file size seen when listing (-1: unknown); saves the reader an fstat
+    # Size seen when listing a regular file (-1: unknown, the reader fstats and checks the file
+    # type itself). Saves the reader an fstat per file.
+    size: int = -1
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Source:
     classes: list[str]
     fingerprint: str
     description: str
+    val_split: dict[str, Any] = field(default_factory=lambda: {"method": "none"})  # how val was made
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -93,7 +101,8 @@ def fashion_mnist(directory: str | Path, max_per_split: int = 0) -> Source:
         splits[split] = [
             Item(key=f"{split}_{i:06d}", label=int(labels[i]), pixels=images[i]) for i in range(n)
         ]
-    return Source(splits, list(FASHION_MNIST_CLASSES), h.hexdigest()[:16], f"fashion-mnist:{directory}")
+    return Source(splits, list(FASHION_MNIST_CLASSES), h.hexdigest()[:16], f"fashion-mnist:{directory}",
+                  {"method": "source", "detail": "the Fashion-MNIST test set"})
 
 
 def _key_for(rel: tuple[str, ...]) -> str:
@@ -108,34 +117,81 @@ def _key_for(rel: tuple[str, ...]) -> str:
     return "/".join((*rel[:-1], name)).replace(".", "_")
 
 
-# A listed file: its path relative to the listed folder (as parts), its path, and its (size,
-# mtime_ns), None when it cannot be stat'ed.
-Listed = tuple[tuple[str, ...], str, tuple[int, int] | None]
+# A listed file: its path relative to the listed folder (as parts), its path, its (size, mtime_ns)
+# (None when it cannot be stat'ed), and the reason it cannot be used when listing already knows.
+Listed = tuple[tuple[str, ...], str, tuple[int, int] | None, str | None]
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def not_regular(mode: int, via_symlink: bool = False) -> str:
+    """The skip reason of a file of `mode` (from stat) that is not a regular file."""
+    kind = _KINDS.get(stat.S_IFMT(mode), "an unknown kind of file")
+    return f"not a regular file: {'a symlink to ' if via_symlink else ''}{kind} (only regular files are read)"
+
+
+def shown(name: str) -> str:
+    """`name` as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by os) as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    if name.isascii():  # almost every name: no encoding needed to tell
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.scandir hands undecodable bytes over as lone surrogates
+        return False
+    return True
+
+
+def _entry(parts: tuple[str, ...], e: os.DirEntry[str]) -> Listed:
+    """One non-folder entry: stat'ed through a symlink, as reading would, and checked to be a
+    regular file (a FIFO blocks a reader forever, /dev/zero never ends)."""
+    if not _is_utf8(e.name):
+        return (*parts, shown(e.name)), shown(e.path), None, "file name is not valid UTF-8"
+    try:
+        st = e.stat()  # follows a symlink to what it points at
+    except OSError as err:
+        return (*parts, e.name), e.path, None, f"unreadable: {err.strerror or err}"
+    sig = (st.st_size, st.st_mtime_ns)
+    if stat.S_ISREG(st.st_mode):
+        return (*parts, e.name), e.path, sig, None
+    return (*parts, e.name), e.path, sig, not_regular(st.st_mode, e.is_symlink())
 
 
 def _list_images(root: Path) -> list[Listed]:
     """Every file under `root`, sorted by relative path parts, with its size and mtime.
 
-    Non-image suffixes are kept so they get a recorded skip; names starting with a dot are left out.
-    Symlinks are kept even when dangling (a broken link is a recorded skip, not a silent miss) and
-    are not followed into directories. os.scandir gives each entry's type without a stat call; the
-    one stat per file (for the fingerprint) happens here, in the same pass.
+    Non-image suffixes are kept so they get a recorded skip; files and folders whose names start
+    with a dot (.git, .dvc, .DS_Store) are left out. Symlinks are kept even when dangling (a broken
+    link is a recorded skip, not a silent miss) and are not followed into folders. Anything that is
+    not a regular file (FIFO, socket, device, also behind a symlink) and any name that is not UTF-8
+    is listed with its reason, never opened. os.scandir gives each entry's type without a stat
+    call; the one stat per file (for the fingerprint and the file type) happens here.
     """
     found: list[Listed] = []
     stack: list[tuple[tuple[str, ...], str]] = [((), str(root))]
     while stack:
         parts, folder = stack.pop()
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(((*parts, e.name), e.path))
-                elif not e.name.startswith(".") and (e.is_symlink() or e.is_file(follow_symlinks=False)):
-                    try:
-                        st = e.stat()  # follows a symlink to what it points at, as reading does
-                        sig: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
-                    except OSError:
-                        sig = None
-                    found.append(((*parts, e.name), e.path, sig))
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            if not parts:
+                raise PipelineError(f"{folder}: cannot read folder ({err.strerror or err})") from None
+            found.append((parts, folder, None, f"unreadable folder: {err.strerror or err}"))
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if not e.is_dir(follow_symlinks=False):
+                found.append(_entry(parts, e))
+            elif _is_utf8(e.name):
+                stack.append(((*parts, e.name), e.path))
+            else:
+                rel = (*parts, shown(e.name))
+                found.append((rel, shown(e.path), None, "folder name is not valid UTF-8 (not read)"))
     found.sort()
     return found
 
@@ -143,68 +199,128 @@ def _list_images(root: Path) -> list[Listed]:
 def _fingerprint_files(files: list[Listed]) -> str:
     """Relative names, sizes and mtimes: cheap, and changes whenever the collection changes."""
     h = hashlib.sha256()
-    for rel, _, sig in files:
-        stat = f"{sig[0]}\0{sig[1]}" if sig is not None else "unreadable"
-        h.update(f"{'/'.join(rel)}\0{stat}\n".encode())
+    for rel, _, sig, _ in files:
+        stat_ = f"{sig[0]}\0{sig[1]}" if sig is not None else "unreadable"
+        h.update(f"{'/'.join(rel)}\0{stat_}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _split_of(key: str, val_fraction: float) -> str:
-    """Deterministic held-out assignment by key hash (stable when files are added or removed)."""
-    if val_fraction <= 0:
-        return "train"
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if u < val_fraction else "train"
+def val_count(n: int, fraction: float, min_count: int) -> int:
+    """How many of `n` candidates a hash hold-out puts in val: `fraction` of them, raised to
+    `min_count` while that stays within MAX_VAL_SHARE of `n`; none when `fraction` is 0."""
+    if fraction <= 0 or n <= 0:
+        return 0
+    return max(int(fraction * n + 0.5), min(min_count, int(n * MAX_VAL_SHARE)))
 
 
-def image_folder(root: str | Path, val_fraction: float = 0.0, max_per_split: int = 0) -> Source:
+def hold_out(keys: list[str], count: int) -> set[str]:
+    """The `count` keys with the smallest sha256: deterministic, exact in number, and stable when
+    files are added or removed (a key's hash never changes; only the cut-off moves)."""
+    ranked = sorted((hashlib.sha256(k.encode()).digest(), k) for k in keys)
+    return {k for _, k in ranked[:count]}
+
+
+def _candidate(item: Item) -> bool:
+    assert item.path is not None
+    return item.skip is None and os.path.splitext(item.path)[1].lower() in IMAGE_SUFFIXES
+
+
+def _hold_out_val(
+    splits: dict[str, list[Item]], fraction: float, min_count: int
+) -> tuple[dict[str, list[Item]], dict[str, Any]]:
+    """Move `val_count` of train's items to val by key hash, when there is no val/ folder yet.
+
+    Only usable-looking items (an image suffix, no skip known yet) are candidates, so that the
+    count is about what val will hold; the others stay in train. Returns the splits and how val
+    was made (for the manifest).
+    """
+    if splits["val"]:
+        return splits, {"method": "folder"}
+    if fraction <= 0:
+        return splits, {"method": "none"}
+    candidates = [it.key for it in splits["train"] if _candidate(it)]
+    k = val_count(len(candidates), fraction, min_count)
+    held = hold_out(candidates, k)
+    split_of = {True: splits["val"], False: []}
+    for it in splits["train"]:
+        split_of[it.key in held and _candidate(it)].append(it)
+    how = {"method": "hash", "fraction": fraction, "min_count": min_count, "count": k,
+           "candidates": len(candidates)}
+    return {"train": split_of[False], "val": split_of[True]}, how
+
+
+def _imagenet_items(root: Path) -> tuple[dict[str, list[Item]], list[str], list[Listed]]:
+    """ImageNet layout: `train/<class>/*` and optional `val/<class>/*`; labels from train's folder
+    names."""
+    classes = sorted(d.name for d in (root / "train").iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and _is_utf8(d.name))
+    if not classes:
+        raise PipelineError(f"{root / 'train'}: no class folders (expected train/<class>/*)")
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[Item]] = {s: [] for s in SPLITS}
+    files: list[Listed] = []
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        seen: set[str] = set()
+        for rel, path, sig, skip in _list_images(root / split):
+            files.append(((split, *rel), path, sig, skip))
+            key = _key_for(rel)
+            label = index.get(rel[0]) if len(rel) > 1 else None
+            if skip is None and label is None:
+                skip = "not inside a class folder of train/ (expected <split>/<class>/<image>)"
+            elif skip is None and key in seen:
+                skip = "duplicate key (same name, other extension)"
+            seen.add(key)
+            splits[split].append(Item(key, label, path, None, skip, sig[0] if sig and not skip else -1))
+    return splits, classes, files
+
+
+def _flat_items(root: Path) -> tuple[dict[str, list[Item]], list[Listed]]:
+    """A flat collection: every file under `root`, recursively, unlabelled, all in train so far."""
+    items: list[Item] = []
+    files = _list_images(root)
+    keys: set[str] = set()
+    for rel, path, sig, skip in files:
+        key = _key_for(rel)
+        if skip is None and key in keys:
+            skip = "duplicate key (same name, other extension)"
+        keys.add(key)
+        items.append(Item(key, None, path, None, skip, sig[0] if sig and not skip else -1))
+    return {"train": items, "val": []}, files
+
+
+def image_folder(
+    root: str | Path, val_fraction: float = 0.0, max_per_split: int = 0, val_min_count: int = 0
+) -> Source:
     """An image folder: ImageNet layout (`train/<class>/*`, optional `val/<class>/*`) or flat.
 
     A folder with a `train/` subfolder is read as ImageNet layout with class labels taken from the
     folder names of `train/`; anything else is a flat, unlabelled collection (all files, recursively).
+    Without a `val/` folder, `val_count(...)` of the usable-looking files are held out for val by
+    key hash (`hold_out`); `val_fraction` 0 means no val split.
     """
+    if not str(root).strip():  # Path("") is ".": an empty setting would shard the working folder
+        raise PipelineError("shard.folder is empty: set it to the image folder to shard")
+    if not 0 <= val_fraction <= 0.5:
+        raise PipelineError(
+            f"shard.val_fraction must be in [0, 0.5] (train keeps most images), got {val_fraction}"
+        )
+    if val_min_count < 0:
+        raise PipelineError(f"shard.val_min_count must not be negative, got {val_min_count}")
     root = Path(root)
-    if not str(root) or not root.exists():
+    if not root.exists():
         raise PipelineError(f"{root}: image folder not found (set shard.folder)")
     if not root.is_dir():
         raise PipelineError(f"{root}: not a folder")
-    splits: dict[str, list[Item]] = {"train": [], "val": []}
-    all_files: list[Listed] = []
     if (root / "train").is_dir():
-        classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-        if not classes:
-            raise PipelineError(f"{root / 'train'}: no class folders (expected train/<class>/*)")
-        index = {c: i for i, c in enumerate(classes)}
-        has_val = (root / "val").is_dir()
-        seen: set[tuple[str, str]] = set()
-        for split_dir in ("train", "val"):
-            if not (root / split_dir).is_dir():
-                continue
-            for rel, path, sig in _list_images(root / split_dir):
-                all_files.append(((split_dir, *rel), path, sig))
-                cls = rel[0] if len(rel) > 1 else None
-                key = _key_for(rel)
-                split = split_dir if has_val else _split_of(key, val_fraction)
-                label = index.get(cls) if cls is not None else None
-                skip = None
-                if label is None:
-                    skip = "not inside a class folder of train/ (expected <split>/<class>/<image>)"
-                elif (split, key) in seen:
-                    skip = "duplicate key (same name, other extension)"
-                seen.add((split, key))
-                splits[split].append(Item(key, label, path, None, skip, sig[0] if sig else -1))
+        splits, classes, files = _imagenet_items(root)
     else:
-        classes = []
-        keys: set[str] = set()
-        for rel, path, sig in _list_images(root):
-            all_files.append((rel, path, sig))
-            key = _key_for(rel)
-            skip = "duplicate key (same name, other extension)" if key in keys else None
-            keys.add(key)
-            splits[_split_of(key, val_fraction)].append(Item(key, None, path, None, skip, sig[0] if sig else -1))
-    if not all_files:
+        (splits, files), classes = _flat_items(root), []
+    if not files:
         raise PipelineError(f"{root}: no files found (empty folder)")
+    splits, how = _hold_out_val(splits, val_fraction, val_min_count)
     if max_per_split > 0:
-        splits = {s: items[:max_per_split] for s, items in splits.items()}
-    splits = {s: items for s, items in splits.items() if items}
-    return Source(splits, classes, _fingerprint_files(all_files), f"folder:{root}")
+        splits = {s: its[:max_per_split] for s, its in splits.items()}
+    splits = {s: its for s, its in splits.items() if its}
+    return Source(splits, classes, _fingerprint_files(files), f"folder:{root}", how)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rcg.config import Config
 from rcg.data import sources
 from rcg.data.shards import write_shards
-from rcg.io import get_logger
+from rcg.io import PipelineError, get_logger
 from rcg.tracking import stage_run
 
 log = get_logger(__name__)
@@ -16,11 +16,16 @@ def run(cfg: Config) -> None:
     if c.source == "fashion_mnist":
         source = sources.fashion_mnist(c.fashion_mnist_dir, c.max_per_split)
     else:
-        source = sources.image_folder(c.folder, c.val_fraction, c.max_per_split)
+        if not c.folder.strip():  # an empty path would mean the working folder: never what is meant
+            raise PipelineError("shard.folder is empty: set it to the image folder to shard (source: folder)")
+        source = sources.image_folder(c.folder, c.val_fraction, c.max_per_split, c.val_min_count)
     counts = {s: len(items) for s, items in source.splits.items()}
-    log.info("source %s: %s candidate files, fingerprint %s", source.description, counts, source.fingerprint)
+    log.info("source %s: %s candidate files, fingerprint %s, val split %s",
+             source.description, counts, source.fingerprint, source.val_split)
     with stage_run(cfg, "shard") as tracker:
-        manifest = write_shards(source, c.out_dir, c.shard_size, c.min_size, c.workers, c.verify)
+        manifest = write_shards(
+            source, c.out_dir, c.shard_size, c.min_size, c.workers, c.verify, c.max_file_bytes, c.max_pixels
+        )
         tracker.log_metrics(
             {f"{s}_{k}": v[k] for s, v in manifest["splits"].items() for k in ("written", "skipped")}
         )
