@@ -23,7 +23,8 @@ from rcg import config as config_mod
 from rcg.encoders import load_encoder
 from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
 from rcg.metrics.knn import knn_top1
-from rcg.encoders.moco import MoCoV3, init_patch_embed, lr_at, momentum_at
+from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at
+from rcg.training import lr_factor
 from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
 from rcg.io import PipelineError
 from rcg.training import Checkpointer
@@ -79,10 +80,11 @@ def test_patch_projection_is_frozen():
 
 
 def test_schedules():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+    # MoCo v3's lr: linear warm-up, then a half cosine to 0 (the loop's `cosine` schedule)
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
     assert momentum_at(0, 100, 0.99) == pytest.approx(0.99)
     assert momentum_at(50, 100, 0.99) == pytest.approx(0.995)
     assert momentum_at(100, 100, 0.99) == pytest.approx(1.0)
@@ -164,13 +166,15 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(shards)
     # Interrupt the first run during step 3 (of 4), after the checkpoint at step 2.
-    real_momentum = stage.momentum_at
+    import rcg.encoders.moco as moco
+
+    real_momentum = moco.momentum_at
 
     def slow(step, total, m0):
         time.sleep(0.1)  # the first run's 2 steps take >= 0.2 s on the training clock
         return real_momentum(step, total, m0)
 
-    monkeypatch.setattr(stage, "momentum_at", slow)
+    monkeypatch.setattr(moco, "momentum_at", slow)
     with monkeypatch.context() as m:
         interrupt_after(m, 2)
         with pytest.raises(Interrupted):
@@ -179,7 +183,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     assert ckpt is not None and ckpt["step"] == 2 and ckpt["train_seconds"] >= 0.2
     assert not Path("models/encoder/encoder.json").exists()
 
-    monkeypatch.setattr(stage, "momentum_at", real_momentum)
+    monkeypatch.setattr(moco, "momentum_at", real_momentum)
     stage.run(cfg)
     meta = json.loads(Path("models/encoder/encoder.json").read_text())
     assert meta["source"] == "mocov3-pretrain" and meta["steps"] == 4

@@ -271,7 +271,7 @@ def test_missing_features_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
 
 def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     """A tiny RDM trained briefly must beat its untrained self by a wide margin in FD to the data."""
-    from rcg.stages.train_rdm import schedule, train_one
+    from rcg.rdm import schedule, train_rdm
     from rcg.training import DistInfo
 
     cfg = config.load("params.yaml", {"train_rdm": {"steps": 300, "ema_decay": 0.99, "lr": 2e-3}})
@@ -280,7 +280,7 @@ def test_training_learns_the_distribution(rdm_workspace: Path) -> None:
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(0)
     untrained = build_rdm("tiny")
-    ema_net, summary = train_one(rc, f.reps.clone(), None, 0, info)
+    ema_net, summary = train_rdm(rc, f.reps.clone(), None, 0, info)
     meta = _meta(ema_net)
     meta["diffusion"] = schedule(rc)  # the schedule and parameterisation it was trained with
     stats = feature_statistics(f.reps)
@@ -373,7 +373,7 @@ def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
 
 def test_lr_decay_is_applied_and_survives_an_interrupted_run(rdm_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lr is a function of the step alone: a run cut at step 7 of 12 resumes onto the same schedule."""
-    from rcg.stages.train_rdm import train_one
+    from rcg.rdm import train_rdm
     from rcg.training import DistInfo
     from tests.interrupt import Interrupted, interrupt_after
 
@@ -385,16 +385,16 @@ def test_lr_decay_is_applied_and_survives_an_interrupted_run(rdm_workspace: Path
         return torch.load(f"{ck_dir}/uncond/checkpoint-last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
 
     whole = config.load("params.yaml", {"train_rdm": {**over, "checkpoint_dir": "ck_whole"}}).train_rdm
-    train_one(whole, reps, None, 0, info)
+    train_rdm(whole, reps, None, 0, info)
     assert last_lr("ck_whole") == pytest.approx(whole.lr / 6)  # step 12 of 12: 1/6 of the way down the decay
 
     split = config.load("params.yaml", {"train_rdm": {**over, "checkpoint_dir": "ck_split"}}).train_rdm
     with monkeypatch.context() as m:
         interrupt_after(m, 7)
         with pytest.raises(Interrupted):
-            train_one(split, reps, None, 0, info)
+            train_rdm(split, reps, None, 0, info)
     assert last_lr("ck_split") == pytest.approx(split.lr)  # saved at step 6: still the constant phase
-    train_one(split, reps, None, 0, info)
+    train_rdm(split, reps, None, 0, info)
     ck = torch.load("ck_split/uncond/checkpoint-last.pt", weights_only=True)
     assert ck["step"] == 12 and last_lr("ck_split") == pytest.approx(whole.lr / 6)
 
@@ -425,13 +425,13 @@ def _ddp_worker(rank: int, world: int, port: int, workdir: str) -> None:
     )
     torch.set_num_threads(1)
     os.chdir(workdir)
-    from rcg.stages.train_rdm import train_one
+    from rcg.rdm import train_rdm
     from rcg.training import cleanup_distributed, setup_distributed
 
     info = setup_distributed()
     cfg = config.load("params.yaml", {"train_rdm": {"steps": 12, "batch_size": 32}})
     f = read_features("data/features/train.parquet")
-    ema_net, _ = train_one(cfg.train_rdm, f.reps.clone(), f.labels.clone(), 4, info)
+    ema_net, _ = train_rdm(cfg.train_rdm, f.reps.clone(), f.labels.clone(), 4, info)
     net_state = torch.load(Path(cfg.train_rdm.checkpoint_dir) / "class" / "checkpoint-last.pt",
                            weights_only=False) if rank == 0 else None
     torch.save({"ema": ema_net.state_dict(), "ckpt_step": None if net_state is None else net_state["step"]},

@@ -12,7 +12,10 @@ follows a half cosine. As in the paper, the random patch projection may be froze
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,7 +23,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from rcg.encoders.vit import build_mlp, cls_token
+from rcg.config import DataConfig, EncoderConfig
+from rcg.data.loader import make_loader
+from rcg.encoders.augment import augment, two_view_recipes
+from rcg.encoders.vit import EncoderSpec, RepEncoder, build_mlp, build_vit, cls_token, preprocess
+from rcg.training import DistInfo, LoopSpec, fit, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 class MoCoV3(nn.Module):
@@ -96,17 +105,54 @@ def init_patch_embed(vit: VisionTransformer, freeze: bool) -> None:
         proj.requires_grad_(False)
 
 
-def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
-    """Linear warm-up then half-cosine decay to 0 (MoCo v3's schedule, per step)."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
 def momentum_at(step: int, total: int, m0: float) -> float:
     """Momentum increased from m0 to 1 with a half cosine (MoCo v3, following BYOL)."""
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total)))) * (1.0 - m0)
 
 
-__all__ = ["MoCoV3", "concat_all_gather", "init_patch_embed", "lr_at", "momentum_at"]
+def pretrain(data_cfg: DataConfig, ecfg: EncoderConfig, spec: EncoderSpec, n_train: int, resume_id: str,
+             info: DistInfo, tracker: Any = None) -> tuple[RepEncoder, dict[str, Any]]:
+    """MoCo v3 pretraining of `spec` on the train shards through the shared loop (resumable; AdamW,
+    warm-up then half cosine, momentum cosine-increased to 1); returns the base encoder (as in the
+    official checkpoints, not the momentum encoder) and the loop's summary. `resume_id` is what a
+    checkpoint must match to be resumed (settings and data)."""
+    per_rank = ecfg.batch_size // info.world_size
+    total = max(1, round(ecfg.epochs * n_train / ecfg.batch_size))
+    seed_everything(ecfg.seed, info.rank)
+    vit = build_vit(spec)
+    init_patch_embed(vit, freeze=ecfg.freeze_patch_embed)
+    model = MoCoV3(vit, spec.rep_dim, ecfg.pred_hidden_dim, ecfg.temperature).to(info.device)
+    if info.distributed and info.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # MoCo v3 syncs BN (GPU only)
+    base_lr = ecfg.lr * ecfg.batch_size / 256  # MoCo v3's linear scaling rule
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
+                            weight_decay=ecfg.weight_decay)
+    loop = LoopSpec(
+        name="encoder (MoCo v3)", steps=total, lr=base_lr, batch_size=ecfg.batch_size, decay="cosine",
+        warmup_steps=min(total, round(ecfg.warmup_epochs * n_train / ecfg.batch_size)), amp=ecfg.amp,
+        log_every=ecfg.log_every, ckpt_every=ecfg.ckpt_every, config_key="encoder",
+        checkpoint_dir=ecfg.checkpoint_dir, fingerprint=resume_id,
+    )
+    view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
+                                    blur_sigma=tuple(ecfg.blur_sigma))
+
+    def views(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["image"].to(info.device, non_blocking=True)
+        return preprocess(augment(x, spec.img_size, view1), spec), preprocess(augment(x, spec.img_size, view2), spec)
+
+    def data(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # iter() now: the DataLoader draws its base seed before `fit` restores the RNG streams
+        batches = iter(make_loader(data_cfg, "train", "train", per_rank, seed=ecfg.seed, skip_batches=start))
+        return (views(b) for b in batches)
+
+    def loss(moco: torch.nn.Module, pair: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
+        return moco(*pair, momentum_at(step, total, ecfg.momentum))
+
+    log.info("MoCo v3 pretraining: %d steps of %d images (%.1f epochs of %d), lr %.2e",
+             total, ecfg.batch_size, ecfg.epochs, n_train, base_lr)
+    trained = fit(loop, model, opt, loss, data, info, tracker,
+                  extras=lambda step: {"momentum": momentum_at(step, total, ecfg.momentum)})
+    return RepEncoder(spec, trained.model.base_encoder.cpu()), {**trained.summary, "epochs": ecfg.epochs}
+
+
+__all__ = ["MoCoV3", "concat_all_gather", "init_patch_embed", "momentum_at", "pretrain"]

@@ -12,6 +12,9 @@ preprocessing, class names, test accuracy), as for every model of the pipeline.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rcg.io import PipelineError, atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 NAME = "evalnet"
 
@@ -183,3 +188,39 @@ def val_accuracy(model: EvalNet, data_cfg: Any, classes: list[str], device: torc
     if len(t) == 0:
         raise PipelineError(f"{data_cfg.shards_dir}/val: no labelled val samples to test the classifier on")
     return class_accuracy(p, t, classes)
+
+
+def train_evalnet(ec: Any, data_cfg: Any, num_classes: int, n_train: int, resume_id: str, info: Any,
+                  tracker: Any = None) -> tuple[EvalNet, dict[str, Any]]:
+    """Train the classifier on the labelled train split through the shared loop: AdamW, warm-up then
+    a half cosine, resumable (`resume_id`: what a checkpoint must match), runnable under torchrun.
+    `ec` is the evalnet config block; returns the trained network and the loop's summary."""
+    from rcg.data.loader import make_loader
+    from rcg.training import LoopSpec, fit, seed_everything
+
+    total = max(1, math.ceil(ec.epochs * n_train / (ec.batch_size * info.world_size)))
+    seed_everything(ec.seed, info.rank)
+    model = EvalNet(in_channels=data_cfg.channels, image_size=data_cfg.image_size, num_classes=num_classes,
+                    width=ec.width, feature_dim=ec.feature_dim).to(info.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=ec.lr, weight_decay=ec.weight_decay)
+    spec = LoopSpec(
+        name="evalnet", steps=total, lr=ec.lr, warmup_steps=min(100, total // 10), decay="cosine", amp=False,
+        batch_size=ec.batch_size * info.world_size, log_every=ec.log_every, ckpt_every=ec.ckpt_every,
+        config_key="evalnet", checkpoint_dir=ec.checkpoint_dir, fingerprint=resume_id,
+    )
+
+    def labelled(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = batch["label"] >= 0  # unlabelled samples cannot teach a classifier
+        return batch["image"][keep].to(info.device), batch["label"][keep].to(info.device)
+
+    def data(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(make_loader(data_cfg, "train", "train", ec.batch_size, seed=ec.seed, skip_batches=start))
+        return (labelled(b) for b in batches)
+
+    def loss(net: nn.Module, b: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
+        return F.cross_entropy(net(b[0]), b[1], label_smoothing=ec.label_smoothing)
+
+    log.info("evalnet: %d params, %d steps of %d (%.2f epochs of %d images)",
+             sum(p.numel() for p in model.parameters()), total, ec.batch_size, ec.epochs, n_train)
+    trained = fit(spec, model, opt, loss, data, info, tracker)
+    return trained.model, trained.summary

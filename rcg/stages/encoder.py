@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,14 @@ from typing import Any
 import torch
 
 from rcg.config import Config, EncoderConfig
-from rcg.data.loader import make_loader, read_manifest, shards_id
-from rcg.encoders.augment import augment, two_view_recipes
+from rcg.data.loader import read_manifest, shards_id
 from rcg.encoders.checkpoints import load_checkpoint
-from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at
-from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, build_vit, load_encoder, preprocess, save_encoder
+from rcg.encoders.moco import pretrain
+from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, load_encoder, save_encoder
 from rcg.io import PipelineError, write_json
 from rcg.metrics.knn import knn_report
-from rcg.tracking import Tracker, stage_run
-from rcg.training import DistInfo, LoopSpec, cleanup_distributed, fingerprint, fit, seed_everything, setup_distributed
+from rcg.tracking import stage_run
+from rcg.training import DistInfo, cleanup_distributed, fingerprint, setup_distributed
 
 log = logging.getLogger(__name__)
 
@@ -77,52 +75,6 @@ def _check(ecfg: EncoderConfig, info: DistInfo) -> None:
         raise PipelineError(f"encoder.blur_sigma: expected [min, max] pixels with 0 < min <= max, got {sig}")
 
 
-def pretrain(cfg: Config, info: DistInfo, tracker: Tracker) -> tuple[RepEncoder, dict[str, Any]]:
-    """MoCo v3 on the train shards (resumable); returns the base encoder and training facts."""
-    ecfg = cfg.encoder
-    _check(ecfg, info)
-    n_train = int(read_manifest(cfg.data.shards_dir)["splits"]["train"]["written"])
-    per_rank = ecfg.batch_size // info.world_size
-    total = max(1, round(ecfg.epochs * n_train / ecfg.batch_size))
-    spec = spec_from_config(ecfg, cfg.data.channels)
-    seed_everything(ecfg.seed, info.rank)
-    vit = build_vit(spec)
-    init_patch_embed(vit, freeze=ecfg.freeze_patch_embed)
-    model = MoCoV3(vit, spec.rep_dim, ecfg.pred_hidden_dim, ecfg.temperature).to(info.device)
-    if info.distributed and info.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # MoCo v3 syncs BN (GPU only)
-    base_lr = ecfg.lr * ecfg.batch_size / 256  # MoCo v3's linear scaling rule
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                            weight_decay=ecfg.weight_decay)
-    loop = LoopSpec(
-        name="encoder (MoCo v3)", steps=total, lr=base_lr, batch_size=ecfg.batch_size, decay="cosine",
-        warmup_steps=min(total, round(ecfg.warmup_epochs * n_train / ecfg.batch_size)), amp=ecfg.amp,
-        log_every=ecfg.log_every, ckpt_every=ecfg.ckpt_every, config_key="encoder",
-        checkpoint_dir=ecfg.checkpoint_dir, fingerprint=training_fingerprint(cfg),
-    )
-    view1, view2 = two_view_recipes(ecfg.crop_min_scale, ecfg.blur_prob, ecfg.solarize_prob, ecfg.jitter,
-                                    blur_sigma=tuple(ecfg.blur_sigma))
-
-    def views(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["image"].to(info.device, non_blocking=True)
-        return preprocess(augment(x, spec.img_size, view1), spec), preprocess(augment(x, spec.img_size, view2), spec)
-
-    def data(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # iter() now: the DataLoader draws its base seed before `fit` restores the RNG streams
-        batches = iter(make_loader(cfg.data, "train", "train", per_rank, seed=ecfg.seed, skip_batches=start))
-        return (views(b) for b in batches)
-
-    def loss(moco: torch.nn.Module, views: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
-        return moco(*views, momentum_at(step, total, ecfg.momentum))
-
-    log.info("MoCo v3 pretraining: %d steps of %d images (%.1f epochs of %d), lr %.2e",
-             total, ecfg.batch_size, ecfg.epochs, n_train, base_lr)
-    trained = fit(loop, model, opt, loss, data, info, tracker,
-                  extras=lambda step: {"momentum": momentum_at(step, total, ecfg.momentum)})
-    # The base encoder, as in the official checkpoints (not the momentum encoder).
-    return RepEncoder(spec, trained.model.base_encoder.cpu()), {**trained.summary, "epochs": ecfg.epochs}
-
-
 def _verify(encoder: RepEncoder, model_dir: str) -> None:
     """Reload what was written and check it reproduces the in-memory encoder."""
     back = load_encoder(model_dir)
@@ -148,7 +100,10 @@ def run(cfg: Config, **options: Any) -> None:
                 meta: dict[str, Any] = {"source": ecfg.checkpoint, "format": ecfg.checkpoint_format}
                 facts: dict[str, Any] = {}
             else:
-                encoder, facts = pretrain(cfg, info, tracker)
+                _check(ecfg, info)
+                n_train = int(read_manifest(cfg.data.shards_dir)["splits"]["train"]["written"])
+                encoder, facts = pretrain(cfg.data, ecfg, spec_from_config(ecfg, cfg.data.channels), n_train,
+                                          training_fingerprint(cfg), info, tracker)
                 # Only what defines the weights, so a rerun that resumes at the end writes the same files.
                 meta = {"source": "mocov3-pretrain", "training_config": training_block(ecfg), "steps": facts["steps"]}
         finally:
