@@ -50,12 +50,18 @@ def shards_id(shards_dir: str | Path) -> str:
 
 
 def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
-    """The split's shard files in order; an error naming the folder when there are none."""
+    """The split's shard files, as the manifest lists them (so no other file in the folder is ever
+    read as data); an error naming the folder when there are none."""
     folder = Path(shards_dir) / split
-    urls = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
-    if not urls:
+    manifest = Path(shards_dir) / "manifest.json"
+    names = read_json(manifest).get("splits", {}).get(split, {}).get("shards", []) if manifest.exists() else []
+    if not names:
         raise PipelineError(f"{folder}: no shards for split {split!r} (run `rcg shard` first)")
-    return urls
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise PipelineError(f"{folder}: shards listed in the manifest are missing: {', '.join(missing[:5])} "
+                            "(rerun `rcg shard`)")
+    return [str(folder / n) for n in names]
 
 
 class _Decode:
