@@ -1,12 +1,13 @@
 """Prefect flow: the DVC pipeline, one task per stage (`dvc repro --single-item <stage>`), in DAG order.
 
 DESIGN.md, "Roles": DVC owns the DAG and what is stale, Prefect schedules. The flow reads the stages
-from DVC (flows.dag), applies the preset and overrides to params.yaml the way `dvc exp run -S` does,
-runs every stage as a task once its upstreams completed (independent stages run side by side), and
-saves the workspace as a DVC experiment named after the flow run. GPU stages carry the `gpu` tag,
-held to a Prefect concurrency limit (one stage per GPU slot). Transient faults are retried with
-exponential backoff; deterministic ones fail at once, with a report naming the stage and its log.
-Prefect result caching is off: DVC alone decides what needs to run.
+from DVC (flows.dag; the `code` digest stage first), writes the preset and overrides to params.yaml
+as `rcg params --preset P --set K=V` does (rcg.config.write_params), runs every stage as a task
+once its upstreams completed (independent stages run side by side), and saves the workspace as a
+DVC experiment named after the flow run. GPU stages carry the `gpu` tag, held to a Prefect
+concurrency limit (one stage per GPU slot). Transient faults are retried with exponential backoff;
+deterministic ones fail at once, with a report naming the stage and its log. Prefect result caching
+is off: DVC alone decides what needs to run.
 
     python -m flows.pipeline run --preset tiny -S train_rdm.steps=10   # one run, in process
     python -m flows.pipeline serve                                     # flow.serve on this machine
@@ -32,6 +33,7 @@ from prefect.tasks import Task, exponential_backoff
 
 from flows import dvc_cli as dvc_mod
 from flows.dag import DEFAULT_GPU_STAGES, Stage, read_stages, select
+from rcg import config as config_mod
 
 GPU_TAG = "gpu"
 LOG_ROOT = "logs/flows"  # per flow run: one log file per stage, failure.md when something failed
@@ -149,8 +151,9 @@ def rcg_pipeline(
 ) -> dict[str, str]:
     """Run the DVC pipeline as Prefect tasks; return {stage: final state name}.
 
-    preset / overrides: written to params.yaml like `dvc exp run -S preset=... -S key=value`, so
-        the run is also a DVC experiment (saved as `exp_name`, default `prefect-<flow run name>`).
+    preset / overrides: written to params.yaml like `rcg params --preset P --set key=value` (every
+        value of preset P, or of the current file without one, then the overrides), so the run is
+        also a DVC experiment (saved as `exp_name`, default `prefect-<flow run name>`).
     targets: only these stages and their upstreams (default: every stage in dvc.yaml).
     gpu_stages: dvc.yaml entries tagged `gpu` (default: flows.dag.DEFAULT_GPU_STAGES).
     gpu_slots: size of the `gpu` concurrency limit, created when missing (0: leave limits alone).
@@ -164,8 +167,9 @@ def rcg_pipeline(
     gpu = DEFAULT_GPU_STAGES if gpu_stages is None else tuple(gpu_stages)
 
     if preset or overrides:
-        applied = dvc_mod.set_params(root, preset, overrides or [])
-        logger.info("params.yaml: applied %s", " ".join(applied))
+        cfg = config_mod.write_params(root / "params.yaml", preset, overrides or [])
+        logger.info("params.yaml: every value of preset %s, then %s", cfg.preset,
+                    " ".join(overrides or []) or "no overrides")
     stages = select(read_stages(root), targets)
     logger.info(
         "%d stages in DAG order: %s (gpu: %s); logs in %s",
@@ -228,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["run", "serve"])
-    p.add_argument("--preset", default=None)
+    p.add_argument("--preset", default=None, help="write every value of this preset to params.yaml")
     p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="params override, as in `dvc exp run -S`")
+                   metavar="KEY=VALUE", help="params override, as `rcg params --set`")
     p.add_argument("--target", dest="targets", action="append", default=None)
     p.add_argument("--project-dir", default=".")
     p.add_argument("--gpu-slots", type=int, default=1)
