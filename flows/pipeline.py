@@ -130,6 +130,49 @@ def _failure_report(stages: list[Stage], states: dict[str, str], errors: dict[st
     return "\n".join(lines) + "\n"
 
 
+def _run_stages(stages: list[Stage], gpu: tuple[str, ...], retries: int, retry_backoff: float,
+                stage_args: tuple) -> dict[str, PrefectFuture]:
+    """One `dvc_stage` task per stage, each waiting for its upstreams; returns once all ended."""
+    delay = exponential_backoff(retry_backoff)(retries) if retries else 0
+    futures: dict[str, PrefectFuture] = {}
+    for s in stages:
+        tags = [GPU_TAG, "stage"] if s.is_gpu(gpu) else ["stage"]
+        task_ = dvc_stage.with_options(name=f"dvc-{s.base}", task_run_name=s.name, tags=tags,
+                                       retries=retries, retry_delay_seconds=delay)
+        futures[s.name] = task_.submit(
+            s.name, *stage_args, wait_for=[futures[u] for u in s.upstream if u in futures])
+    wait(list(futures.values()))
+    return futures
+
+
+def _outcomes(futures: dict[str, PrefectFuture]) -> tuple[dict[str, str], dict[str, Exception]]:
+    """({stage: final state name}, {stage: its exception} for the failed ones)."""
+    states: dict[str, str] = {}
+    errors: dict[str, Exception] = {}
+    for name, fut in futures.items():
+        state = fut.state
+        states[name] = state.name
+        if state.is_failed():
+            exc = state.result(raise_on_failure=False)
+            errors[name] = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    return states, errors
+
+
+def _report_failure(stages: list[Stage], states: dict[str, str], errors: dict[str, Exception],
+                    log_dir: Path) -> None:
+    """Write failure.md (also a Prefect artifact) and raise PipelineFailed naming the first failure."""
+    report = _failure_report(stages, states, errors, log_dir)
+    (log_dir / "failure.md").parent.mkdir(parents=True, exist_ok=True)
+    (log_dir / "failure.md").write_text(report)
+    create_markdown_artifact(key="rcg-pipeline-failure", markdown=report)
+    first = next(iter(errors))
+    first_log = getattr(errors[first], "log_path", log_dir / f"{first}.log")
+    raise PipelineFailed(
+        f"stage {first!r} failed (log: {first_log}); "
+        f"{len(errors)} failed, report: {log_dir / 'failure.md'}"
+    )
+
+
 @flow(
     name="rcg-pipeline",
     persist_result=False,
@@ -168,8 +211,7 @@ def rcg_pipeline(
 
     if preset or overrides:
         cfg = config_mod.write_params(root / "params.yaml", preset, overrides or [])
-        logger.info("params.yaml: every value of preset %s, then %s", cfg.preset,
-                    " ".join(overrides or []) or "no overrides")
+        logger.info("params.yaml: preset %s, then %s", cfg.preset, " ".join(overrides or []) or "-")
     stages = select(read_stages(root), targets)
     logger.info(
         "%d stages in DAG order: %s (gpu: %s); logs in %s",
@@ -179,45 +221,16 @@ def rcg_pipeline(
     if any(s.is_gpu(gpu) for s in stages):
         ensure_gpu_limit(gpu_slots)
 
-    futures: dict[str, PrefectFuture] = {}
-    for s in stages:
-        options: dict[str, Any] = dict(
-            name=f"dvc-{s.base}",
-            task_run_name=s.name,
-            retries=retries,
-            retry_delay_seconds=exponential_backoff(retry_backoff)(retries) if retries else 0,
-            tags=[GPU_TAG, "stage"] if s.is_gpu(gpu) else ["stage"],
-        )
-        futures[s.name] = dvc_stage.with_options(**options).submit(
-            s.name, str(root), str(log_dir), exp_name, force, transient_patterns,
-            wait_for=[futures[u] for u in s.upstream if u in futures],
-        )
-    wait(list(futures.values()))
-
-    states: dict[str, str] = {}
-    errors: dict[str, Exception] = {}
-    for name, fut in futures.items():
-        state = fut.state
-        states[name] = state.name
-        if state.is_failed():
-            exc = state.result(raise_on_failure=False)
-            errors[name] = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    futures = _run_stages(stages, gpu, retries, retry_backoff,
+                          (str(root), str(log_dir), exp_name, force, transient_patterns))
+    states, errors = _outcomes(futures)
     create_table_artifact(
         key="rcg-pipeline-stages",
         table=[{"stage": s.name, "state": states.get(s.name), "gpu": s.is_gpu(gpu)} for s in stages],
         description=f"rcg pipeline stages, DVC experiment {exp_name}",
     )
     if errors:
-        report = _failure_report(stages, states, errors, log_dir)
-        (log_dir / "failure.md").parent.mkdir(parents=True, exist_ok=True)
-        (log_dir / "failure.md").write_text(report)
-        create_markdown_artifact(key="rcg-pipeline-failure", markdown=report)
-        first = next(iter(errors))
-        first_log = getattr(errors[first], "log_path", log_dir / f"{first}.log")
-        raise PipelineFailed(
-            f"stage {first!r} failed (log: {first_log}); "
-            f"{len(errors)} failed, report: {log_dir / 'failure.md'}"
-        )
+        _report_failure(stages, states, errors, log_dir)
     if save_experiment:
         include = [o for s in stages for o in s.cache_false_outs]
         try:
