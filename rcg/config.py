@@ -523,9 +523,8 @@ def resolve(
     Order: dataclass defaults < preset < the mapping < overrides. The mapping normally holds every
     value (`rcg params` writes it so), and `preset`, the one its header records, only names where
     the values came from. A key the mapping lacks (a file older than the key) takes the preset's
-    value, with a warning. Files from before complete params.yaml name the preset in a top-level
-    `preset:` key; it is honoured while keys are missing, and an error once none is: it would
-    silently change nothing (e.g. `dvc exp run -S ++preset=tiny`).
+    value, with a warning. A top-level `preset` key (files from before complete params.yaml, or
+    `Config.to_dict()`) names the preset the same way; `load` refuses it in a complete params.yaml.
     """
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: expected a mapping of stage blocks at the top")
@@ -539,11 +538,6 @@ def resolve(
     cfg = preset_config(name)
     _apply(cfg, {k: ({} if v is None else v) for k, v in params.items()}, "")
     missing = missing_keys(params)
-    if legacy is not None and not missing:
-        raise ConfigError(
-            f"preset: {source} holds every value, so `preset: {legacy}` would change nothing; "
-            "remove the key, or " + SWITCH_PRESET
-        )
     if missing:
         log.warning(
             "%s lacks %d keys (%s%s): preset %s's values are used; `rcg params` writes them in",
@@ -583,7 +577,15 @@ def load_text(
         params = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
-    return resolve(params, overrides, recorded_preset(text), source)
+    cfg = resolve(params, overrides, recorded_preset(text), source)
+    if "preset" in params and not missing_keys(params):
+        # Every value is in the file, so the key would silently change nothing (this is what
+        # `dvc exp run -S ++preset=tiny` makes); an older file with missing keys still uses it.
+        raise ConfigError(
+            f"preset: {source} holds every value, so `preset: {params['preset']}` would change "
+            "nothing; remove the key, or " + SWITCH_PRESET
+        )
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------

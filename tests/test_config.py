@@ -85,7 +85,9 @@ def test_legacy_preset_key_and_unknown_keys() -> None:
     legacy = {"preset": "tiny", **{b: {} for b in config.params_values(config.Config())}}
     assert config.resolve(legacy) == config.preset_config("tiny")  # an older params.yaml
     with pytest.raises(ConfigError, match="would change nothing"):  # e.g. `-S ++preset=tiny`
-        config.resolve({**_params(), "preset": "tiny"})
+        config.load_text(tiny_params() + "preset: tiny\n")
+    cfg = config.preset_config("imagenet256", {"train_rdm": {"lr": 1e-5}})
+    assert config.resolve(cfg.to_dict()) == cfg  # Config.to_dict() round trip (the served config)
     with pytest.raises(ConfigError, match="header says 'default'"):
         config.resolve({**legacy, "preset": "tiny"}, preset="default")
     with pytest.raises(ConfigError, match="rcg params --preset NAME"):
