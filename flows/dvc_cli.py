@@ -1,4 +1,4 @@
-"""Running DVC from a flow: one stage per call, params set the `dvc exp run -S` way, failures classified.
+"""Running DVC from a flow: one stage per call, experiments saved and read back, failures classified.
 
 Prefect schedules, DVC decides what is stale (DESIGN.md, "Roles"). Everything here shells out to the
 `dvc` of the running interpreter, so the flow works from a worker whose PATH lacks the venv.
@@ -107,36 +107,6 @@ def run_logged(
 
 def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def hydra_overrides(overrides: Iterable[str]) -> list[str]:
-    """`key=value` -> `++key=value`: set the key whether or not params.yaml already has it.
-
-    `dvc exp run -S` parses Hydra overrides in struct mode, where `train_rdm.lr=1e-4` fails when the
-    block is `{}` in params.yaml; `++` means "add or override". Prefixes the user wrote are kept.
-    """
-    out = []
-    for o in overrides:
-        o = o.strip()
-        if "=" not in o and not o.startswith("~"):  # `~key` deletes a key, no value
-            raise ValueError(f"override {o!r}: expected key=value, e.g. train_rdm.steps=100")
-        out.append(o if o.startswith(("+", "~")) else "++" + o)
-    return out
-
-
-def set_params(project_dir: str | Path, preset: str | None, overrides: Iterable[str]) -> list[str]:
-    """Apply `preset` and `overrides` to params.yaml exactly as `dvc exp run -S` would.
-
-    Returns the overrides applied (Hydra syntax). `file.yaml:key=value` targets another params file.
-    """
-    from dvc.utils.cli_parse import to_path_overrides
-    from dvc.utils.hydra import apply_overrides
-
-    items = ([f"preset={preset}"] if preset else []) + list(overrides)
-    applied = hydra_overrides(items)
-    for path, ovs in to_path_overrides(applied).items():
-        apply_overrides(Path(project_dir) / path, ovs)
-    return applied
 
 
 def save_experiment(project_dir: str | Path, name: str, include: Iterable[str] = ()) -> str:

@@ -1,12 +1,13 @@
 """Prefect flow: the DVC pipeline, one task per stage (`dvc repro --single-item <stage>`), in DAG order.
 
 DESIGN.md, "Roles": DVC owns the DAG and what is stale, Prefect schedules. The flow reads the stages
-from DVC (flows.dag), applies the preset and overrides to params.yaml the way `dvc exp run -S` does,
-runs every stage as a task once its upstreams completed (independent stages run side by side), and
-saves the workspace as a DVC experiment named after the flow run. GPU stages carry the `gpu` tag,
-held to a Prefect concurrency limit (one stage per GPU slot). Transient faults are retried with
-exponential backoff; deterministic ones fail at once, with a report naming the stage and its log.
-Prefect result caching is off: DVC alone decides what needs to run.
+from DVC (flows.dag; the `code` digest stage first), writes the preset and overrides to params.yaml
+as `rcg params --preset P --set K=V` does (rcg.config.write_params), runs every stage as a task
+once its upstreams completed (independent stages run side by side), and saves the workspace as a
+DVC experiment named after the flow run. GPU stages carry the `gpu` tag, held to a Prefect
+concurrency limit (one stage per GPU slot). Transient faults are retried with exponential backoff;
+deterministic ones fail at once, with a report naming the stage and its log. Prefect result caching
+is off: DVC alone decides what needs to run.
 
     python -m flows.pipeline run --preset tiny -S train_rdm.steps=10   # one run, in process
     python -m flows.pipeline serve                                     # flow.serve on this machine
@@ -32,6 +33,7 @@ from prefect.tasks import Task, exponential_backoff
 
 from flows import dvc_cli as dvc_mod
 from flows.dag import DEFAULT_GPU_STAGES, Stage, read_stages, select
+from rcg import config as config_mod
 
 GPU_TAG = "gpu"
 LOG_ROOT = "logs/flows"  # per flow run: one log file per stage, failure.md when something failed
@@ -128,6 +130,49 @@ def _failure_report(stages: list[Stage], states: dict[str, str], errors: dict[st
     return "\n".join(lines) + "\n"
 
 
+def _run_stages(stages: list[Stage], gpu: tuple[str, ...], retries: int, retry_backoff: float,
+                stage_args: tuple) -> dict[str, PrefectFuture]:
+    """One `dvc_stage` task per stage, each waiting for its upstreams; returns once all ended."""
+    delay = exponential_backoff(retry_backoff)(retries) if retries else 0
+    futures: dict[str, PrefectFuture] = {}
+    for s in stages:
+        tags = [GPU_TAG, "stage"] if s.is_gpu(gpu) else ["stage"]
+        task_ = dvc_stage.with_options(name=f"dvc-{s.base}", task_run_name=s.name, tags=tags,
+                                       retries=retries, retry_delay_seconds=delay)
+        futures[s.name] = task_.submit(
+            s.name, *stage_args, wait_for=[futures[u] for u in s.upstream if u in futures])
+    wait(list(futures.values()))
+    return futures
+
+
+def _outcomes(futures: dict[str, PrefectFuture]) -> tuple[dict[str, str], dict[str, Exception]]:
+    """({stage: final state name}, {stage: its exception} for the failed ones)."""
+    states: dict[str, str] = {}
+    errors: dict[str, Exception] = {}
+    for name, fut in futures.items():
+        state = fut.state
+        states[name] = state.name
+        if state.is_failed():
+            exc = state.result(raise_on_failure=False)
+            errors[name] = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    return states, errors
+
+
+def _report_failure(stages: list[Stage], states: dict[str, str], errors: dict[str, Exception],
+                    log_dir: Path) -> None:
+    """Write failure.md (also a Prefect artifact) and raise PipelineFailed naming the first failure."""
+    report = _failure_report(stages, states, errors, log_dir)
+    (log_dir / "failure.md").parent.mkdir(parents=True, exist_ok=True)
+    (log_dir / "failure.md").write_text(report)
+    create_markdown_artifact(key="rcg-pipeline-failure", markdown=report)
+    first = next(iter(errors))
+    first_log = getattr(errors[first], "log_path", log_dir / f"{first}.log")
+    raise PipelineFailed(
+        f"stage {first!r} failed (log: {first_log}); "
+        f"{len(errors)} failed, report: {log_dir / 'failure.md'}"
+    )
+
+
 @flow(
     name="rcg-pipeline",
     persist_result=False,
@@ -149,8 +194,9 @@ def rcg_pipeline(
 ) -> dict[str, str]:
     """Run the DVC pipeline as Prefect tasks; return {stage: final state name}.
 
-    preset / overrides: written to params.yaml like `dvc exp run -S preset=... -S key=value`, so
-        the run is also a DVC experiment (saved as `exp_name`, default `prefect-<flow run name>`).
+    preset / overrides: written to params.yaml like `rcg params --preset P --set key=value` (every
+        value of preset P, or of the current file without one, then the overrides), so the run is
+        also a DVC experiment (saved as `exp_name`, default `prefect-<flow run name>`).
     targets: only these stages and their upstreams (default: every stage in dvc.yaml).
     gpu_stages: dvc.yaml entries tagged `gpu` (default: flows.dag.DEFAULT_GPU_STAGES).
     gpu_slots: size of the `gpu` concurrency limit, created when missing (0: leave limits alone).
@@ -164,8 +210,8 @@ def rcg_pipeline(
     gpu = DEFAULT_GPU_STAGES if gpu_stages is None else tuple(gpu_stages)
 
     if preset or overrides:
-        applied = dvc_mod.set_params(root, preset, overrides or [])
-        logger.info("params.yaml: applied %s", " ".join(applied))
+        cfg = config_mod.write_params(root / "params.yaml", preset, overrides or [])
+        logger.info("params.yaml: preset %s, then %s", cfg.preset, " ".join(overrides or []) or "-")
     stages = select(read_stages(root), targets)
     logger.info(
         "%d stages in DAG order: %s (gpu: %s); logs in %s",
@@ -175,45 +221,16 @@ def rcg_pipeline(
     if any(s.is_gpu(gpu) for s in stages):
         ensure_gpu_limit(gpu_slots)
 
-    futures: dict[str, PrefectFuture] = {}
-    for s in stages:
-        options: dict[str, Any] = dict(
-            name=f"dvc-{s.base}",
-            task_run_name=s.name,
-            retries=retries,
-            retry_delay_seconds=exponential_backoff(retry_backoff)(retries) if retries else 0,
-            tags=[GPU_TAG, "stage"] if s.is_gpu(gpu) else ["stage"],
-        )
-        futures[s.name] = dvc_stage.with_options(**options).submit(
-            s.name, str(root), str(log_dir), exp_name, force, transient_patterns,
-            wait_for=[futures[u] for u in s.upstream if u in futures],
-        )
-    wait(list(futures.values()))
-
-    states: dict[str, str] = {}
-    errors: dict[str, Exception] = {}
-    for name, fut in futures.items():
-        state = fut.state
-        states[name] = state.name
-        if state.is_failed():
-            exc = state.result(raise_on_failure=False)
-            errors[name] = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    futures = _run_stages(stages, gpu, retries, retry_backoff,
+                          (str(root), str(log_dir), exp_name, force, transient_patterns))
+    states, errors = _outcomes(futures)
     create_table_artifact(
         key="rcg-pipeline-stages",
         table=[{"stage": s.name, "state": states.get(s.name), "gpu": s.is_gpu(gpu)} for s in stages],
         description=f"rcg pipeline stages, DVC experiment {exp_name}",
     )
     if errors:
-        report = _failure_report(stages, states, errors, log_dir)
-        (log_dir / "failure.md").parent.mkdir(parents=True, exist_ok=True)
-        (log_dir / "failure.md").write_text(report)
-        create_markdown_artifact(key="rcg-pipeline-failure", markdown=report)
-        first = next(iter(errors))
-        first_log = getattr(errors[first], "log_path", log_dir / f"{first}.log")
-        raise PipelineFailed(
-            f"stage {first!r} failed (log: {first_log}); "
-            f"{len(errors)} failed, report: {log_dir / 'failure.md'}"
-        )
+        _report_failure(stages, states, errors, log_dir)
     if save_experiment:
         include = [o for s in stages for o in s.cache_false_outs]
         try:
@@ -228,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["run", "serve"])
-    p.add_argument("--preset", default=None)
+    p.add_argument("--preset", default=None, help="write every value of this preset to params.yaml")
     p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="params override, as in `dvc exp run -S`")
+                   metavar="KEY=VALUE", help="params override, as `rcg params --set`")
     p.add_argument("--target", dest="targets", action="append", default=None)
     p.add_argument("--project-dir", default=".")
     p.add_argument("--gpu-slots", type=int, default=1)

@@ -1,12 +1,14 @@
 """Prefect flow: a small grid of DVC experiments, queued, run by DVC's queue, metrics collected.
 
-Each grid point becomes `dvc exp run --queue -n <name> -S key=value ...`; DVC runs the queue in
+The preset and common overrides are written to params.yaml first, as `rcg params --preset P --set
+K=V` does (rcg.config.write_params); each grid point then becomes `dvc exp run --queue -n <name> -S
+key=value ...` (params.yaml holds every key, so no `++`), and DVC runs the queue in
 isolated temporary workspaces (`dvc exp run --run-all -j <jobs>`), and the flow reads every
 experiment's params and metrics back from `dvc exp show --json` into one table (a Prefect table
 artifact, and the flow's return value). Compare afterwards with `dvc exp show` or apply the winner
 with `dvc exp apply <name>`.
 
-    python -m flows.sweep --grid train_rdm.lr=1e-4,5e-4 --grid train_rdm.lr_decay_frac=0,0.3 -S preset=tiny
+    python -m flows.sweep --grid train_rdm.lr=1e-4,5e-4 --grid train_rdm.lr_decay_frac=0,0.3 --preset tiny
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def _value(v: Any) -> str:
-    """A grid value as Hydra override text (YAML flow style keeps lists and strings intact)."""
+    """A grid value as `-S` override text (YAML flow style keeps lists and strings intact)."""
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
@@ -46,14 +48,14 @@ def check_points(params_file: Path, all_sets: list[list[str]]) -> None:
 
     A misspelt key or a wrong type then fails at once, naming the key (rcg.config.ConfigError),
     instead of in every queued experiment. Projects whose params.yaml is not an rcg config, and
-    overrides aimed at other files (`file.yaml:key=v`) or deleting keys (`~key`), are left to DVC.
+    overrides aimed at other files (`file.yaml:key=v`), are left to DVC.
     """
     try:
         config_mod.load(params_file)
     except config_mod.ConfigError:
         return  # not an rcg params.yaml: nothing to check against
     for sets in all_sets:
-        plain = [s.lstrip("+") for s in sets if not s.startswith("~") and ":" not in s.split("=", 1)[0]]
+        plain = [s for s in sets if ":" not in s.split("=", 1)[0]]
         config_mod.load(params_file, config_mod.parse_set(plain))
 
 
@@ -61,7 +63,7 @@ def check_points(params_file: Path, all_sets: list[list[str]]) -> None:
 def queue_experiment(project_dir: str, name: str, sets: list[str]) -> str:
     """`dvc exp run --queue -n name -S ...`: one grid point waiting in DVC's queue."""
     args = ["exp", "run", "--queue", "-n", name]
-    for s in dvc_mod.hydra_overrides(sets):
+    for s in sets:
         args += ["-S", s]
     proc = subprocess.run(dvc_mod.dvc_cmd(*args), cwd=project_dir, env=dvc_mod.dvc_env(),
                           capture_output=True, text=True)
@@ -98,18 +100,25 @@ def rcg_sweep(
     project_dir: str = ".",
     jobs: int = 1,
     prefix: str | None = None,
+    preset: str | None = None,
 ) -> list[dict]:
-    """Queue one DVC experiment per grid point (plus common `overrides`), run them, collect metrics.
+    """Queue one DVC experiment per grid point, run them, collect metrics.
 
-    Returns one row per experiment: name, params, metrics (flattened, `file:key`), error.
+    `preset` and the common `overrides` are written to params.yaml first (rcg.config.write_params),
+    so every experiment starts from them. Returns one row per experiment: name, params, metrics
+    (flattened, `file:key`), error.
     """
     logger = get_run_logger()
     root = str(Path(project_dir).resolve())
     run_name = runtime_flow_run.get_name() or time.strftime("sweep-%H%M%S")
     prefix = prefix or f"sweep-{run_name}"
-    points = grid_points(grid)
-    all_sets = [list(overrides or []) + [f"{k}={_value(v)}" for k, v in point.items()] for point in points]
-    check_points(Path(root) / "params.yaml", all_sets)
+    params_file = Path(root) / "params.yaml"
+    if preset or overrides:
+        cfg = config_mod.write_params(params_file, preset, overrides or [])
+        logger.info("params.yaml: every value of preset %s, then %s", cfg.preset,
+                    " ".join(overrides or []) or "no overrides")
+    all_sets = [[f"{k}={_value(v)}" for k, v in point.items()] for point in grid_points(grid)]
+    check_points(params_file, all_sets)
     names = [queue_experiment(root, f"{prefix}-{i}", sets) for i, sets in enumerate(all_sets)]
     logger.info("queued %d experiments: %s", len(names), ", ".join(names))
     code = run_queue(root, jobs, str(Path(root) / "logs" / "flows" / f"{prefix}.log"))
@@ -132,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="one grid axis, values parsed as YAML (repeatable)")
-    p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[])
+    p.add_argument("--preset", default=None, help="write every value of this preset to params.yaml")
+    p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="common override, as `rcg params --set` (repeatable)")
     p.add_argument("--project-dir", default=".")
     p.add_argument("--jobs", type=int, default=1)
     args = p.parse_args(argv)
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         key, _, values = axis.partition("=")
         grid[key] = [yaml.safe_load(v) for v in values.split(",")]
     rows = rcg_sweep(grid=grid, overrides=args.overrides, project_dir=args.project_dir,
-                     jobs=args.jobs)
+                     jobs=args.jobs, preset=args.preset)
     print(json.dumps(rows, indent=2, default=str))
     return 0
 

@@ -1,8 +1,10 @@
 """The `rcg` command: one subcommand per pipeline stage, plus generation and model tools.
 
-Every subcommand reads params.yaml (`--params`), optionally switches preset (`--preset`) and takes
-`--set key=value` overrides; the resolved config is validated before any work starts. Stage code
-lives in `rcg.stages.<name>.run`; this file only parses arguments and wires them through.
+Every stage subcommand reads params.yaml (`--params`), or a preset's values instead (`--preset`, a
+one-off run), and takes `--set key=value` overrides; the resolved config is validated before any
+work starts. Stage code lives in `rcg.stages.<name>.run`; this file only parses arguments and wires
+them through. Two tools prepare the pipeline: `rcg params` writes params.yaml, `rcg code` the code
+digests DVC's stages depend on (rcg.provenance).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ for _k, _v in {
 
 EPILOG = """\
 examples:
-  rcg shard                                 # Fashion-MNIST -> data/shards (the embedded default)
-  rcg shard --set shard.source=folder --set shard.folder=/data/imagenet --preset imagenet256
-  rcg train-rdm --preset tiny --set train_rdm.steps=50
+  rcg params --preset tiny                  # params.yaml <- every value of the tiny preset
+  rcg params --preset imagenet256 --set shard.folder=/data/imagenet
+  rcg shard                                 # Fashion-MNIST -> data/shards (the values of params.yaml)
+  rcg train-rdm --preset tiny --set train_rdm.steps=50   # one-off run, params.yaml left out
   dvc repro                                 # the whole pipeline, only what is stale
 """
 
@@ -108,16 +111,32 @@ STAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Tools that prepare the pipeline rather than run a stage: (one-line help, longer description).
+TOOLS: dict[str, tuple[str, str]] = {
+    "params": (
+        "write params.yaml: every value of a preset, or fill in the current file",
+        "Write every value each stage runs with to params.yaml (atomically), so that DVC tracks "
+        "values: with --preset, that preset's values (the file's current values are replaced); "
+        "without, the file's own values with any missing key filled in. --set overrides either.",
+    ),
+    "code": (
+        "write the code digest of each pipeline stage for DVC (.rcg/code/<stage>.txt)",
+        "For each STAGE (a module of rcg.stages), list the rcg modules it runs, each with a hash of "
+        "its syntax tree without docstrings, so that DVC reruns a stage on code changes but not on "
+        "comment edits (rcg.provenance). The first stage of dvc.yaml.",
+    ),
+}
+
 # Stages that train and therefore run under torchrun when dist.nproc_per_node asks for it.
 TRAINING_COMMANDS = ("encoder", "train-rdm", "train-generator", "evalnet")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, preset_help: str = "") -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument(
         "--preset",
         choices=config_mod.PRESET_NAMES,
-        help="use this preset instead of the one named in params.yaml",
+        help=preset_help or "one-off run with this preset's values; params.yaml is not read",
     )
     p.add_argument(
         "--set",
@@ -173,14 +192,43 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=short, description=long)
         _add_common(p)
         _add_stage_options(name, p)
+    p = sub.add_parser("params", help=TOOLS["params"][0], description=TOOLS["params"][1])
+    _add_common(p, "start from this preset's values (default: the values in --params)")
+    p = sub.add_parser("code", help=TOOLS["code"][0], description=TOOLS["code"][1])
+    p.add_argument("stages", nargs="+", metavar="STAGE", help="pipeline stage, e.g. train_rdm")
+    p.add_argument("--package", default="rcg", help="the package folder to analyse (default: %(default)s)")
+    p.add_argument("--out-dir", default=".rcg/code", help="where the digests go (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
+    """The stage's config: params.yaml, or with --preset that preset's values; then --set."""
     overrides: dict[str, Any] = config_mod.parse_set(args.overrides)
     if args.preset:
-        overrides["preset"] = args.preset
+        return config_mod.preset_config(args.preset, overrides)
     return config_mod.load(args.params, overrides)
+
+
+def run_tool(args: argparse.Namespace) -> int:
+    """`rcg params` and `rcg code` (TOOLS)."""
+    try:
+        if args.command == "params":
+            cfg = config_mod.write_params(args.params, args.preset, args.overrides)
+            print(f"{args.params}: every value of preset {cfg.preset}"
+                  + (f" with {len(args.overrides)} --set" if args.overrides else ""))
+            return 0
+        # Imported by name, like the stages: a stage's digest follows every import of rcg.cli, and
+        # no stage runs the digest code itself.
+        provenance = importlib.import_module("rcg.provenance")
+        for path in provenance.write_digests(args.stages, args.package, args.out_dir):
+            print(path)
+        return 0
+    except config_mod.ConfigError as e:
+        print(f"rcg {args.command}: config error: {e}", file=sys.stderr)
+    except (FileNotFoundError, SyntaxError) as e:
+        print(f"rcg {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     log = logging.getLogger("rcg")
+    if args.command in TOOLS:
+        return run_tool(args)
     try:
         cfg = load_config(args)
     except config_mod.ConfigError as e:

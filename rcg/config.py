@@ -1,18 +1,25 @@
-"""Typed configuration: params.yaml -> preset -> dataclasses -> plain functions.
+"""Typed configuration: params.yaml -> dataclasses -> plain functions.
 
-Resolution order (later wins):
+params.yaml holds every value each stage runs with, so DVC tracks values, not overrides
+(`dvc params diff`, `dvc exp show`, `dvc exp run -S train_rdm.lr=1e-4`). `rcg params --preset NAME`
+writes it (`write_params`). Resolution order (later wins):
   1. the dataclass defaults below: the embedded default preset (Fashion-MNIST on a laptop CPU);
-  2. the preset named by ``preset:`` in params.yaml (``rcg/presets/<name>.yaml``, overrides only);
-  3. the stage blocks of params.yaml (the user's own overrides; ``dvc exp run -S train_rdm.lr=1e-4``);
+  2. a preset (``rcg/presets/<name>.yaml``, overrides only): the one `rcg params --preset` or a
+     one-off `rcg <stage> --preset` names; for params.yaml, the one its header records, which
+     fills in only keys the file lacks (a file older than the key);
+  3. the stage blocks of params.yaml (left out by a one-off `--preset` run);
   4. ``--set key=value`` on the command line.
 
-Every key is checked before any work starts: an unknown key, a missing block or a value of the wrong
-type raises :class:`ConfigError` naming the dotted key and the expected type.
+Every key is checked before any work starts: an unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the dotted key and the expected type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +27,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from rcg.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESET_NAMES = ("tiny", "default", "imagenet256")
@@ -367,6 +378,8 @@ class TrackingConfig:
 class Config:
     """The whole resolved configuration: one attribute per params.yaml block."""
 
+    # The preset the values were made from (params.yaml's `# preset:` header line, or a one-off
+    # `--preset`), recorded in MLflow tags; it fills in only keys that params.yaml lacks.
     preset: str = "default"
     shard: ShardConfig = field(default_factory=ShardConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -439,14 +452,25 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"{key}: unsupported config type {tp!r}")
 
 
+SWITCH_PRESET = (
+    "switch presets with `rcg params --preset NAME` (rewrites every value of params.yaml), or run "
+    "one stage with `rcg <stage> --preset NAME`"
+)
+PRESET_KEY_ERROR = "preset: not a value of params.yaml; " + SWITCH_PRESET
+
+
 def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> None:
     """Set `overrides` on dataclass `obj` in place, validating every key and type."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {overrides!r}")
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
+    if isinstance(obj, Config):
+        names.discard("preset")  # set by whoever picks the values, never as a value itself
     for key, value in overrides.items():
         dotted = f"{prefix}{key}"
+        if isinstance(obj, Config) and key == "preset":
+            raise ConfigError(PRESET_KEY_ERROR)
         if key not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(f"{dotted}: unknown key (known keys here: {known})")
@@ -475,7 +499,7 @@ def preset_overrides(name: str) -> dict[str, Any]:
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """Turn `["train_rdm.lr=1e-4", "preset=tiny"]` into a nested dict, values parsed as YAML."""
+    """Turn `["train_rdm.lr=1e-4", "shard.workers=1"]` into a nested dict, values parsed as YAML."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -489,41 +513,146 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def resolve(params: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
-    """Build a validated Config from a params.yaml mapping and optional `--set` overrides.
-
-    params.yaml must name a `preset` and have every stage block (an empty block `{}` is fine);
-    a missing block is an error so that a typo in a block name cannot silently fall back to defaults.
-    """
-    if not isinstance(params, dict):
-        raise ConfigError("params: expected a mapping at the top of params.yaml")
-    params = _merge(params, overrides or {})
-    if "preset" not in params:
-        raise ConfigError("preset: missing key (expected one of: " + ", ".join(PRESET_NAMES) + ")")
-    preset = _check_value("preset", params["preset"], str)
-    for block in _block_names():
-        if block not in params:
-            raise ConfigError(f"{block}: missing key (expected a mapping; use {{}} for no overrides)")
-    cfg = Config(preset=preset)
-    _apply(cfg, {k: v for k, v in preset_overrides(preset).items()}, "")
-    _apply(cfg, {k: (v or {}) for k, v in params.items() if k != "preset"}, "")
+def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The values of preset `name` then `overrides`, params.yaml left out (`--preset`, `rcg params`)."""
+    cfg = Config()
+    _apply(cfg, preset_overrides(name), "")
+    _apply(cfg, overrides or {}, "")
+    cfg.preset = name
     return cfg
 
 
+def missing_keys(params: dict[str, Any]) -> list[str]:
+    """Dotted keys of the config that a params.yaml mapping does not hold (in field order)."""
+    missing = []
+    for block in _block_names():
+        values = params.get(block) or {}
+        fields = dataclasses.fields(getattr(Config(), block))
+        missing += [f"{block}.{f.name}" for f in fields if f.name not in values]
+    return missing
+
+
+def resolve(
+    params: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    preset: str | None = None,
+    source: str = "params.yaml",
+) -> Config:
+    """Build a validated Config from a params.yaml mapping and optional `--set` overrides.
+
+    Order: dataclass defaults < preset < the mapping < overrides. The mapping normally holds every
+    value (`rcg params` writes it so), and `preset`, the one its header records, only names where
+    the values came from. A key the mapping lacks (a file older than the key) takes the preset's
+    value, with a warning. A top-level `preset` key (files from before complete params.yaml, or
+    `Config.to_dict()`) names the preset the same way; `load` refuses it in a complete params.yaml.
+    """
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: expected a mapping of stage blocks at the top")
+    params = dict(params)
+    legacy = params.pop("preset", None)
+    if legacy is not None:
+        legacy = _check_value("preset", legacy, str)
+        if preset is not None and preset != legacy:
+            raise ConfigError(f"preset: {source} says {legacy!r} but its header says {preset!r}")
+    name = legacy or preset or "default"
+    cfg = preset_config(name)
+    _apply(cfg, {k: ({} if v is None else v) for k, v in params.items()}, "")
+    missing = missing_keys(params)
+    if missing:
+        log.warning(
+            "%s lacks %d keys (%s%s): preset %s's values are used; `rcg params` writes them in",
+            source, len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "", name,
+        )
+    _apply(cfg, overrides or {}, "")
+    return cfg
+
+
+def recorded_preset(text: str) -> str | None:
+    """The preset named by a `# preset: NAME` line in the leading comments of params.yaml text."""
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return None
+        m = re.fullmatch(r"#\s*preset:\s*(\S+)\s*", line.strip())
+        if m:
+            return m.group(1)
+    return None
+
+
 def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate params.yaml (see `resolve`)."""
+    """Read and validate params.yaml (see `resolve`; its preset is the header's `# preset:`)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+        raise ConfigError(
+            f"{path}: params file not found (run from the project root, pass --params, or write "
+            "one with `rcg params --preset default`)"
+        )
+    return load_text(path.read_text(), overrides, str(path))
+
+
+def load_text(
+    text: str, overrides: dict[str, Any] | None = None, source: str = "params.yaml"
+) -> Config:
+    """`load` for params.yaml text already in memory."""
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return resolve(params, overrides)
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    cfg = resolve(params, overrides, recorded_preset(text), source)
+    if "preset" in params and not missing_keys(params):
+        # Every value is in the file, so the key would silently change nothing (this is what
+        # `dvc exp run -S ++preset=tiny` makes); an older file with missing keys still uses it.
+        raise ConfigError(
+            f"preset: {source} holds every value, so `preset: {params['preset']}` would change "
+            "nothing; remove the key, or " + SWITCH_PRESET
+        )
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing params.yaml: every value, so that DVC sees the values that run (`rcg params`)
+# --------------------------------------------------------------------------------------------------
+
+PARAMS_HEADER = """\
+# rcg parameters: every value the pipeline stages run with; each key is documented in rcg/config.py.
+# DVC tracks them: `dvc params diff` and `dvc exp show` show the values that ran.
+# preset: {preset}
+# made by: {made_by}
+# Switch preset (rewrites every value below): rcg params --preset {choices}
+# Change a value: edit it here, `dvc exp run -S train_rdm.lr=1e-4`, or `rcg params --set KEY=VALUE`.
+"""
+
+
+def params_values(cfg: Config) -> dict[str, dict[str, Any]]:
+    """{block: {key: value}} of every params.yaml block of `cfg`."""
+    return {block: dataclasses.asdict(getattr(cfg, block)) for block in _block_names()}
+
+
+def render_params(values: dict[str, Any], preset: str, made_by: str) -> str:
+    """params.yaml text: the header recording `preset` and `made_by`, then one block per stage."""
+    header = PARAMS_HEADER.format(preset=preset, made_by=made_by, choices="|".join(PRESET_NAMES))
+    # Block style throughout, as DVC writes the file back after `dvc exp run -S` (no diff noise).
+    blocks = [yaml.safe_dump({k: v}, sort_keys=False, width=1000) for k, v in values.items()]
+    return header + "\n" + "\n".join(blocks)
+
+
+def write_params(
+    path: str | Path = "params.yaml", preset: str | None = None, sets: list[str] | None = None
+) -> Config:
+    """`rcg params`: write every value to params.yaml (atomically) and return the Config written.
+
+    With `preset`: that preset's values then `sets` (`key=value`), whatever the file held. Without:
+    the file's own values (missing keys filled in from its recorded preset) then `sets`.
+    """
+    sets = list(sets or [])
+    overrides = parse_set(sets)
+    cfg = preset_config(preset, overrides) if preset else load(path, overrides)
+    args = ["rcg", "params", *(["--preset", preset] if preset else [])]
+    made_by = shlex.join(args + [a for s in sets for a in ("--set", s)])
+    if not preset:
+        made_by += f" (on the previous {Path(path).name})"
+    text = render_params(params_values(cfg), cfg.preset, made_by)
+    if load_text(text, source=str(path)) != cfg:  # YAML must carry every value unchanged
+        raise RuntimeError(f"{path}: the rendered params do not read back as the values written")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return cfg

@@ -1,8 +1,8 @@
 """Shared test set-up: offline, CPU-only, quiet telemetry, and a tiny Fashion-MNIST workspace.
 
-`tiny_workspace` is a session-wide project folder (params.yaml with `preset: tiny`) whose shards
-were built by the real shard stage from the Debian Fashion-MNIST files; tests that need shards chdir
-into a copy-free view of it with `in_workspace`.
+`tiny_workspace` is a session-wide project folder (params.yaml with the tiny preset's values) whose
+shards were built by the real shard stage from the Debian Fashion-MNIST files; tests that need
+shards chdir into a copy-free view of it with `in_workspace`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,18 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def tiny_params(**blocks: dict) -> str:
-    """A params.yaml text with `preset: tiny` and the given block overrides."""
-    import yaml
+    """A params.yaml text as `rcg params --preset tiny` writes it, with the given block overrides.
 
-    from rcg.config import Config
+    The overrides are merged unchecked (a block may even be replaced by a non-mapping), so tests
+    can hand the loader bad values too.
+    """
+    from rcg import config
 
-    names = [f for f in Config.__dataclass_fields__ if f != "preset"]
-    data = {"preset": "tiny", **{n: blocks.get(n, {}) for n in names}}
-    return yaml.safe_dump(data, sort_keys=False)
+    values: dict = config.params_values(config.preset_config("tiny"))
+    for name, block in blocks.items():
+        merged = {**values[name], **block} if isinstance(block, dict) and name in values else block
+        values[name] = merged
+    return config.render_params(values, "tiny", "tests.conftest.tiny_params")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import yaml
 # Telemetry is already off: tests/conftest.py sets the variables before any test module imports.
 from flows import dvc_cli as dvc_mod
 from flows.dag import read_stages, select
+from rcg import config as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +40,11 @@ if fail.exists():
 params = yaml.safe_load(open("params.yaml"))
 time.sleep(0.1)
 if sys.argv[1] == "prepare":
-    pathlib.Path("prepare.txt").write_text(params["preset"])
+    pathlib.Path("prepare.txt").write_text(str(params["shard"]["max_per_split"]))
 elif sys.argv[1] == "train":
     pathlib.Path("train_%s.txt" % sys.argv[2]).write_text(sys.argv[2])
 else:
-    json.dump({"score": params["evaluate"]["scale"] * 2}, open("metrics.json", "w"))
+    json.dump({"score": params["evaluate"]["n_samples"] * 2}, open("metrics.json", "w"))
 log("end")
 '''
 
@@ -52,7 +53,7 @@ stages:
   prepare:
     cmd: python stage.py prepare
     deps: [stage.py]
-    params: [preset]
+    params: [shard.max_per_split]
     outs: [prepare.txt]
   train:
     foreach: [x, y]
@@ -64,7 +65,7 @@ stages:
   evaluate:
     cmd: python stage.py evaluate
     deps: [train_x.txt, train_y.txt]
-    params: [evaluate]
+    params: [evaluate.n_samples]
     metrics:
       - metrics.json:
           cache: false
@@ -82,12 +83,12 @@ def _dvc(project: Path, *args: str) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A git + DVC project with dummy stages: prepare -> train@{x,y} -> evaluate."""
+    """A git + DVC project with dummy stages: prepare -> train@{x,y} -> evaluate; rcg's params.yaml."""
     p = tmp_path / "proj"
     p.mkdir()
     (p / "stage.py").write_text(STAGE_PY)
     (p / "dvc.yaml").write_text(DVC_YAML)
-    (p / "params.yaml").write_text("preset: default\nevaluate: {}\n")
+    config_mod.write_params(p / "params.yaml", "default")
     (p / ".gitignore").write_text("events.jsonl\nfail_*\nlogs/\n")
     _git(p, "init", "-q")
     _git(p, "config", "user.name", "rcg test")
@@ -138,21 +139,6 @@ def test_is_transient_separates_flaky_faults_from_bugs() -> None:
     assert dvc_mod.is_transient(1, "disk quota hiccup", extra_patterns=[r"quota hiccup"])
 
 
-def test_overrides_become_hydra_add_or_override() -> None:
-    assert dvc_mod.hydra_overrides(["preset=tiny", "+a.b=1", "~c"]) == [
-        "++preset=tiny", "+a.b=1", "~c"]
-    with pytest.raises(ValueError, match="key=value"):
-        dvc_mod.hydra_overrides(["train_rdm.lr"])
-
-
-def test_set_params_writes_params_yaml_like_dvc_exp_run(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("preset: default\ntrain_rdm: {}\nshard: {workers: 2}\n")
-    dvc_mod.set_params(tmp_path, "tiny", ["train_rdm.steps=10", "shard.workers=1"])
-    assert yaml.safe_load(params.read_text()) == {
-        "preset": "tiny", "train_rdm": {"steps": 10}, "shard": {"workers": 1}}
-
-
 def test_real_dvc_yaml_stages_in_dag_order(tmp_path: Path) -> None:
     """The flow's stage list comes from the project's own dvc.yaml, upstreams first."""
     for name in ("dvc.yaml", "params.yaml"):
@@ -160,7 +146,8 @@ def test_real_dvc_yaml_stages_in_dag_order(tmp_path: Path) -> None:
     _dvc(tmp_path, "init", "--no-scm", "-q")
     stages = read_stages(tmp_path)
     names = [s.name for s in stages]
-    assert names[0] == "shard" and len(set(names)) == len(names)
+    assert names[0] == "code" and len(set(names)) == len(names)  # the code digests come first
+    assert all("code" in s.upstream for s in stages[1:])
     seen: set[str] = set()
     for s in stages:
         assert set(s.upstream) <= seen, f"{s.name} runs before its upstreams {s.upstream}"
@@ -200,10 +187,11 @@ def test_sweep_checks_every_grid_point_against_rcg_config_before_queueing(tmp_pa
     shutil.copy(ROOT / "params.yaml", params)
     sweep = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
                  if d["entrypoint"].endswith(":rcg_sweep"))["parameters"]
-    points = [sweep["overrides"] + [f"{k}={v}" for k, v in p.items()] for p in grid_points(sweep["grid"])]
+    assert sweep["preset"] in config_mod.PRESET_NAMES
+    points = [[f"{k}={v}" for k, v in p.items()] for p in grid_points(sweep["grid"])]
     check_points(params, points)  # the shipped deployment's grid is valid
     with pytest.raises(ConfigError, match="train_rdm.depth"):
-        check_points(params, [["preset=tiny", "train_rdm.lr=1e-4"], ["++train_rdm.depth=4"]])
+        check_points(params, [["train_rdm.lr=1e-4"], ["train_rdm.depth=4"]])
     with pytest.raises(ConfigError, match="train_rdm.lr"):
         check_points(params, [["train_rdm.lr=fast"]])
     params.write_text("evaluate: {scale: 1}\n")  # not an rcg params.yaml: left to DVC
@@ -228,7 +216,7 @@ def _task_runs(flow_run_id) -> dict[str, object]:
 def test_flow_runs_dag_in_order_as_a_dvc_experiment(prefect_harness, project: Path) -> None:
     from flows.pipeline import rcg_pipeline
 
-    state = rcg_pipeline(project_dir=str(project), preset="tiny", overrides=["evaluate.scale=3"],
+    state = rcg_pipeline(project_dir=str(project), preset="tiny", overrides=["evaluate.n_samples=3"],
                          gpu_stages=["train"], gpu_slots=1, exp_name="exp-order",
                          return_state=True)
     assert state.is_completed(), state.message
@@ -244,14 +232,18 @@ def test_flow_runs_dag_in_order_as_a_dvc_experiment(prefect_harness, project: Pa
     assert "gpu" in runs["train@x"].tags and "gpu" in runs["train@y"].tags
     assert "gpu" not in runs["prepare"].tags
 
-    # The params went through params.yaml, and the run is a DVC experiment with its metrics.
-    assert yaml.safe_load((project / "params.yaml").read_text())["evaluate"] == {"scale": 3}
+    # The params went into params.yaml as `rcg params` writes them (every value of the preset, then
+    # the overrides), and the run is a DVC experiment with its metrics.
+    expected = project.parent / "expected.yaml"
+    config_mod.write_params(expected, "tiny", ["evaluate.n_samples=3"])
+    assert (project / "params.yaml").read_text() == expected.read_text()
     (row,) = dvc_mod.experiment_table(project, ["exp-order"])
-    assert row["params"]["preset"] == "tiny" and row["metrics"]["metrics.json:score"] == 6
+    assert row["params"]["shard.max_per_split"] == 256 and row["params"]["evaluate.n_samples"] == 3
+    assert row["metrics"]["metrics.json:score"] == 6 and (project / "prepare.txt").read_text() == "256"
 
     # Second run with one param changed: DVC re-runs only `evaluate` (Prefect caches nothing, so
     # the same task inputs still run; DVC alone skips the stages that are up to date).
-    state = rcg_pipeline(project_dir=str(project), overrides=["evaluate.scale=4"],
+    state = rcg_pipeline(project_dir=str(project), overrides=["evaluate.n_samples=4"],
                          save_experiment=False, return_state=True)
     assert state.is_completed()
     assert [e["stage"] for e in _events(project)[len(ev):]] == ["evaluate", "evaluate"]
@@ -287,10 +279,10 @@ def test_transient_retried_deterministic_reported(prefect_harness, project: Path
 def test_sweep_queues_grid_and_collects_metrics(prefect_harness, project: Path) -> None:
     from flows.sweep import rcg_sweep
 
-    rows = rcg_sweep(grid={"evaluate.scale": [1, 5]}, overrides=["preset=tiny"],
+    rows = rcg_sweep(grid={"evaluate.n_samples": [1, 5]}, preset="tiny",
                      project_dir=str(project), prefix="sw")
     assert [r["name"] for r in rows] == ["sw-0", "sw-1"]
-    assert [r["params"]["evaluate.scale"] for r in rows] == [1, 5]
+    assert [r["params"]["evaluate.n_samples"] for r in rows] == [1, 5]
     assert [r["metrics"]["metrics.json:score"] for r in rows] == [2, 10]
-    assert all(r["params"]["preset"] == "tiny" and not r["error"] for r in rows)
+    assert all(r["params"]["shard.max_per_split"] == 256 and not r["error"] for r in rows)
 

@@ -1,19 +1,26 @@
-"""End to end: the real dvc.yaml, every stage, on the tiny preset, through `dvc exp run -S`.
+"""End to end: the real dvc.yaml, every stage, on the tiny preset, as a user runs it.
 
 The project's dvc.yaml, params.yaml and library are copied into a fresh git + DVC repository; the
-preset is switched with `dvc exp run -S preset=tiny`, exactly as a user would. Every `outs` and
-`metrics` path of every stage must exist afterwards, and a second run must find nothing stale.
+preset is switched with `rcg params --preset tiny`, then `dvc exp run` runs every stage. Every
+`outs` and `metrics` path of every stage must exist afterwards, and a second `dvc status` must find
+nothing stale. Then: a comment edit in the library reruns only the `code` digest stage, and
+`dvc exp run -S train_rdm.lr=...` (no `++`: params.yaml holds every key) reruns the RDM and what
+reads it, with `dvc params diff` showing the value that ran.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from rcg import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +55,7 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo),  # the stages run the copied library, the one the digests hash
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
@@ -58,11 +66,33 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "init"], repo, env)
 
-    _run(dvc + ["exp", "run", "-S", "preset=tiny"], repo, env)
+    _run(["rcg", "params", "--preset", "tiny"], repo, env)
+    _run(["git", "commit", "-qam", "tiny preset"], repo, env)
+    _run(dvc + ["exp", "run"], repo, env)
 
-    assert yaml.safe_load((repo / "params.yaml").read_text())["preset"] == "tiny"
+    assert config.load(repo / "params.yaml").preset == "tiny"
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())
     missing = [p for p in _expected_outputs(stages) if not (repo / p).exists()]
     assert not missing, f"stage outputs missing after dvc exp run: {missing}"
     status = _run(dvc + ["status"], repo, env).stdout
     assert "changed" not in status, status
+
+    # A comment-only edit: only the digest stage is stale, and rerunning it leaves all up to date.
+    rdm = repo / "rcg" / "rdm.py"
+    rdm.write_text(rdm.read_text() + "\n# a comment edit\n")
+    status = _run(dvc + ["status", "--json"], repo, env).stdout
+    assert list(json.loads(status)) == ["code"], status
+    ran = _run(dvc + ["repro"], repo, env).stdout
+    assert "Running stage 'code'" in ran and ran.count("Running stage") == 1, ran
+    assert json.loads(_run(dvc + ["status", "--json"], repo, env).stdout) == {}
+
+    # One value changed the DVC way: train_rdm and what reads its model rerun, nothing else.
+    lr = config.load(repo / "params.yaml").train_rdm.lr
+    ran = _run(dvc + ["exp", "run", "-S", f"train_rdm.lr={lr / 2}"], repo, env).stdout
+    reran = set(re.findall(r"Running stage '([^']+)'", ran))
+    assert reran == {"train_rdm", "evaluate", "promote"}, ran
+    diff = json.loads(_run(dvc + ["params", "diff", "--json"], repo, env).stdout)
+    assert list(diff) == ["params.yaml"] and list(diff["params.yaml"]) == ["train_rdm.lr"], diff
+    change = diff["params.yaml"]["train_rdm.lr"]
+    assert (change["old"], change["new"]) == (lr, lr / 2)
+    assert config.load(repo / "params.yaml").train_rdm.lr == lr / 2
