@@ -130,8 +130,10 @@ class EncoderConfig:
     mlp_ratio: float = 4.0  # standard ViT
     proj_hidden_dim: int = 1024  # MoCo v3 uses 4096; smaller keeps the CPU preset fast
     rep_dim: int = 256  # the representation RCG conditions on (projector output)
-    mean: list[float] = field(default_factory=lambda: [0.2860])  # Fashion-MNIST train pixel mean
-    std: list[float] = field(default_factory=lambda: [0.3530])  # Fashion-MNIST train pixel std
+    # Per-channel input normalisation of a pretrained encoder; empty: measured on the train shards
+    # (one value per data.channels), so a new folder needs no setting. A named `arch` brings its own.
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
     # 6 epochs = 1406 steps, to stay inside issue 3's 10 minutes on a slow day: this VM has trained
     # the conv stem at 925, 878 and 730 images/s, and on 2026-12-05 at 638-679 (596 before the

@@ -268,10 +268,16 @@ def test_spec_from_config_checks_channels_and_names():
     from rcg.config import EncoderConfig
     from rcg.stages.encoder import spec_from_config
 
-    spec = spec_from_config(EncoderConfig(), channels=1)
+    fmnist = EncoderConfig(mean=[0.286], std=[0.353])
+    spec = spec_from_config(fmnist, channels=1)
     assert (spec.in_chans, spec.img_size, spec.patch_size, spec.rep_dim) == (1, 28, 7, 256)
-    assert spec.head == "mocov3" and spec.pos_embed == "sincos"
+    assert spec.head == "mocov3" and spec.pos_embed == "sincos" and spec.mean == (0.286,)
     with pytest.raises(PipelineError, match="need 3 values"):
+        spec_from_config(fmnist, channels=3)
+    # Empty mean/std: the normalisation measured on the shards is used, one value per channel.
+    measured = spec_from_config(EncoderConfig(), channels=3, measured=([0.4, 0.5, 0.6], [0.2, 0.2, 0.3]))
+    assert measured.mean == (0.4, 0.5, 0.6) and measured.std == (0.2, 0.2, 0.3)
+    with pytest.raises(PipelineError, match="leave both empty"):
         spec_from_config(EncoderConfig(), channels=3)
     base = spec_from_config(EncoderConfig(arch="mocov3_vit_base"), channels=3)
     assert (base.embed_dim, base.depth, base.num_heads, base.head_hidden_dim) == (768, 12, 12, 4096)

@@ -233,3 +233,23 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         generator=generator,
     )
+
+
+def channel_stats(data_cfg: DataConfig, split: str = "train", limit: int = 10000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the first `limit` images of `split` as the models see them
+    (at data.image_size, in [0, 1]): the input normalisation of an encoder pretrained on this data."""
+    total = torch.zeros(data_cfg.channels, dtype=torch.float64)
+    squares = torch.zeros(data_cfg.channels, dtype=torch.float64)
+    pixels = 0
+    for batch in make_loader(data_cfg, split, "once", batch_size=500):
+        x = batch["image"][: max(0, limit - pixels // (data_cfg.image_size**2))].double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+        pixels += x.shape[0] * x.shape[2] * x.shape[3]
+        if pixels >= limit * data_cfg.image_size**2:
+            break
+    if pixels == 0:
+        raise PipelineError(f"{data_cfg.shards_dir}/{split}: no images to measure the input normalisation on")
+    mean = total / pixels
+    std = (squares / pixels - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rcg.config import Config, EncoderConfig
-from rcg.data.loader import read_manifest, shards_id
+from rcg.data.loader import channel_stats, read_manifest, shards_id
 from rcg.encoders.checkpoints import load_checkpoint
 from rcg.encoders.moco import pretrain
 from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, load_encoder, save_encoder
@@ -35,15 +35,19 @@ _NOT_TRAINING = {"checkpoint", "checkpoint_format", "knn_k", "knn_max_train", "c
                  "log_every", "out_dir", "checkpoint_dir", "metrics_file"}
 
 
-def spec_from_config(ecfg: EncoderConfig, channels: int) -> EncoderSpec:
-    """The encoder architecture the config describes (a named official size, or the size fields)."""
+def spec_from_config(ecfg: EncoderConfig, channels: int,
+                     measured: tuple[list[float], list[float]] | None = None) -> EncoderSpec:
+    """The encoder architecture the config describes (a named official size, or the size fields);
+    `measured` is the (mean, std) normalisation to use when encoder.mean/std are empty."""
     if ecfg.arch:
         if ecfg.arch not in ENCODER_ARCHS:
             raise PipelineError(f"encoder.arch: unknown {ecfg.arch!r} (known: {', '.join(sorted(ENCODER_ARCHS))})")
         return encoder_spec(ecfg.arch, ecfg.rep_dim)
-    if len(ecfg.mean) != channels or len(ecfg.std) != channels:
+    mean, std = (ecfg.mean, ecfg.std) if ecfg.mean or ecfg.std or measured is None else measured
+    if len(mean) != channels or len(std) != channels:
         raise PipelineError(
-            f"encoder.mean/std: need {channels} values for data.channels={channels}, got {ecfg.mean} / {ecfg.std}"
+            f"encoder.mean/std: need {channels} values for data.channels={channels}, got {mean} / {std} "
+            "(leave both empty to measure them on the train shards)"
         )
     if ecfg.img_size % ecfg.patch_size:
         raise PipelineError(f"encoder.img_size {ecfg.img_size} is not a multiple of patch_size {ecfg.patch_size}")
@@ -51,7 +55,7 @@ def spec_from_config(ecfg: EncoderConfig, channels: int) -> EncoderSpec:
         img_size=ecfg.img_size, patch_size=ecfg.patch_size, in_chans=channels,
         embed_dim=ecfg.embed_dim, depth=ecfg.depth, num_heads=ecfg.num_heads, mlp_ratio=ecfg.mlp_ratio,
         head="mocov3", head_hidden_dim=ecfg.proj_hidden_dim, rep_dim=ecfg.rep_dim, pos_embed="sincos",
-        mean=tuple(ecfg.mean), std=tuple(ecfg.std),
+        mean=tuple(mean), std=tuple(std),
         stem="patch" if ecfg.checkpoint else ecfg.stem,  # every official format has a patch projection
     )
 
@@ -102,8 +106,13 @@ def run(cfg: Config, **options: Any) -> None:
             else:
                 _check(ecfg, info)
                 n_train = int(read_manifest(cfg.data.shards_dir)["splits"]["train"]["written"])
-                encoder, facts = pretrain(cfg.data, ecfg, spec_from_config(ecfg, cfg.data.channels), n_train,
+                measured = None if (ecfg.mean or ecfg.std) else channel_stats(cfg.data)
+                if measured is not None:
+                    log.info("input normalisation measured on the train shards: mean %s, std %s", *measured)
+                encoder, facts = pretrain(cfg.data, ecfg, spec_from_config(ecfg, cfg.data.channels, measured), n_train,
                                           training_fingerprint(cfg), info, tracker)
+                facts["normalisation"] = {"mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
+                                          "measured": measured is not None}
                 # Only what defines the weights, so a rerun that resumes at the end writes the same files.
                 meta = {"source": "mocov3-pretrain", "training_config": training_block(ecfg), "steps": facts["steps"]}
         finally:
