@@ -4,7 +4,7 @@ The MoCo v3 encoder, the RDM (paper section 3.2), the image generators (section 
 evaluation network all train with `fit`: a stage supplies its model, its optimiser, an iterator of
 ready batches and a `loss(model, batch, step)`; the loop does the rest, the same way for all of them:
 torchrun/DDP wrapping, bf16 autocast, gradient clipping, a non-finite-loss check, EMA, one learning-
-rate schedule (`lr_factor`), the loss averaged over steps and all-reduced over ranks before it is
+rate schedule (`lr_at`), the loss averaged over steps and all-reduced over ranks before it is
 logged, a progress bar, MLflow step metrics, and resumable checkpoints.
 
 Resume is exact: a checkpoint holds the model, EMA, optimiser, every RNG stream (torch, numpy,
@@ -120,8 +120,9 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 Decay = Literal["constant", "cosine", "linear"]
 
 
-def lr_factor(step: int, total: int, warmup: int = 0, decay: Decay = "constant", decay_frac: float = 0.0) -> float:
-    """Multiplier of the base learning rate at optimiser step `step` (0-based) of `total`.
+def lr_at(step: int, total: int, base: float, warmup: int = 0, decay: Decay = "constant",
+          decay_frac: float = 0.0) -> float:
+    """The learning rate at optimiser step `step` (0-based) of `total`, for peak rate `base`.
 
     Linear warm-up over `warmup` steps, then one of: `constant` (the reference RDM and DiT),
     `cosine` (a half cosine to zero over the remaining steps: MoCo v3), or `linear` (constant, then
@@ -129,14 +130,14 @@ def lr_factor(step: int, total: int, warmup: int = 0, decay: Decay = "constant",
     a resumed run continues on the same schedule.
     """
     if step < warmup:
-        return (step + 1) / warmup
+        return base * (step + 1) / warmup
     if decay == "cosine":
         t = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
     decay_steps = round(decay_frac * total) if decay == "linear" else 0
     if decay_steps > 0 and step >= total - decay_steps:
-        return min(1.0, (total - step) / decay_steps)
-    return 1.0
+        return base * min(1.0, (total - step) / decay_steps)
+    return base
 
 
 class EMA:
@@ -403,7 +404,7 @@ def _train_step(run: _Run, model: nn.Module, loss_fn: Loss, batch: Any) -> None:
     """One optimiser step: lr, autocast loss, backward, clipping, update, EMA."""
     spec = run.spec
     for group in run.opt.param_groups:
-        group["lr"] = spec.lr * lr_factor(run.step, spec.steps, spec.warmup_steps, spec.decay, spec.decay_frac)
+        group["lr"] = lr_at(run.step, spec.steps, spec.lr, spec.warmup_steps, spec.decay, spec.decay_frac)
     with autocast(run.info.device, spec.amp):
         loss = loss_fn(model, batch, run.step)
     run.opt.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from rcg.encoders import load_encoder
 from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
 from rcg.metrics.knn import knn_top1
 from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at
-from rcg.training import lr_factor
+from rcg.training import lr_at
 from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
 from rcg.io import PipelineError
 from rcg.training import Checkpointer
@@ -81,10 +81,10 @@ def test_patch_projection_is_frozen():
 
 def test_schedules():
     # MoCo v3's lr: linear warm-up, then a half cosine to 0 (the loop's `cosine` schedule)
-    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
-    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
-    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_at(0, 100, 1.0, 10, "cosine") == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, "cosine") == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10, "cosine") == pytest.approx(0.5)
+    assert lr_at(100, 100, 1.0, 10, "cosine") == pytest.approx(0.0)
     assert momentum_at(0, 100, 0.99) == pytest.approx(0.99)
     assert momentum_at(50, 100, 0.99) == pytest.approx(0.995)
     assert momentum_at(100, 100, 0.99) == pytest.approx(1.0)

@@ -361,13 +361,13 @@ def test_checkpointer_carries_the_training_clock_across_runs(
     assert third.stop_clock() == 0.0 and third.train_seconds == 42.0
 
 
-def test_lr_factor_warms_up_holds_then_decays_to_zero() -> None:
-    from rcg.training import lr_factor
+def test_lr_warms_up_holds_then_decays_to_zero() -> None:
+    from rcg.training import lr_at
 
-    assert [lr_factor(s, 10, decay="linear", decay_frac=0.3) for s in range(10)] == pytest.approx([1] * 8 + [2 / 3, 1 / 3])
-    assert [lr_factor(s, 10) for s in range(10)] == [1.0] * 10  # the reference's constant lr
-    assert [lr_factor(s, 10, warmup=4) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
-    cosine = [lr_factor(s, 12, warmup=2, decay="cosine") for s in range(12)]
+    assert [lr_at(s, 10, 1.0, decay="linear", decay_frac=0.3) for s in range(10)] == pytest.approx([1] * 8 + [2 / 3, 1 / 3])
+    assert [lr_at(s, 10, 1.0) for s in range(10)] == [1.0] * 10  # the reference's constant lr
+    assert [lr_at(s, 10, 1.0, warmup=4) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+    cosine = [lr_at(s, 12, 1.0, warmup=2, decay="cosine") for s in range(12)]
     assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[7] == pytest.approx(0.5)  # MoCo v3
 
 
