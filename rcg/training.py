@@ -145,6 +145,8 @@ class EMA:
 
     With `warmup=True` the decay at update n is min(decay, (1 + n) / (10 + n)), so early averages
     are not dominated by the random initialisation; the reference RDM does this, DiT does not.
+    The floating-point tensors are updated in one fused `_foreach_lerp_` (the same arithmetic as a
+    lerp per tensor, without a Python loop over them every step).
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
@@ -152,6 +154,8 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
+        self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._source: nn.Module | None = None
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -159,16 +163,26 @@ class EMA:
         n = self.num_updates
         return min(self.decay, (1 + n) / (10 + n))
 
+    def _tensors(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """(EMA floats, model floats, EMA others, model others), matched by name, cached per model."""
+        if self._pairs is None or self._source is not model:
+            src = model.state_dict(keep_vars=True)
+            pairs: tuple[list[Tensor], ...] = ([], [], [], [])
+            for name, ema_t in self.model.state_dict(keep_vars=True).items():
+                k = 0 if ema_t.dtype.is_floating_point else 2
+                pairs[k].append(ema_t)
+                pairs[k + 1].append(src[name])
+            self._pairs, self._source = pairs, model  # type: ignore[assignment]
+        return self._pairs  # type: ignore[return-value]
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        src = unwrap(model).state_dict()
-        for name, ema_t in self.model.state_dict().items():
-            t = src[name]
-            if ema_t.dtype.is_floating_point:
-                ema_t.lerp_(t.detach(), 1.0 - d)
-            else:
-                ema_t.copy_(t)
+        ema_f, src_f, ema_o, src_o = self._tensors(unwrap(model))
+        if ema_f:
+            torch._foreach_lerp_(ema_f, src_f, 1.0 - d)
+        for e, t in zip(ema_o, src_o):
+            e.copy_(t)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,6 +191,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.num_updates = int(state["num_updates"])
+        self._pairs = None
 
 
 # --------------------------------------------------------------------------------------------------
