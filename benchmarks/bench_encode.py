@@ -33,14 +33,13 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch
-
 from _timing import timed
 
 from rcg import config as config_mod
+from rcg import features
 from rcg.data.loader import make_loader, read_manifest
 from rcg.encoders import RepEncoder, load_encoder
 from rcg.encoders.vit import build_vit
-from rcg import features
 from rcg.stages import shard
 from rcg.stages.encoder import spec_from_config
 

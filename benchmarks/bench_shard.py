@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _timing import timed
 from PIL import Image
 from skimage import data as skdata
-
-from _timing import timed
 
 from rcg.data import sources
 from rcg.data.shards import write_shards

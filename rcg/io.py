@@ -9,13 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -23,11 +21,6 @@ os.umask(_UMASK)
 
 class PipelineError(RuntimeError):
     """A user-facing failure (bad input, missing upstream output): the CLI prints it in one line."""
-
-
-def get_logger(name: str) -> logging.Logger:
-    """The project's logger for `name` (configured once by the CLI)."""
-    return logging.getLogger(name)
 
 
 @contextlib.contextmanager

@@ -14,13 +14,14 @@ Multi-node runs are started by the cluster's launcher on every node (see README,
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from rcg.io import PipelineError, get_logger
+from rcg.io import PipelineError
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 # Set by torchrun in every worker: their presence means "already launched, do not launch again".
 TORCHRUN_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")

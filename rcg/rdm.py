@@ -19,6 +19,7 @@ image-generation pipeline calls.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rcg.diffusion import Diffusion, ddim_sample, diffusion_meta
-from rcg.io import PipelineError, atomic_path, get_logger, read_json, write_json
-from rcg.layers import lookup_arch, timestep_embedding, zero_module
 from rcg.config import RDMConfig
+from rcg.diffusion import Diffusion, ddim_sample, diffusion_meta
+from rcg.io import PipelineError, atomic_path, read_json, write_json
+from rcg.layers import lookup_arch, timestep_embedding, zero_module
 from rcg.training import DistInfo, LoopSpec, autocast, fingerprint, fit
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 # Named sizes (width = model_channels = bottleneck_channels in the reference; depth = num_res_blocks).
 # `paper` is the reference's 12 x 1536 (~63M parameters); the others keep CPU presets fast.

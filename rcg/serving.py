@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import json
 import math
 import shutil
@@ -30,9 +31,9 @@ import numpy as np
 import pandas as pd
 
 from rcg.config import Config
-from rcg.io import PipelineError, get_logger, read_json
+from rcg.io import PipelineError, read_json
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 MODEL_NAME_IN_RUN = "rcg_generator"  # artifact folder of the logged model inside its run
 CHAMPION = "champion"

@@ -8,6 +8,7 @@ library code never needs to check.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -15,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rcg.config import Config
-from rcg.io import get_logger
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 # Stage -> experiment family: related stages share an MLflow experiment.
 FAMILIES = {

@@ -13,7 +13,6 @@ from rcg import config
 from rcg.config import ConfigError
 from tests.conftest import tiny_params
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -18,7 +18,6 @@ from rcg.diffusion import (
     respaced_timesteps,
 )
 
-
 # Small tensors: one thread is fastest, and far faster than two on a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from rcg import config as config_mod
+from rcg import features
 from rcg.data.loader import read_manifest
 from rcg.encoders import EncoderSpec, RepEncoder, load_encoder, save_encoder
 from rcg.encoders.vit import build_vit
 from rcg.features import read_features, to_table
 from rcg.io import PipelineError
-from rcg import features
 from rcg.metrics import representations
 from rcg.stages import encode as stage
 

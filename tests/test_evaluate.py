@@ -15,9 +15,9 @@ from rcg.features import to_table, write_features
 from rcg.io import PipelineError, read_json
 from rcg.metrics import evaluation
 from rcg.metrics.fidelity import read_real_images
+from rcg.metrics.report import format_report
 from rcg.stages import evalnet as evalnet_stage
 from rcg.stages import evaluate as evaluate_stage
-from rcg.metrics.report import format_report
 from tests.conftest import tiny_params
 
 MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03}

@@ -22,12 +22,11 @@ import torch.nn.functional as F
 from rcg import config as config_mod
 from rcg.encoders import load_encoder
 from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
-from rcg.metrics.knn import knn_top1
 from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at
-from rcg.training import lr_at
 from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
 from rcg.io import PipelineError
-from rcg.training import Checkpointer
+from rcg.metrics.knn import knn_top1
+from rcg.training import Checkpointer, lr_at
 from tests.interrupt import Interrupted, interrupt_after
 
 ROOT = Path(__file__).resolve().parents[1]

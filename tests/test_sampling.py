@@ -21,7 +21,6 @@ from rcg.rdm import sample_reps
 from rcg.sampling import GuidedDenoiser, load_image, sample_images, save_grid, save_pngs
 from tests.generator_workspace import build, chdir, load_cfg
 
-
 # Small tensors: one thread is fastest, and far faster than two on a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 

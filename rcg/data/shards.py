@@ -19,6 +19,7 @@ a shard that it did not write (the loader reads every `<split>-*.tar` there).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -34,9 +35,9 @@ from tqdm import tqdm
 
 from rcg.data.images import MAX_FILE_BYTES, MAX_PIXELS, Skip, prepare
 from rcg.data.sources import SPLITS, Item, Source
-from rcg.io import PipelineError, get_logger, write_json
+from rcg.io import PipelineError, write_json
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 

@@ -14,6 +14,7 @@ Loading is strict: any missing, unexpected or mis-shaped key is an error that li
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,9 @@ import torch
 from torch import nn
 
 from rcg.encoders.vit import EncoderSpec, RepEncoder
-from rcg.io import PipelineError, get_logger
+from rcg.io import PipelineError
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 

@@ -8,12 +8,13 @@ training stage (one per generator condition). With tracking off there is nothing
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from rcg.config import TrackingConfig
-from rcg.io import atomic_path, get_logger
+from rcg.io import atomic_path
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 TRAINING_STAGES = ("encoder", "train_rdm", "train_generator", "evalnet")
 Series = dict[str, list[tuple[float, float]]]

@@ -8,19 +8,20 @@ logged to MLflow.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from rcg.config import Config
-from rcg.io import get_logger, write_json
+from rcg.io import write_json
 from rcg.metrics.evaluation import ModeGenerators, ModeSampler, evaluate_modes
 from rcg.metrics.extractors import INCEPTION
 from rcg.metrics.plots import mlflow_curves
 from rcg.sampling import save_grid
 from rcg.tracking import Tracker, stage_run
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = None) -> dict[str, Any]:

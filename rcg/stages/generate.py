@@ -12,6 +12,7 @@ Everything is `rcg.generation.RCGGenerator`'s; this stage reads the images and w
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ import torch
 
 from rcg.config import Config
 from rcg.generation import RCGGenerator
-from rcg.io import PipelineError, get_logger
+from rcg.io import PipelineError
 from rcg.sampling import load_image, save_grid, save_pngs
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 INTERP_POINTS = 8  # images per interpolation row
 

@@ -9,12 +9,13 @@ Writes metrics/promote.json (the decision) so DVC can run this stage after `eval
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from rcg.config import Config
-from rcg.io import get_logger, write_json
+from rcg.io import write_json
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 DECISION_FILE = "metrics/promote.json"
 

@@ -8,16 +8,17 @@ adds the file: one row per sample, key `sample-%06d`, view `orig`, label = the r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from rcg.config import Config
 from rcg.features import to_table, write_features
 from rcg.generation import RepGenerator
-from rcg.io import PipelineError, get_logger
+from rcg.io import PipelineError
 from rcg.tracking import stage_run
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 
 def run(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from rcg.config import Config
 from rcg.data import sources
 from rcg.data.shards import write_shards
-from rcg.io import PipelineError, get_logger
+from rcg.io import PipelineError
 from rcg.tracking import stage_run
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> None:
