@@ -33,7 +33,7 @@ from rcg.io import atomic_path
 log = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-PRESET_NAMES = ("tiny", "default", "imagenet256")
+PRESET_NAMES = ("tiny", "default", "folder", "imagenet256")
 
 
 class ConfigError(ValueError):
@@ -321,6 +321,9 @@ class EvalNetConfig:
     lr: float = 2e-3  # AdamW with cosine decay; robust for small CNNs
     weight_decay: float = 1e-4  # light regularisation; the classifier must generalise to val, not memorise
     label_smoothing: float = 0.0  # none: smoothing would cap the softmax confidence that IS reads
+    # Without labels the same CNN trains by SimCLR (rcg.metrics.evalnet): its view crops and loss temperature.
+    ssl_crop_min_scale: float = 0.3  # smallest random-resized-crop area; SimCLR's 0.08 is too harsh at 28 px
+    ssl_temperature: float = 0.2  # NT-Xent temperature (SimCLR: 0.1-0.5 depending on batch size)
     ckpt_every: int = 200  # optimiser steps between resumable checkpoints
     log_every: int = 50  # optimiser steps between loss logs (progress bar, MLflow)
     seed: int = 0

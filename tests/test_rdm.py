@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from rcg import config
 from rcg.diffusion import diffusion_meta
@@ -257,7 +256,8 @@ def test_unlabelled_features_train_only_the_unconditional_rdm(tmp_path: Path, mo
     train_rdm.run(config.load("params.yaml"))
     assert (tmp_path / "models/rdm/rdm.safetensors").exists()
     assert not (tmp_path / "models/rdm/rdm_class.safetensors").exists()
-    assert "class_cond" not in json.loads((tmp_path / "metrics/rdm.json").read_text())
+    skipped = json.loads((tmp_path / "metrics/rdm.json").read_text())["class_cond"]["skipped"]
+    assert "no class labels" in skipped
 
 
 def test_missing_features_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

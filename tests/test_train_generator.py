@@ -13,7 +13,6 @@ from rcg.io import PipelineError
 from rcg.stages import train_generator
 from tests.generator_workspace import build, chdir, load_cfg
 
-
 # Small tensors: one thread is fastest, and far faster than two on a busy 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,10 +174,13 @@ def test_encoder_on_the_fly_matches_cache(ws: Path) -> None:
         assert torch.allclose(cache.lookup(batch["key"], flipped), enc(x), atol=1e-4)
 
 
-def test_label_baseline_needs_labels(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_label_baseline_without_labels_is_a_recorded_skip(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = train_generator.read_manifest("data/shards")
     monkeypatch.setattr(train_generator, "read_manifest", lambda d: {**manifest, "classes": []})
-    with pytest.raises(PipelineError, match="no classes"):
-        train_generator.run(load_cfg(), condition="label")
+    train_generator.run(load_cfg(), condition="label")
+    reason = json.loads(Path("models/generator/label/skipped.json").read_text())["reason"]
+    assert "no classes" in reason and "label baseline" in reason
+    assert _metrics("label") == {"condition": "label", "skipped": reason}
+    assert not Path("models/generator/label/generator.safetensors").exists()
     with pytest.raises(PipelineError, match="rep, none or label"):
         train_generator.run(load_cfg(), condition="labels")

@@ -1,13 +1,20 @@
-"""The domain classifier that scores generated images when Inception weights are unavailable.
+"""The network whose features score generated images when Inception weights are unavailable.
 
-DESIGN.md "The embedded default": no Inception weights can be downloaded here, so the default
-pipeline trains a small CNN on the labelled train split and uses its penultimate features the way
-FID uses Inception's pool features (Heusel et al. 2017), and its softmax the way IS uses Inception's
-(Salimans et al. 2016). Its Frechet distance is named `fd` under extractor `evalnet`, never FID.
-It also measures class-conditional quality: how often a sample asked to be class c is classified c.
+No Inception weights can be downloaded here, so the pipeline trains its own extractor on the train
+split and uses its penultimate features the way FID uses Inception's pool features (Heusel et al.
+2017). Its Frechet distance is named `fd` under the extractor's name, never FID. Two kinds:
 
-Artifacts: `<dir>/evalnet.safetensors` (weights) + `<dir>/evalnet.json` (architecture kwargs,
-preprocessing, class names, test accuracy), as for every model of the pipeline.
+- `classifier` (extractor `evalnet`), when the shards carry labels: a small CNN trained to classify;
+  its softmax also gives IS (Salimans et al. 2016) and class accuracy of class-conditional samples.
+- `contrastive` (extractor `evalnet-ssl`), when they do not: the same CNN trained without labels by
+  SimCLR (Chen et al. 2020: two augmented views, NT-Xent over the batch). A self-supervised feature
+  space is a sound judge (Stein et al. 2023 rank generators with DINOv2 features), and this one is
+  independent of the encoder that conditions the generator: another architecture (a CNN, not a ViT),
+  another objective and seed. Scoring in the conditioning encoder's own space would reward a
+  generator for matching its condition. Without classes there is no IS and no class accuracy.
+
+Artifacts: `<dir>/evalnet.safetensors` (weights) + `<dir>/evalnet.json` (architecture kwargs, kind,
+class names, test accuracy), as for every model of the pipeline.
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ class EvalNet(nn.Module):
             nn.BatchNorm1d(feature_dim),
             nn.ReLU(inplace=True),
         )
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = nn.Linear(feature_dim, num_classes) if num_classes > 0 else None  # none: contrastive
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - 0.5) / 0.5  # [0, 1] -> [-1, 1]            (B, C, S, S)
@@ -81,7 +88,14 @@ class EvalNet(nn.Module):
         return self.fc(h)  # (B, feature_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise PipelineError("this evaluation network was trained without labels: it has no class logits")
         return self.head(self.features(x))  # (B, num_classes)
+
+    @property
+    def kind(self) -> str:
+        """`classifier` (trained on labels) or `contrastive` (trained without them)."""
+        return "classifier" if self.head is not None else "contrastive"
 
 
 def save_evalnet(model: EvalNet, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -93,6 +107,7 @@ def save_evalnet(model: EvalNet, out_dir: str | Path, extra: dict[str, Any] | No
         save_file(state, str(tmp))
     meta = {
         "arch": "EvalNet",
+        "kind": model.kind,
         "kwargs": model.kwargs,
         "input_range": [0.0, 1.0],
         **(extra or {}),
@@ -102,11 +117,11 @@ def save_evalnet(model: EvalNet, out_dir: str | Path, extra: dict[str, Any] | No
 
 
 def load_evalnet(weights_path: str | Path) -> tuple[EvalNet, dict[str, Any]]:
-    """Rebuild the classifier from `<dir>/evalnet.safetensors` and the JSON beside it (eval mode)."""
+    """Rebuild the network from `<dir>/evalnet.safetensors` and the JSON beside it (eval mode)."""
     weights_path = Path(weights_path)
     meta_path = weights_path.with_suffix(".json")
     if not weights_path.exists():
-        raise PipelineError(f"{weights_path}: no evaluation classifier (run `rcg evalnet` first)")
+        raise PipelineError(f"{weights_path}: no evaluation network (run `rcg evalnet` first)")
     meta = read_json(meta_path)
     if meta.get("arch") != "EvalNet" or "kwargs" not in meta:
         raise PipelineError(f"{meta_path}: not an EvalNet description (arch={meta.get('arch')!r})")
@@ -224,3 +239,66 @@ def train_evalnet(ec: Any, data_cfg: Any, num_classes: int, n_train: int, resume
              sum(p.numel() for p in model.parameters()), total, ec.batch_size, ec.epochs, n_train)
     trained = fit(spec, model, opt, loss, data, info, tracker)
     return trained.model, trained.summary
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss: each view's positive is the other view of its image, against the other 2B - 2
+    views of the batch as negatives (cosine similarity / temperature, cross-entropy)."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, d)
+    sim = z @ z.t() / temperature
+    n = z1.shape[0]
+    sim.fill_diagonal_(float("-inf"))  # an image's view is not its own negative
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+class Contrastive(nn.Module):
+    """EvalNet plus SimCLR's projection head (discarded after training, as in SimCLR)."""
+
+    def __init__(self, net: EvalNet, proj_dim: int = 64) -> None:
+        super().__init__()
+        d = net.kwargs["feature_dim"]
+        self.net = net
+        self.proj = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.net.features(x))  # (B, proj_dim)
+
+
+def train_contrastive(ec: Any, data_cfg: Any, n_train: int, resume_id: str, info: Any,
+                      tracker: Any = None) -> tuple[EvalNet, dict[str, Any]]:
+    """Train EvalNet without labels by SimCLR on the train split (module docstring), through the
+    shared loop with the classifier's schedule; returns the network (no head) and the summary."""
+    from rcg.data.loader import make_loader
+    from rcg.encoders.augment import augment, two_view_recipes
+    from rcg.training import LoopSpec, fit, seed_everything
+
+    total = max(1, math.ceil(ec.epochs * n_train / (ec.batch_size * info.world_size)))
+    seed_everything(ec.seed, info.rank)
+    net = EvalNet(in_channels=data_cfg.channels, image_size=data_cfg.image_size, num_classes=0,
+                  width=ec.width, feature_dim=ec.feature_dim)
+    model = Contrastive(net).to(info.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=ec.lr, weight_decay=ec.weight_decay)
+    spec = LoopSpec(
+        name="evalnet (contrastive)", steps=total, lr=ec.lr, warmup_steps=min(100, total // 10), decay="cosine",
+        amp=False, batch_size=ec.batch_size * info.world_size, log_every=ec.log_every, ckpt_every=ec.ckpt_every,
+        config_key="evalnet", checkpoint_dir=ec.checkpoint_dir, fingerprint=resume_id,
+    )
+    # SimCLR's views: strong crops and colour changes; the CNN sees them at the data's own size.
+    v1, v2 = two_view_recipes(ec.ssl_crop_min_scale, 0.5, 0.1, 0.4, blur_sigma=(0.1, 1.0))
+    size = data_cfg.image_size
+
+    def views(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["image"].to(info.device)
+        return augment(x, size, v1), augment(x, size, v2)
+
+    def data(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(make_loader(data_cfg, "train", "train", ec.batch_size, seed=ec.seed, skip_batches=start))
+        return (views(b) for b in batches)
+
+    def loss(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
+        return nt_xent(m(b[0]), m(b[1]), ec.ssl_temperature)
+
+    log.info("evalnet (contrastive, no labels): %d steps of %d images", total, ec.batch_size)
+    trained = fit(spec, model, opt, loss, data, info, tracker)
+    return trained.model.net, trained.summary

@@ -20,6 +20,7 @@ writing files and MLflow records is the stage's part (rcg/stages/evaluate.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,12 @@ from rcg.config import DataConfig, EvaluateConfig
 from rcg.data.loader import read_manifest
 from rcg.features import read_features
 from rcg.generation import ImageGenerator, RCGGenerator
-from rcg.io import PipelineError, file_digest, get_logger
+from rcg.io import PipelineError, file_digest, read_json
 from rcg.metrics.evalnet import EvalNet, class_accuracy, classify, load_evalnet
-from rcg.metrics.extractors import INCEPTION, extractor_setup
+from rcg.metrics.extractors import DESCRIPTIONS, EVALNET_SSL, extractor_setup
 from rcg.metrics.fidelity import LazyImages, UInt8Images, cache_name, fidelity_metrics, read_real_images, to_uint8
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
 CLASS_MODES = ("label", "rcg_class")  # modes that are asked for a class
@@ -71,6 +72,12 @@ class ModeGenerators:
         self.generator_dir, self.rdm_dir, self.device = Path(generator_dir), Path(rdm_dir), device
         self._baselines: dict[str, ImageGenerator] = {}
         self._rcg: RCGGenerator | None = None
+
+    def skipped(self, mode: str) -> str | None:
+        """Why `mode` has no generator, if its training stage recorded a skip (else None)."""
+        condition = BASELINES.get(mode, "rep")
+        path = self.generator_dir / condition / "skipped.json"
+        return str(read_json(path).get("reason", "skipped")) if path.exists() else None
 
     def baseline(self, condition: str) -> ImageGenerator:
         """The `none` or `label` generator of `<generator_dir>/<condition>`."""
@@ -181,8 +188,9 @@ def reference_set(ev: EvaluateConfig, data: DataConfig, evalnet_weights: str | P
     if n_val == 0 or n_ref > n_val:
         raise PipelineError(f"{data.shards_dir}: {n_val} val images; the reference needs {n_ref} "
                             "(evaluate.n_reference)")
-    if n > n_train:
-        raise PipelineError(f"evaluate.n_samples={n} exceeds the {n_train} train images the floor is measured on")
+    if n > n_train:  # the floor scores n real train images, so a small folder gets fewer samples
+        log.warning("evaluate.n_samples=%d, but the train split has %d images: scoring %d per mode", n, n_train, n_train)
+        n = n_train
     fe_name, fe_weights = extractor_setup(ev.extractor, evalnet_weights, ev.inception_weights)
     # Everything the real images' features depend on: a changed input never reads a stale cache.
     key = (fe_name, file_digest(fe_weights), manifest.get("fingerprint"), n_train, n_val,
@@ -192,6 +200,7 @@ def reference_set(ev: EvaluateConfig, data: DataConfig, evalnet_weights: str | P
         extractor=fe_name, weights=fe_weights, cache_root=ev.cache_dir,
         reference_cache=cache_name("val", n_ref, *key), kid_subset_size=ev.kid_subset_size,
         prc_neighborhood=ev.prc_neighborhood, batch_size=ev.feature_batch_size, seed=ev.seed,
+        isc=fe_name != EVALNET_SSL,
     )
     log.info("evaluate: extractor %s (%s), %d samples per mode against %d val images", fe_name, fe_weights, n, n_ref)
     return Reference(n, n_ref, manifest, key, images, fidelity)
@@ -276,15 +285,16 @@ def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, e
     floor = floor_metrics(ref, data)
     class_ids, classifier = class_targets(ev, ref, evalnet_weights, Path(features_dir) / "train.parquet")
     out = Evaluation({
-        "extractor": ref.extractor,
-        "fd_is": "FID" if ref.extractor == INCEPTION else f"Frechet distance on {ref.extractor} features (not FID)",
+        "extractor": ref.extractor, "fd_is": DESCRIPTIONS[ref.extractor],
         "n_samples": ref.n, "n_reference": ref.n_ref, "sample_steps": ev.sample_steps, "cfg": ev.cfg,
-        "floor": floor, "modes": {}, "class_accuracy": {},
+        "floor": floor, "modes": {}, "class_accuracy": {}, "skipped": skipped_modes(ev.modes, ref, gens),
     })
+    if ref.extractor == EVALNET_SSL:
+        out.results["skipped"]["is"] = "IS needs class probabilities; the evaluation network was trained without labels"
     reps_val = oracle_reps(Path(features_dir) / "val.parquet", ref.n, ev.seed) if "oracle" in ev.modes else None
     for mode in ev.modes:
-        if mode in CLASS_MODES and not ref.classes:
-            log.warning("mode %s skipped: the shards carry no class labels", mode)
+        if mode in out.results["skipped"]:
+            log.info("mode %s skipped: %s", mode, out.results["skipped"][mode])
             continue
         t0 = time.perf_counter()
         images = generate_mode(gens, mode, ref.n, ev, (data.channels, data.image_size, data.image_size),
@@ -304,6 +314,19 @@ def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, e
     if reps_val is not None and len(reps_val) >= 2:
         out.figures["interpolation"] = (interpolation_strips(gens, reps_val, ev), INTERP_POINTS)
     return out
+
+
+def skipped_modes(modes: list[str] | tuple[str, ...], ref: Reference, gens: ModeSampler) -> dict[str, str]:
+    """The configured modes that cannot run on these data, each with its reason."""
+    reasons = {}
+    if not ref.classes:
+        for mode in CLASS_MODES:
+            reasons[mode] = "the shards carry no class labels"
+    why = getattr(gens, "skipped", None)
+    for mode in modes:
+        if why is not None and mode not in reasons and why(mode):
+            reasons[mode] = why(mode)
+    return {m: r for m, r in reasons.items() if m in modes}
 
 
 def _fmt(row: dict[str, float]) -> str:

@@ -22,11 +22,22 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from rcg.io import PipelineError
+from rcg.io import PipelineError, read_json
 from rcg.metrics.evalnet import load_evalnet, prepare_input
 
 EVALNET = "evalnet"
+EVALNET_SSL = "evalnet-ssl"  # the same CNN trained without labels (rcg.metrics.evalnet)
 INCEPTION = "inception-v3-compat"
+
+# What each extractor's Frechet distance is, in the words eval.json and `rcg report` use.
+DESCRIPTIONS = {
+    INCEPTION: "FID: Frechet distance on Inception-v3 pool features (torch-fidelity's TF-compatible port)",
+    EVALNET: "Frechet distance on the features of a small CNN classifier trained on the labelled train "
+             "split (models/evalnet); not FID, and only comparable within this dataset",
+    EVALNET_SSL: "Frechet distance on the features of a small CNN trained without labels (SimCLR) on the "
+                 "train split, independent of the conditioning encoder (models/evalnet); not FID, and only "
+                 "comparable within this dataset",
+}
 
 
 class EvalNetExtractor(FeatureExtractorBase):
@@ -48,7 +59,7 @@ class EvalNetExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
-        return ("penultimate", "logits")
+        return ("penultimate", "logits")  # a contrastive network has no logits: IS is not asked of it
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
@@ -70,14 +81,15 @@ class EvalNetExtractor(FeatureExtractorBase):
         k = self.net.kwargs
         h = prepare_input(x.float() / 255.0, k["in_channels"], k["image_size"])
         feats = self.net.features(h)  # (B, feature_dim)
-        out = {"penultimate": feats, "logits": self.net.head(feats)}
-        return tuple(out[name].float() for name in self.features_list)
+        out = {"penultimate": lambda: feats, "logits": lambda: self.net.head(feats)}
+        return tuple(out[name]().float() for name in self.features_list)
 
 
 def register_extractors() -> None:
     """Register `evalnet` in torch-fidelity's registry (idempotent: safe to call per stage)."""
-    if EVALNET not in FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor(EVALNET, EvalNetExtractor)
+    for name in (EVALNET, EVALNET_SSL):
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            torch_fidelity.register_feature_extractor(name, EvalNetExtractor)
 
 
 def inception_weights_path(configured: str = "") -> Path:
@@ -107,8 +119,9 @@ def extractor_setup(extractor: str, evalnet_weights: str | Path, inception_weigh
         register_extractors()
         path = Path(evalnet_weights)
         if not path.is_file():
-            raise PipelineError(f"{path}: no evaluation classifier (run `rcg evalnet` first)")
-        return EVALNET, path
+            raise PipelineError(f"{path}: no evaluation network (run `rcg evalnet` first)")
+        kind = read_json(path.with_suffix(".json")).get("kind", "classifier")
+        return (EVALNET if kind == "classifier" else EVALNET_SSL), path
     if extractor == "inception":
         return INCEPTION, inception_weights_path(inception_weights)
     raise PipelineError(f"evaluate.extractor: unknown extractor {extractor!r} (evalnet | inception)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ import torch_fidelity
 from torch.utils.data import Dataset
 
 from rcg.config import DataConfig
-from rcg.io import PipelineError, get_logger
+from rcg.io import PipelineError
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = {  # torch-fidelity key -> the name this project reports
     "frechet_inception_distance": "fd",  # torch-fidelity's name whatever the extractor
@@ -127,6 +128,7 @@ def fidelity_metrics(
     batch_size: int = 200,
     seed: int = 0,
     feature_layers: dict[str, str] | None = None,
+    isc: bool = True,
     verbose: bool = False,
 ) -> dict[str, float]:
     """FD, IS, KID, precision and recall of `generated` against `reference` under one extractor.
@@ -148,7 +150,7 @@ def fidelity_metrics(
         cache_root=str(cache_root),
         cuda=torch.cuda.is_available(),
         batch_size=batch_size,
-        isc=True,
+        isc=isc,  # IS needs class probabilities: off for an extractor without them
         fid=True,
         kid=True,
         prc=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 # mode -> (paper FID / IS on ImageNet 256x256, where it comes from): REFERENCE.md sections 6 and 10.
 PAPER: dict[str, tuple[str, str]] = {
     "uncond": ("27.32 / -", "DiT-XL/2 without RCG (MAGE-L: 7.04)"),
@@ -62,6 +61,20 @@ def _claims(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _skipped(skipped: dict[str, str]) -> list[str]:
+    """Lines saying which modes (or metrics) could not run on these data, and why."""
+    if not skipped:
+        return []
+    return ["", "Not measured on these data:", *(f"- `{k}`: {why}" for k, why in skipped.items())]
+
+
+def _evalnet_line(evalnet: dict[str, Any]) -> str:
+    steps = f"{evalnet.get('steps')} steps, {evalnet.get('train_seconds_total')} s"
+    if evalnet.get("test_accuracy") is None:
+        return f"Evaluation network: trained without labels (SimCLR), {steps}; it has no test accuracy."
+    return f"Evaluation classifier: test accuracy {evalnet['test_accuracy']:.4f} ({steps})."
+
+
 def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None) -> str:
     """The Markdown report of an eval.json mapping (and the evalnet metrics, if given)."""
     ext = results.get("extractor", "?")
@@ -73,6 +86,7 @@ def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None
         "",
         f"`{fd_name}`: {results.get('fd_is', '')}. IS, KID, precision and recall use the same "
         f"extractor. Paper columns: ImageNet 256x256, 50k samples, Inception FID / IS.",
+        *_skipped(results.get("skipped", {})),
         "",
         f"| mode | {fd_name} | IS | KID | precision | recall | class acc | seconds | paper FID / IS | paper setting |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -101,8 +115,7 @@ def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None
         for mode, acc in per_class.items():
             lines.append(f"| {mode} | " + " | ".join(_num(acc["per_class"], c, 2) for c in names) + " |")
     if evalnet:
-        lines += ["", f"Evaluation classifier: test accuracy {evalnet.get('test_accuracy', float('nan')):.4f} "
-                  f"({evalnet.get('steps')} steps, {evalnet.get('train_seconds_total')} s)."]
+        lines += ["", _evalnet_line(evalnet)]
     if "seconds" in results:
         lines.append(f"Evaluate stage wall time: {results['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"

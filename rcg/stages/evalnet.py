@@ -1,51 +1,63 @@
-"""`rcg evalnet`: train the domain classifier the evaluate stage uses as its feature extractor.
+"""`rcg evalnet`: train the network whose features the evaluate stage scores images with.
 
-Without Inception weights the default pipeline scores images on the features of a small CNN trained
-on the labelled train split (rcg.metrics.evalnet). Writes models/evalnet/ and metrics/evalnet.json
-(`test_accuracy` on the val split, per-class accuracy, the training summary).
+Without Inception weights the pipeline trains its own extractor on the train split
+(rcg.metrics.evalnet): a small CNN classifier when the shards carry labels, the same CNN trained
+self-supervised (SimCLR) when they do not. Writes models/evalnet/ and metrics/evalnet.json (for the
+classifier: `test_accuracy` on the val split and per class; for both: the training summary).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from rcg.config import Config
 from rcg.data.loader import read_manifest, shards_id
-from rcg.io import PipelineError, write_json
-from rcg.metrics.evalnet import save_evalnet, train_evalnet, val_accuracy
+from rcg.io import write_json
+from rcg.metrics.evalnet import save_evalnet, train_contrastive, train_evalnet, val_accuracy
 from rcg.tracking import stage_run
 from rcg.training import cleanup_distributed, fingerprint, setup_distributed
 
 log = logging.getLogger(__name__)
 
+NO_LABELS = "the shards carry no class labels: the network is trained without them (SimCLR), so it has no accuracy"
+
 
 def run(cfg: Config, **options: object) -> None:
-    """Train the evaluation classifier and write models/evalnet/ + metrics/evalnet.json."""
+    """Train the evaluation network and write models/evalnet/ + metrics/evalnet.json."""
     ec = cfg.evalnet
     manifest = read_manifest(cfg.data.shards_dir)
     classes = list(manifest.get("classes") or [])
-    if not classes:
-        raise PipelineError(
-            f"{cfg.data.shards_dir}/manifest.json: the shards have no class labels, so no evaluation "
-            "classifier can be trained; set evaluate.extractor: inception (with Inception weights)"
-        )
+    n_train = int(manifest["splits"]["train"]["written"])
     # The shards too, so a checkpoint is never resumed on re-sharded data.
     resume_id = fingerprint(ec, cfg.data, len(classes), shards_id(cfg.data.shards_dir))
     info = setup_distributed()
     try:
         with stage_run(cfg, "evalnet", info.rank) as tracker:
-            net, summary = train_evalnet(ec, cfg.data, len(classes), int(manifest["splits"]["train"]["written"]),
-                                         resume_id, info, tracker)
-            acc = val_accuracy(net, cfg.data, classes, info.device)
+            if classes:
+                net, summary = train_evalnet(ec, cfg.data, len(classes), n_train, resume_id, info, tracker)
+                acc = val_accuracy(net, cfg.data, classes, info.device)
+                result: dict[str, Any] = {"kind": "classifier", "test_accuracy": acc["overall"],
+                                          "per_class_accuracy": acc["per_class"]}
+            else:
+                log.info("evalnet: %s", NO_LABELS)
+                net, summary = train_contrastive(ec, cfg.data, n_train, resume_id, info, tracker)
+                result = {"kind": "contrastive", "test_accuracy": None, "skipped": {"test_accuracy": NO_LABELS}}
             if info.is_main:
-                weights = save_evalnet(net.cpu(), ec.out_dir, extra={"classes": classes, "test_accuracy": acc["overall"]})
-                result = {"test_accuracy": acc["overall"], "per_class_accuracy": acc["per_class"], "epochs": ec.epochs,
-                          "params": sum(p.numel() for p in net.parameters()), **summary}
-                write_json(ec.metrics_file, result)
-                tracker.log_metrics({"test_accuracy": acc["overall"]}, step=summary["steps"])
-                tracker.log_artifact(ec.metrics_file)
-                tracker.log_artifact(weights.with_suffix(".json"), "model")
-                log.info("evalnet: test accuracy %.4f after %d steps; wrote %s and %s",
-                         acc["overall"], summary["steps"], weights, ec.metrics_file)
+                _write(cfg, net, classes, {**result, "epochs": ec.epochs,
+                                           "params": sum(p.numel() for p in net.parameters()), **summary}, tracker)
     finally:
         cleanup_distributed()
+
+
+def _write(cfg: Config, net: Any, classes: list[str], result: dict[str, Any], tracker: Any) -> None:
+    ec = cfg.evalnet
+    weights = save_evalnet(net.cpu(), ec.out_dir, extra={"classes": classes, "test_accuracy": result["test_accuracy"]})
+    write_json(ec.metrics_file, result)
+    if result["test_accuracy"] is not None:
+        tracker.log_metrics({"test_accuracy": result["test_accuracy"]}, step=result["steps"])
+    tracker.log_artifact(ec.metrics_file)
+    tracker.log_artifact(weights.with_suffix(".json"), "model")
+    log.info("evalnet (%s): %s after %d steps; wrote %s and %s", result["kind"],
+             f"test accuracy {result['test_accuracy']:.4f}" if result["test_accuracy"] is not None else "no labels",
+             result["steps"], weights, ec.metrics_file)

@@ -19,7 +19,7 @@ from rcg.data.loader import read_manifest, shards_id
 from rcg.generators.training import Inputs, train_generator
 from rcg.io import PipelineError, file_digest, write_json
 from rcg.tracking import stage_run
-from rcg.training import DistInfo, cleanup_distributed, fingerprint, setup_distributed
+from rcg.training import cleanup_distributed, fingerprint, setup_distributed
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ def resume_fingerprint(cfg: Config, condition: str) -> str:
     return fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition, inputs)
 
 
+def skip(cfg: Config, condition: str, reason: str) -> None:
+    """Record that this generator is not trained, and why, in its model folder and metrics file (so the
+    DAG goes on and evaluate and `rcg report` say why the mode is missing); no stale model is left."""
+    out_dir = Path(cfg.train_generator.out_dir) / condition
+    for name in ("generator.safetensors", "generator.json", "samples.png"):
+        (out_dir / name).unlink(missing_ok=True)
+    write_json(out_dir / "skipped.json", {"condition": condition, "reason": reason})
+    write_json(Path(cfg.train_generator.metrics_dir) / f"generator_{condition}.json",
+               {"condition": condition, "skipped": reason})
+    log.warning("train_generator (%s) skipped: %s", condition, reason)
+
+
 def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
     """Train one generator and write its metrics file."""
     gcfg = cfg.train_generator
@@ -46,9 +58,12 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
         raise PipelineError(f"--condition must be rep, none or label, got {condition!r}")
     classes = list(read_manifest(cfg.data.shards_dir).get("classes", []))
     if condition == "label" and not classes:
-        raise PipelineError(f"{cfg.data.shards_dir}/manifest.json: no classes, so the label baseline cannot train")
+        skip(cfg, condition, f"{cfg.data.shards_dir}/manifest.json lists no classes: the label baseline "
+                             "needs class labels (paper Table 9a), and these images have none")
+        return
     if gcfg.threads > 0:
         torch.set_num_threads(gcfg.threads)
+    (Path(gcfg.out_dir) / condition / "skipped.json").unlink(missing_ok=True)
     inputs = Inputs(Path(cfg.encode.out_dir) / "train.parquet", cfg.encoder.out_dir, classes, cfg.encoder.rep_dim)
     info = setup_distributed()
     try:

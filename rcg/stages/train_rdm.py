@@ -86,8 +86,10 @@ def run(cfg: Config, **options: Any) -> None:
         labelled = bool((train[1] >= 0).all())
         num_classes = int(train[1].max()) + 1 if labelled else 0
         class_cond = rc.class_cond and num_classes > 1
+        skipped = None
         if rc.class_cond and not class_cond:
-            log.info("features carry no (or only one) class label: skipping the class-conditional RDM")
+            skipped = "the features carry no class labels (or only one class): no class-conditional RDM"
+            log.info("%s", skipped)
         if not class_cond and info.is_main:
             for suffix in (".safetensors", ".json"):  # never leave a stale class-conditional RDM behind
                 (Path(rc.out_dir) / f"{artifact_name(True)}{suffix}").unlink(missing_ok=True)
@@ -101,12 +103,13 @@ def run(cfg: Config, **options: Any) -> None:
                     name = artifact_name(labels is not None)
                     trained.append((name, _save(rc, net, name, summary, len(train[0]), info.device), summary))
             if info.is_main:
-                _score_and_write(rc, trained, train, val, tracker)
+                _score_and_write(rc, trained, train, val, tracker, skipped)
     finally:
         cleanup_distributed()
 
 
-def _score_and_write(rc: RDMConfig, trained: list, train: tuple, val: tuple | None, tracker: Tracker) -> None:
+def _score_and_write(rc: RDMConfig, trained: list, train: tuple, val: tuple | None, tracker: Tracker,
+                     class_skipped: str | None) -> None:
     scores: dict[str, dict[str, Any]] = {}
     for name, bundle, summary in trained:
         t0 = time.perf_counter()
@@ -118,6 +121,8 @@ def _score_and_write(rc: RDMConfig, trained: list, train: tuple, val: tuple | No
         scores[name]["eval_seconds"] = round(time.perf_counter() - t0, 1)
         log.info("%s: %s", name, {k: round(v, 4) for k, v in scores[name].items() if isinstance(v, float)})
     result = _metrics(scores)
+    if class_skipped:
+        result["class_cond"] = {"skipped": class_skipped}
     write_json(rc.metrics_file, result)
     tracker.log_metrics({k: float(v) for k, v in flatten(result).items()
                          if isinstance(v, (int, float)) and v == v})
