@@ -1,6 +1,6 @@
 """The domain classifier that scores generated images when Inception weights are unavailable.
 
-DESIGN.md "The embedded default": no Inception weights can be downloaded here, so the default
+docs/design.md, "The embedded default": no Inception weights can be downloaded here, so the default
 pipeline trains a small CNN on the labelled train split and uses its penultimate features the way
 FID uses Inception's pool features (Heusel et al. 2017), and its softmax the way IS uses Inception's
 (Salimans et al. 2016). Its Frechet distance is named `fd` under extractor `evalnet`, never FID.

@@ -11,7 +11,8 @@ import math
 from typing import Any
 
 
-# mode -> (paper FID / IS on ImageNet 256x256, where it comes from): REFERENCE.md sections 6 and 10.
+# mode -> (paper FID / IS on ImageNet 256x256, where it comes from): docs/paper.md#headline-numbers and
+# docs/paper.md#what-conditions-the-generator (Table 9a).
 PAPER: dict[str, tuple[str, str]] = {
     "uncond": ("27.32 / -", "DiT-XL/2 without RCG (MAGE-L: 7.04)"),
     "label": ("5.83 / 147.3", "MAGE-B on class labels, Table 9a"),
