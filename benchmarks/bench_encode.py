@@ -1,4 +1,4 @@
-"""Encode-stage throughput against the bare encoder forward on the same batches (issue 3).
+"""Encode-stage throughput against the bare encoder forward on the same batches.
 
 Builds Fashion-MNIST shards in a temporary folder (or uses --shards), takes the default preset's
 encoder architecture (models/encoder if --model-dir exists, else a random init of the same size),
@@ -9,10 +9,10 @@ then measures in one process:
             disk to features on disk, with the stage's own loader settings (encode.num_workers).
 Each round runs them in the order baseline, stage, stage, baseline (ABBA), and gives a ratio,
 stage images/s over baseline images/s from the summed times; the last line prints the median over
-rounds (target: >= 0.85). On this shared VM the same forward runs anywhere from 1300 to 1900
-images/s within minutes; simple pairs then scattered from 0.75 to 1.08, and one lucky baseline
-(2110 among 1570-1670) sank a best-of-each ratio to 0.69. The ABBA order cancels a drift that is
-linear over the round. The line before it compares CPU seconds (the process and its reaped loader
+rounds (target: >= 0.85). On a shared VM the same forward's speed drifts within minutes, enough to
+scatter simple pairs and best-of-each ratios far from the true one
+(docs/measurements.md#encode-benchmark-scatter). The ABBA order cancels a drift that is linear
+over the round. The line before it compares CPU seconds (the process and its reaped loader
 workers), which a busy neighbour changes far less than wall time.
 
     .venv/bin/python benchmarks/bench_encode.py [--n 10000] [--repeats 5]

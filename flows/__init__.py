@@ -1,5 +1,5 @@
 """Prefect flows that schedule the DVC pipeline (flows.pipeline) and DVC experiment sweeps (flows.sweep).
 
-Thin by design (DESIGN.md, Layout): DVC owns the DAG and staleness, MLflow the records; these flows
+Thin by design (docs/design.md, "Layout"): DVC owns the DAG and staleness, MLflow the records; these flows
 only run `dvc` commands as tasks, tag GPU work, retry transient faults and report failures.
 """

@@ -1,4 +1,4 @@
-"""The pipeline DAG as DVC sees it: stages from dvc.yaml in dependency order (DESIGN.md, "Roles").
+"""The pipeline DAG as DVC sees it: stages from dvc.yaml in dependency order (docs/design.md).
 
 DVC owns the DAG. This module does not keep a second copy of it: it asks DVC's own index for the
 stages (including the ones a `foreach` expands to, e.g. `train_generator@rep`) and for the edges

@@ -1,6 +1,6 @@
 """Running DVC from a flow: one stage per call, experiments saved and read back, failures classified.
 
-Prefect schedules, DVC decides what is stale (DESIGN.md, "Roles"). Everything here shells out to the
+Prefect schedules, DVC decides what is stale (docs/design.md). Everything here shells out to the
 `dvc` of the running interpreter, so the flow works from a worker whose PATH lacks the venv.
 (Not named `dvc.py`: Prefect puts flows/ on sys.path when it loads an entrypoint by file, and the
 module would then shadow the `dvc` package.)

@@ -1,6 +1,6 @@
 """Prefect flow: the DVC pipeline, one task per stage (`dvc repro --single-item <stage>`), in DAG order.
 
-DESIGN.md, "Roles": DVC owns the DAG and what is stale, Prefect schedules. The flow reads the stages
+DVC owns the DAG and what is stale, Prefect schedules (docs/design.md). The flow reads the stages
 from DVC (flows.dag; the `code` digest stage first), writes the preset and overrides to params.yaml
 as `rcg params --preset P --set K=V` does (rcg.config.write_params), runs every stage as a task
 once its upstreams completed (independent stages run side by side), and saves the workspace as a

@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ShardConfig:
-    """`rcg shard`: turn an image source into WebDataset shards (DESIGN.md, stage `shard`)."""
+    """`rcg shard`: turn an image source into WebDataset shards (stage `shard`, docs/design.md)."""
 
     source: Literal["fashion_mnist", "folder"] = "fashion_mnist"  # the embedded default
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"  # Debian `dataset-fashion-mnist`
@@ -71,16 +71,14 @@ class ShardConfig:
     # limit (200 MP, rcg.data.images) applies on top.
     max_pixels: int = 40_000_000
     max_per_split: int = 0  # cap on images per split (0: all); the tiny preset uses a few hundred
-    # Samples per .tar. 10k FMNIST samples make ~23 MB: each sample's two tar members (png, cls)
-    # take 512-byte headers and 512-byte blocks, far more than its ~300-byte PNG. FMNIST's val split
-    # is then a single shard, which one loader worker reads (WebDataset splits whole shards over
-    # ranks and workers). On 2 cores a second worker did not help: the encode benchmark on a 4-shard
-    # val split gave 0.79 with one worker and with two (PIL decoding, before decode_plain_png).
+    # Samples per .tar. FMNIST's 10k val samples are then one ~23 MB shard (tar headers and blocks
+    # dwarf each ~300-byte PNG), which one loader worker reads (WebDataset splits whole shards over
+    # ranks and workers); on 2 cores a second worker did not help (docs/measurements.md#shard-size).
     shard_size: int = 10000
     workers: int = 2  # processes writing shards in parallel (one shard per process at a time)
     # "structure": JPEG segments + end marker, PNG chunk CRCs (rcg.data.images.prepare), no pixel
     # decode, about as fast as tar cf on photos; "decode": decode every image with PIL (also
-    # catches damage inside the compressed data; ~15x slower per 500x375 JPEG)
+    # catches damage inside the compressed data, at many times the cost: docs/measurements.md#shard-verify)
     verify: Literal["structure", "decode"] = "structure"
     out_dir: str = "data/shards"
 
@@ -101,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    """`rcg encoder`: the frozen SSL encoder (REFERENCE.md section 1; MoCo v3).
+    """`rcg encoder`: the frozen SSL encoder (paper section 3.1, docs/paper.md#representation; MoCo v3).
 
     With `checkpoint` set, an official file is converted (strictly) into models/encoder/; otherwise
     MoCo v3 pretrains the architecture below on the train shards. The size fields apply when `arch`
@@ -112,20 +110,18 @@ class EncoderConfig:
     checkpoint_format: Literal["mocov3", "dino", "ibot", "deit"] = "mocov3"  # layout of `checkpoint`
     arch: str = ""  # e.g. mocov3_vit_base for the official ViT-B; empty = the size fields below
     img_size: int = 28  # encoder input side; inputs are normalised then resized bicubic to it
-    # 28 px / 7 = 16 tokens: fast enough for CPU pretraining (ENVIRONMENT.md). Patch 4 (49 tokens) at
-    # width 96, the same cost per step: rep kNN 0.841 against 0.852 (its random init: 0.696).
+    # 28 px / 7 = 16 tokens: fast enough for CPU pretraining; patch 4 (49 tokens) at the same cost per
+    # step learned less (docs/measurements.md#encoder-patch-size).
     patch_size: int = 7
     # How pixels become the 4x4 tokens when pretraining (rcg.encoders.vit.conv_stem): "patch" = ViT's
-    # linear patch projection, "conv" = 3x3 stride-2 convolutions (Xiao et al. 2021). Rep kNN at 8
-    # epochs, seed 0: patch 0.854 (random init 0.746), conv 0.875 (random init 0.756), for 2-6% less
-    # speed in back-to-back runs (913 against 930 images/s, 712 against 757). A wider conv stem
-    # (32/64/128) gave 0.856 against 0.858 at 4 epochs, at 710 images/s; crop_min_scale 0.5 and 0.85
-    # gave 0.846 and 0.857. A converted checkpoint always has a patch projection.
+    # linear patch projection, "conv" = 3x3 stride-2 convolutions (Xiao et al. 2021), which learns
+    # a clearly better representation for a few % less speed (docs/measurements.md#encoder-stem).
+    # A converted checkpoint always has a patch projection.
     stem: Literal["patch", "conv"] = "conv"
-    # ~0.9M-parameter backbone, 1100 images/s in the stage on 2 cores. Width 128 runs 1.4x faster:
-    # 14 epochs in 532 s gave rep kNN 0.857 (random init 0.734), too close to the 10 minutes to adopt.
+    # ~0.9M-parameter backbone; width 128 runs faster, but not enough to train longer within the
+    # encoder's 10-minute CPU budget (docs/measurements.md#encoder-width-and-depth).
     embed_dim: int = 192
-    depth: int = 2  # deeper ViTs learn less in a 10-minute CPU budget (issue 3 sizing runs)
+    depth: int = 2  # deeper ViTs learn less in the CPU budget (docs/measurements.md#encoder-width-and-depth)
     num_heads: int = 3  # 64-d heads, as in ViT-S/B
     mlp_ratio: float = 4.0  # standard ViT
     proj_hidden_dim: int = 1024  # MoCo v3 uses 4096; smaller keeps the CPU preset fast
@@ -135,33 +131,27 @@ class EncoderConfig:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     # MoCo v3 pretraining (used only when `checkpoint` is empty)
-    # 6 epochs = 1406 steps, to stay inside issue 3's 10 minutes on a slow day: this VM has trained
-    # the conv stem at 925, 878 and 730 images/s, and on 2026-12-05 at 638-679 (596 before the
-    # uint8 loader), which puts 7 epochs at 454 to 705 s and 6 at 389 to 604 s (that day's default
-    # run: 564 s). Rep kNN against epochs, seed 0, lr 5e-4: conv stem 4: 0.855, 7: 0.869 (the trial
-    # stem, initialised apart: 4: 0.858, 8: 0.875); patch stem 4: 0.837, 8: 0.852, 16: 0.864
-    # (870 s), 32: 0.873 (1828 s). At lr 1e-3: 4 epochs 0.864, 6: 0.872, 7: 0.873. Each doubling
-    # gains less (patch: +0.015, +0.012, +0.009), so random init + 0.15 lies far outside the CPU
-    # budget. Batch 128 instead of 256, 4 epochs: 0.864 either way, at 529 against 596 images/s.
+    # 6 epochs = 1406 steps, so pretraining stays inside the encoder's 10-minute CPU budget on a slow
+    # day too; each doubling of the length gains less (docs/measurements.md#encoder-pretraining-length).
     epochs: float = 6.0
     batch_size: int = 256  # global batch (split over torchrun ranks); negatives per query
-    # Base lr per 256 images (lr = blr * batch / 256); MoCo v3 ViT: 1.5e-4. Conv stem, 4 epochs, seed 0,
-    # rep kNN: 5e-4 0.855, 1e-3 0.864, 1.5e-3 0.862, 2e-3 0.863 (the patch stem was hurt by 2e-3+).
+    # Base lr per 256 images (lr = blr * batch / 256); MoCo v3 ViT: 1.5e-4. The short FMNIST run with
+    # the conv stem learns best near 1e-3 (docs/measurements.md#encoder-learning-rate).
     lr: float = 1e-3
-    weight_decay: float = 0.1  # MoCo v3 ViT recipe (AdamW); 0.05 gave 0.857 against 0.855 at 4 epochs
+    weight_decay: float = 0.1  # MoCo v3 ViT recipe, AdamW (docs/measurements.md#encoder-recipe)
     warmup_epochs: float = 0.5  # linear warm-up, then half-cosine decay
-    temperature: float = 0.1  # InfoNCE temperature (MoCo v3 ViT: 0.2); 0.1 gave +0.009 rep kNN at 2 epochs on FMNIST
-    momentum: float = 0.99  # base momentum of the key encoder, cosine-increased to 1 (4 ep: 0.98 0.856, 0.996 0.853)
+    temperature: float = 0.1  # InfoNCE temperature; beat MoCo v3 ViT's 0.2 (docs/measurements.md#encoder-recipe)
+    momentum: float = 0.99  # key encoder's momentum, cosine-increased to 1 (docs/measurements.md#encoder-recipe)
     pred_hidden_dim: int = 1024  # predictor MLP width (MoCo v3: 4096), scaled like the projector
     freeze_patch_embed: bool = True  # MoCo v3's random fixed patch projection (stem "patch" only; a conv stem trains)
-    # random-resized-crop area [min, 1] (MoCo v3: 0.08). Rep kNN on FMNIST: 0.4 beat 0.2 by 0.02,
-    # 0.6 beat 0.4 by 0.007; with the 0.05-1.0 px blur, 0.7 gave 0.8516 against 0.8501 (seed 1: 0.8486)
+    # random-resized-crop area [min, 1] (MoCo v3: 0.08); on FMNIST a larger minimum did better, up to
+    # 0.7 (docs/measurements.md#encoder-augmentation)
     crop_min_scale: float = 0.7
     jitter: float = 0.4  # brightness/contrast jitter strength (MoCo v3: 0.4)
     blur_prob: float = 1.0  # Gaussian blur probability of view 1 (view 2: a tenth of it)
     # Blur sigma range in pixels of the encoder input. MoCo v3: 0.1-2.0 px on 224 px crops; scaled
-    # to 28 px that is <= 0.25 px and blurs nothing. Rep kNN (crop 0.6, seed 0): 0.8451 with that,
-    # 0.8501 with 0.05-1.0 px (seed 1: 0.8486), 0.846 with 0.1-2.0 px. Solarize 0 instead of 0.2: 0.8413.
+    # to 28 px that is <= 0.25 px and blurs nothing; 0.05-1.0 px did best
+    # (docs/measurements.md#encoder-augmentation).
     blur_sigma: list[float] = field(default_factory=lambda: [0.05, 1.0])
     solarize_prob: float = 0.2  # solarisation probability of view 2 (MoCo v3: 0.2)
     amp: bool = True  # bf16 autocast: ~2x faster on CPU, no GradScaler needed
@@ -182,9 +172,9 @@ class EncodeConfig:
     batch_size: int = 512  # images per forward (x2 with the flipped view); inference only
     # DataLoader workers for this stage alone (data.num_workers serves the training stages). 0 =
     # decode in the stage's own process: on 2 cores a worker competes with the forward's two
-    # threads, and 28 px PNGs decode in ~0.1 of the forward's time. ABBA rounds on the default run's
-    # val shard (issue 3): encode_split with 0 workers 6% faster than with 2. Photographs in JPEG
-    # want workers (imagenet256 sets 10). The rows do not depend on it (rcg.stages.encode.write_split).
+    # threads, and 28 px PNGs decode in a fraction of the forward's time
+    # (docs/measurements.md#encode-loader-workers). Photographs in JPEG want workers (imagenet256
+    # sets 10). The rows do not depend on it (rcg.stages.encode.write_split).
     num_workers: int = 0
     out_dir: str = "data/features"
     uniformity_samples: int = 10000  # reps used for the uniformity loss (pairwise, O(n^2))
@@ -192,7 +182,7 @@ class EncodeConfig:
 
 @dataclass
 class RDMConfig:
-    """`rcg train-rdm`: the representation diffusion model (REFERENCE.md section 2)."""
+    """`rcg train-rdm`: the representation diffusion model (paper section 3.2, docs/paper.md#rdm-network)."""
 
     arch: str = "small"  # size in rcg.rdm.RDM_ARCHS; 512 x 4 (~3M) fits a CPU budget; paper: "paper" (12 x 1536)
     class_cond: bool = True  # also train the class-conditional RDM when the features carry labels
@@ -202,20 +192,14 @@ class RDMConfig:
     linear_start: float = 0.0015  # reference beta_1
     linear_end: float = 0.0195  # reference beta_T
     # The reference RDM predicts x0 (imagenet256 keeps that). On the CPU budget x0-prediction leaves the
-    # small-variance directions of the rep collapsed (sample variance 1/5 of the data's): FD 3.12 at
-    # 2k steps, against 1.13 with v-prediction, which keeps an identity path at low noise.
+    # small-variance directions of the rep collapsed; v-prediction, which keeps an identity path at
+    # low noise, scores far better (docs/measurements.md#rdm-parameterisation).
     parameterization: Literal["x0", "eps", "v"] = "v"
     # What the RDM gets wrong on the CPU budget is the rep's low-variance directions: its samples
-    # carry excess variance there (a smoothed distribution), which dominates fd_train. Three things
-    # below each cut it; FD of 5000 samples (50 DDIM steps, eta 0) vs the train reps, floor 0.363
-    # (the same RDM at 12k steps, lr 1e-3: 0.801 with the reference's sampler):
-    #   12k steps, lr 1e-3 constant 0.639 | lr 3e-3 constant 0.640 | 1e-3, decay 0.3: 0.609
-    #   12k, lr 3e-3, decay 0.5: 0.573 (decay 0.8: 0.580; 768 wide instead of 512: 0.569)
-    #   16k, lr 3e-3, decay 0.5: 0.552 | + timestep_power 2: 0.523; with the sampler below: 0.709
-    # (Single draws with one seed: gaps under ~0.05 are within draw noise, see eval_repeats.)
-    # With the stage's 4-draw mean and the reference sampler (floor 0.407): this default 0.690;
-    # timestep_power 1 0.711, 3 0.753; 768 wide 0.684; 24k steps 0.667 (+50% time); eps 3.24.
-    # Low-noise timesteps settle those directions; power p draws t = T u^p (1 = the reference's uniform).
+    # carry excess variance there (a smoothed distribution), which dominates fd_train. Longer
+    # training, a decaying lr and more low-noise timesteps each cut it (steps, lr_decay_frac and this
+    # power; the sweep: docs/measurements.md#rdm-schedule). Low-noise timesteps settle those
+    # directions; power p draws t = T u^p (1 = the reference's uniform).
     timestep_power: float = 2.0
     steps: int = 16000  # optimiser steps per RDM (~68 epochs of the 120k reps); ~7 min on 2 quiet cores
     batch_size: int = 512  # global batch, split over ranks (reference: 4 x 128)
@@ -230,20 +214,17 @@ class RDMConfig:
     ckpt_every: int = 500  # steps between resumable checkpoints (checkpoints/train_rdm/)
     log_every: int = 100  # steps between loss logs (MLflow, progress bar)
     # The reference's 250 respaced DDIM steps; on the default run's RDM 1000 steps score the same
-    # (fd_train 0.627 +- 0.056 against 0.625 +- 0.055, 4 draws each of 5000).
+    # (docs/measurements.md#rdm-sampler).
     sample_steps: int = 250  # DDIM steps at sampling time (reference: 250 of 1000)
-    # Deterministic DDIM (eta 0), not the reference's eta 1 (imagenet256 keeps 1). On the same RDM,
-    # stage-scored (4 draws of 5000, floor 0.407): eta 1 fd_train 0.690 (1.70x the floor),
-    # eta 0.5 0.617, eta 0 0.551 (1.35x; 50 steps 0.597), and eta 0 scatters a third as much over
-    # draws. The rcg images do not tell the two apart: fd (evalnet) of mode rcg over evaluate seeds
-    # 0, 1, 2 was 8.43, 8.34, 8.27 with eta 1 and 8.61, 8.03, 8.18 with eta 0 (means 8.35 and
-    # 8.27; one seed scatters by ~0.3).
+    # Deterministic DDIM (eta 0), not the reference's eta 1 (imagenet256 keeps 1): its samples lie
+    # closer to the noise floor and scatter less over draws, and the rcg images do not tell the two
+    # apart (docs/measurements.md#rdm-sampler).
     eta: float = 0.0  # DDIM eta (reference: 1.0 everywhere)
     temperature: float = 1.0  # DDIM noise temperature (reference: 1.0; `--temp` is MAGE's, not this)
     n_eval: int = 5000  # N: RDM samples and random real reps per Frechet distance in metrics/rdm.json
     # Each FD in metrics/rdm.json is the mean over this many independent draws of N (fresh samples,
-    # fresh real reps); one draw of 5000 moves fd_train / floor by +-0.15 on the default run with
-    # eta 1, +-0.07 with eta 0.
+    # fresh real reps): one draw scatters too much to compare runs by
+    # (docs/measurements.md#rdm-evaluation-draws).
     eval_repeats: int = 4
     eval_batch_size: int = 2500  # samples per DDIM batch during evaluation (memory vs speed)
     seed: int = 0
@@ -254,11 +235,12 @@ class RDMConfig:
 
 @dataclass
 class GeneratorConfig:
-    """`rcg train-generator`: the representation-conditioned image generator (REFERENCE.md 3.2)."""
+    """`rcg train-generator`: the representation-conditioned image generator (paper section 3.3,
+    docs/paper.md#image-generators)."""
 
-    # Model (rcg.generators.REGISTRY). The default is the small ADM-style U-Net: at the same ~400
-    # CPU-s it reached fd (evalnet) 12.2 for mode rcg against 19.2 for dit_fmnist (3000 steps) and
-    # its samples are not blocky (issue 5 closing note). The DiT stays the 256 px generator.
+    # Model (rcg.generators.REGISTRY). The default is the small ADM-style U-Net: at the same CPU
+    # time it scored better than dit_fmnist for mode rcg, and its samples are not blocky
+    # (docs/measurements.md#generator-choice). The DiT stays the 256 px generator.
     arch: str = "unet_fmnist"
     rep_drop_prob: float = 0.1  # share of reps swapped for the learned fake_latent (reference: 0.1)
     vae: str = ""  # diffusers AutoencoderKL folder for latent space (256 px); empty = pixel space
@@ -310,13 +292,13 @@ class EvalNetConfig:
     """`rcg evalnet`: the domain classifier whose features score generated images.
 
     Without Inception weights (no network here), a small CNN trained on the labelled train split
-    stands in as the feature extractor (DESIGN.md "The embedded default"). Its Frechet distance is
+    stands in as the feature extractor (docs/design.md, "The embedded default"). Its Frechet distance is
     reported as `fd` under extractor `evalnet`, never as FID.
     """
 
     width: int = 32  # channels of the first conv block (doubled in the second): ~0.3M params, fast on CPU
     feature_dim: int = 128  # penultimate width: the features FD/KID/precision/recall are computed on
-    epochs: float = 3.0  # ~3 epochs reach >= 0.92 test accuracy on Fashion-MNIST in ~3 min on 2 cores
+    epochs: float = 3.0  # >= 0.92 test accuracy on Fashion-MNIST in minutes (docs/measurements.md#evalnet)
     batch_size: int = 256  # large enough for stable BatchNorm statistics, small enough for CPU
     lr: float = 2e-3  # AdamW with cosine decay; robust for small CNNs
     weight_decay: float = 1e-4  # light regularisation; the classifier must generalise to val, not memorise
@@ -334,13 +316,13 @@ class EvalNetConfig:
 
 @dataclass
 class EvaluateConfig:
-    """`rcg evaluate`: every generation mode scored with torch-fidelity (REFERENCE.md section 4)."""
+    """`rcg evaluate`: every generation mode scored with torch-fidelity (docs/paper.md#evaluation)."""
 
     extractor: Literal["evalnet", "inception"] = "evalnet"  # no Inception weights offline
     inception_weights: str = ""  # local Inception weights file; empty: torch's hub cache, else error
     modes: list[str] = field(
         default_factory=lambda: ["uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle"]
-    )  # every generation mode of DESIGN.md's table
+    )  # every generation mode of docs/design.md
     n_samples: int = 2000  # generated images per mode (and real train images for the floor);
     # sampling dominates the stage (~450 s per 2k images on 2 cores); the paper uses 50k
     n_reference: int = 0  # real val images in the reference statistics (0: the whole val split)

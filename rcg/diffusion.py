@@ -1,4 +1,4 @@
-"""The one diffusion module shared by the RDM and the image generator (DESIGN.md, REFERENCE.md 2.3-2.4).
+"""The one diffusion module shared by the RDM and the image generator (docs/paper.md#rdm-diffusion).
 
 - Beta schedules (`make_betas`): the reference RDM's linear-in-sqrt schedule, ADM's linear one and
   Nichol & Dhariwal's cosine one; `diffusion_meta` / `Diffusion.from_meta` write and read the one
@@ -7,7 +7,7 @@
   training loss (DDPM, Ho et al. 2020; the reference RDM trains with x0-prediction; v-prediction is
   Salimans & Ho 2022).
 - Samplers as plain functions over a `model(x, t, **cond)` callable (k-diffusion style):
-  `ddim_sample` (Song et al. 2021, exactly the reference's respaced DDIM, REFERENCE.md 2.4) and
+  `ddim_sample` (Song et al. 2021, exactly the reference's respaced DDIM, docs/paper.md#rdm-sampling) and
   `ddpm_sample` (ancestral sampling, optionally over respaced steps as in ADM).
 
 Nothing here knows about guidance: a caller that wants classifier-free guidance wraps its network in
@@ -43,7 +43,7 @@ def make_betas(
     """The noise schedule beta_1..beta_T as a float64 tensor [timesteps].
 
     - ``sqrt_linear``: beta = linspace(sqrt(start), sqrt(end), T)^2, the reference RDM's (and LDM's)
-      "linear" schedule (REFERENCE.md 2.1); defaults 0.0015 .. 0.0195, giving alpha_bar_T ~ 1.4e-4.
+      "linear" schedule (docs/paper.md#rdm-diffusion); defaults 0.0015 .. 0.0195, giving alpha_bar_T ~ 1.4e-4.
     - ``linear``: ADM's linear schedule, beta = linspace(start, end) scaled by 1000 / T so that any T
       matches the 1000-step endpoints (defaults 1e-4 .. 0.02, Ho et al. 2020).
     - ``cosine``: Nichol & Dhariwal 2021, alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2),
@@ -185,7 +185,7 @@ class Diffusion:
         generator: torch.Generator | None = None,
         power: float = 1.0,
     ) -> Tensor:
-        """Training timesteps, one per sample: t ~ U{0, ..., T-1} (REFERENCE.md 2.3) for power 1.
+        """Training timesteps, one per sample: t ~ U{0, ..., T-1} (docs/paper.md#rdm-diffusion) for power 1.
 
         power p > 1 draws t = floor(T u^p), u ~ U[0, 1): density proportional to t^(1/p - 1), so
         low-noise steps, where the fine detail of a sample is settled, get more of the training.
@@ -210,7 +210,7 @@ class Diffusion:
         """The simple diffusion loss: mean over batch and dimensions of (model(x_t, t) - target)^2.
 
         The target is the noise for `eps`, the clean sample for `x0` (the reference RDM:
-        loss_type l2, l_simple_weight 1, no ELBO term; REFERENCE.md 2.1 and 2.3), and the velocity
+        loss_type l2, l_simple_weight 1, no ELBO term; docs/paper.md#rdm-diffusion), and the velocity
         sqrt(a) noise - sqrt(1 - a) x0 for `v`.
         """
         if t is None:
@@ -234,7 +234,7 @@ class Diffusion:
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The reference's uniform DDIM discretisation: range(0, T, T // steps) + 1 (REFERENCE.md 2.4).
+    """The reference's uniform DDIM discretisation: range(0, T, T // steps) + 1 (docs/paper.md#rdm-sampling).
 
     For T = 1000 and 250 steps this is 1, 5, ..., 997. As in the reference, when `steps` does not
     divide T the stride is T // steps and more than `steps` steps are taken. The +1 shift is dropped
@@ -292,7 +292,7 @@ def ddim_sample(
     clip_x0: float | None = None,
     x_T: Tensor | None = None,
 ) -> Tensor:
-    """DDIM sampling over the reference's respaced steps (Song et al. 2021; REFERENCE.md 2.4).
+    """DDIM sampling over the reference's respaced steps (Song et al. 2021; docs/paper.md#rdm-sampling).
 
     At step tau_i with a = alpha_bar[tau_i] and a_prev = alpha_bar[tau_{i-1}] (alpha_bar[0] for the
     first step):

@@ -1,6 +1,6 @@
 """Cached representations in Parquet: the file between `encode` and the training stages.
 
-Schema (one row per sample and view; DESIGN.md):
+Schema (one row per sample and view; docs/design.md):
   key   string                       the sample's WebDataset key
   label int64, nullable              class index, null for unlabelled sources
   view  string                       "orig" or "flip" (horizontal flip of the same image)

@@ -1,6 +1,6 @@
 """Multi-GPU launch: re-execute a training stage under `torchrun` when the config asks for N processes.
 
-DESIGN.md, "Roles": torchrun / DDP is the distributed engine of every training stage; nothing
+torchrun / DDP is the distributed engine of every training stage (docs/design.md); nothing
 home-made replaces it. `rcg train-generator` run by DVC is a single process; when more than one
 process per node is wanted, the CLI calls `maybe_relaunch` first, which replaces the process by
 `torchrun --standalone --nproc_per_node N -m rcg.cli <same arguments>`. Inside torchrun every rank

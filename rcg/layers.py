@@ -1,9 +1,9 @@
 """Building blocks shared by RCG's networks: the RDM, the image generators and the SSL encoder.
 
-- `timestep_embedding`: the sinusoid of the diffusion timestep that the RDM (REFERENCE.md 2.2) and the
-  DiT / U-Net conditioning (REFERENCE.md 3.2) both feed to a small MLP.
+- `timestep_embedding`: the sinusoid of the diffusion timestep that the RDM (docs/paper.md#rdm-network)
+  and the DiT / U-Net conditioning (docs/paper.md#image-generators) both feed to a small MLP.
 - `sincos_pos_embed_2d`: the fixed 2-D sin-cos position embedding of the DiT's patches and of the
-  MoCo v3 ViT's (REFERENCE.md section 1).
+  MoCo v3 ViT's (docs/paper.md#representation).
 - `zero_module`: the zero initialisation of the layers that make a residual branch start as the
   identity (ADM, DiT's adaLN-Zero, the RDM's blocks).
 - `lookup_arch`: reads every registry of named model sizes (one dict NAME -> constructor kwargs per
@@ -29,7 +29,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     """Sinusoidal embedding [cos(t f_k), sin(t f_k)], f_k = exp(-ln(max_period) k / (dim/2)), of
     (possibly fractional) timesteps t [N] -> [N, dim] float32.
 
-    Cos first, as in the reference RDM (REFERENCE.md 2.2) and in DiT; an odd `dim` gets a zero last
+    Cos first, as in the reference RDM (docs/paper.md#rdm-network) and in DiT; an odd `dim` gets a zero last
     channel.
     """
     half = dim // 2

@@ -1,6 +1,6 @@
 """The representation diffusion model (RDM): a residual MLP denoiser over 256-d representations.
 
-REFERENCE.md 2.2 (`SimpleMLP` of the official code): input projection, a sinusoidal timestep embedding of
+The reference's `SimpleMLP` (docs/paper.md#rdm-network): input projection, a sinusoidal timestep embedding of
 the network width followed by a 2-layer MLP, residual blocks LN-SiLU-Linear with the time (and class)
 embedding added in the middle, zero-initialised output layers, and an LN-SiLU-zero-Linear head. The
 class-conditional RDM (paper section 4.3) adds a learned class embedding to every block the same way.
@@ -42,7 +42,7 @@ RDM_ARCHS: dict[str, dict[str, int]] = {
     "tiny": dict(width=64, depth=2, time_embed_dim=32, class_embed_dim=32),  # tests: trains in seconds
     "small": dict(width=512, depth=4, time_embed_dim=256, class_embed_dim=256),  # ~2.6M: Fashion-MNIST on CPU
     "base": dict(width=1024, depth=8, time_embed_dim=256, class_embed_dim=512),  # ~19M: mid-size datasets
-    "paper": dict(width=1536, depth=12, time_embed_dim=256, class_embed_dim=512),  # REFERENCE.md 2.1
+    "paper": dict(width=1536, depth=12, time_embed_dim=256, class_embed_dim=512),  # docs/paper.md#rdm-network
 }
 
 
@@ -69,7 +69,8 @@ class ResBlock(nn.Module):
 
 
 class RDMNet(nn.Module):
-    """The RDM denoiser `SimpleMLP` (REFERENCE.md 2.2): (x_t [B, D], t [B], y [B]?) -> x0-hat [B, D]."""
+    """The RDM denoiser `SimpleMLP` (docs/paper.md#rdm-network): (x_t [B, D], t [B], y [B]?) ->
+    x0-hat [B, D]."""
 
     def __init__(
         self,
@@ -97,7 +98,7 @@ class RDMNet(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """The reference's init (REFERENCE.md 2.2): every block's output Linear and the head's last
+        """The reference's init (docs/paper.md#rdm-network): every block's output Linear and the head's last
         Linear are zero, so each block starts as the identity and the untrained RDM predicts x0 = 0;
         every other layer keeps PyTorch's default init, drawn as the layers are constructed."""
         for block in self.blocks:
@@ -244,7 +245,7 @@ def sample_reps(
     progress: bool = False,
     amp: bool | None = None,
 ) -> Tensor:
-    """Draw n representations [n, D] (float32, CPU) from the RDM with DDIM (REFERENCE.md 2.4).
+    """Draw n representations [n, D] (float32, CPU) from the RDM with DDIM (docs/paper.md#rdm-sampling).
 
     Defaults (steps, eta, temperature, amp = bf16 autocast) come from the bundle's metadata (the
     reference: 250 steps, eta 1, temperature 1, fp32). `class_ids` (one per sample, or one int for all) selects classes for the

@@ -6,7 +6,7 @@ the loaded generator objects every caller uses (`rcg generate`, `rcg evaluate`, 
 Guidance (``cfg_scale`` w > 0) mixes ``cond + w (cond - uncond)`` with the learned ``fake_latent``
 (or null class) as the negative; ``cfg_schedule="linear"`` grows w linearly from ~0 at the first
 (noisiest) step to w at the last, the diffusion analogue of the reference MAGE's ``cfg (s+1)/N``
-(REFERENCE.md 3.1); ``constant`` uses w throughout (the reference DiT). Also here: reading an image
+(docs/paper.md#guidance); ``constant`` uses w throughout (the reference DiT). Also here: reading an image
 file the way the shards are read (the input of paper Fig. 6 / Fig. 7), PNG files and grids.
 """
 

@@ -1,7 +1,7 @@
 """The trained RCG generator in the MLflow model registry: a pyfunc that samples images.
 
-DESIGN.md, "Roles": MLflow records models; the registry holds the servable RCG generator under
-aliases such as `@champion`. The pyfunc bundles what generation needs (DESIGN.md step 4): the RDM
+MLflow records models (docs/design.md); the registry holds the servable RCG generator under
+aliases such as `@champion`. The pyfunc bundles what generation needs (method step 4): the RDM
 (`models/rdm/rdm.*`), the class-conditional RDM when it was trained (`rdm_class.*`), the
 representation-conditioned image generator (`models/generator/rep/`), the resolved config, and the
 evaluation table its `fd` comes from. `load_context` loads `rcg.generation.RCGGenerator` straight

@@ -39,7 +39,7 @@ def test_sqrt_linear_schedule_matches_reference() -> None:
     s = b.sqrt()
     assert torch.allclose(s[1:] - s[:-1], (s[1] - s[0]).expand(999), atol=1e-12)
     ab_T = torch.cumprod(1 - b, 0)[-1].item()
-    assert ab_T == pytest.approx(1.42e-4, rel=0.02)  # REFERENCE.md 2.1
+    assert ab_T == pytest.approx(1.42e-4, rel=0.02)  # docs/paper.md#rdm-diffusion
 
 
 def test_linear_and_cosine_schedules() -> None:
@@ -160,7 +160,7 @@ def test_sample_t_power_concentrates_on_low_noise() -> None:
 
 def test_ddim_timesteps_match_reference() -> None:
     taus = ddim_timesteps(1000, 250)
-    assert taus == list(range(1, 1000, 4))  # 1, 5, ..., 997 (REFERENCE.md 2.4)
+    assert taus == list(range(1, 1000, 4))  # 1, 5, ..., 997 (docs/paper.md#rdm-sampling)
     assert len(taus) == 250 and taus[-1] == 997
     assert ddim_timesteps(1000, 1000) == list(range(1000))  # no index past T-1
     assert ddim_timesteps(1000, 10)[:3] == [1, 101, 201]

@@ -52,7 +52,7 @@ def test_representation_follows_reference_recipe():
     spec = small_spec()
     enc = source_encoder(spec)
     x = images(c=1, h=40)
-    # REFERENCE.md section 1, written out by hand.
+    # docs/paper.md#representation, written out by hand.
     x3 = x.repeat(1, 3, 1, 1)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
@@ -181,7 +181,7 @@ def test_mocov3_vit_l_key_names_are_fixed(tmp_path):
     spec = small_spec(depth=15, embed_dim=32, num_heads=2, head_hidden_dim=64)
     src = source_encoder(spec, seed=5)
     state = _prefixed(src.vit.state_dict(), "module.base_encoder.")
-    # The released ViT-L has these four names wrong (REFERENCE.md section 1).
+    # The released ViT-L has these four names wrong (docs/paper.md#encoder-checkpoints).
     for bad, good in [
         ("blocks.13.norm13", "blocks.13.norm1"),
         ("blocks.13.mlp.fc13", "blocks.13.mlp.fc1"),

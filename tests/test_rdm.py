@@ -74,7 +74,7 @@ def rdm_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_network_matches_reference_shape_and_init() -> None:
     paper = build_rdm("paper")
     n_params = sum(p.numel() for p in paper.parameters())
-    assert 62.5e6 < n_params < 63.0e6  # REFERENCE.md 2.2: ~62.7M
+    assert 62.5e6 < n_params < 63.0e6  # docs/paper.md#rdm-network: ~62.7M
     del paper
     net = build_rdm("tiny", num_classes=3)
     x = torch.randn(1, 256)  # batch 1 works (the reference's squeeze() does not)

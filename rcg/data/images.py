@@ -496,7 +496,7 @@ def decode_plain_png(data: bytes, channels: int, size: int) -> torch.Tensor | No
     and no ancillary chunk between IHDR and IDAT (gAMA, tRNS, iCCP...: where PIL and libpng could
     differ). PNG is lossless, so libpng (torchvision.io) and PIL decode such a file to the same
     pixels (tests/test_loader.py; all 70,000 Fashion-MNIST images checked), and libpng does it in
-    18-24 us (two days of this VM) against ~44 us for PIL + to_tensor at 28 px. That matters on 2
+    about half PIL's time (docs/measurements.md#png-decode). That matters on 2
     cores, where decoding takes its CPU from the encoder's forward (benchmarks/bench_encode.py).
     Everything else, every resize included, takes the PIL path (`decode`, `resize_crop`,
     `to_pixels`) as before.
@@ -535,7 +535,7 @@ def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = N
     """Resize the shorter side to `size` (bicubic), then crop a `size` square.
 
     Centre crop when `rng` is None (evaluation, encoding); a random crop along the longer side when
-    given (training), as the reference's Resize -> RandomCrop (REFERENCE.md section 5).
+    given (training), as the reference's Resize -> RandomCrop (docs/paper.md#data).
     """
     w, h = img.size
     if (w, h) != (size, size):

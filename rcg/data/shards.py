@@ -1,4 +1,4 @@
-"""Writing a source to WebDataset shards plus a manifest (DESIGN.md, stage `shard`).
+"""Writing a source to WebDataset shards plus a manifest (docs/design.md, stage `shard`).
 
 Layout: `<out>/<split>/<split>-%06d.tar` and `<out>/manifest.json`. Samples carry `.png`/`.jpg`
 (original bytes where possible) and `.cls` when labelled. Shard k holds the usable images among

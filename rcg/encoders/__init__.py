@@ -1,4 +1,4 @@
-"""The frozen self-supervised encoder (REFERENCE.md section 1): MoCo v3 ViT + projector.
+"""The frozen self-supervised encoder (docs/paper.md#representation): MoCo v3 ViT + projector.
 
 `load_encoder(model_dir)` gives the frozen `RepEncoder` every later stage uses: images in [0, 1]
 -> standardised 256-d representation. `checkpoints` converts official MoCo v3 / DINO / iBOT / DeiT

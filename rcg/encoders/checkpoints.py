@@ -1,4 +1,4 @@
-"""Strict loaders for official SSL checkpoints (REFERENCE.md section 1, "Checkpoint loading").
+"""Strict loaders for official SSL checkpoints (docs/paper.md#encoder-checkpoints).
 
 Each format is a pure function from the loaded file to the state dict of our `build_vit` model:
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-# The released MoCo v3 ViT-L checkpoint names four keys wrongly (REFERENCE.md section 1, step 3).
+# The released MoCo v3 ViT-L checkpoint names four keys wrongly (docs/paper.md#encoder-checkpoints).
 VIT_L_KEY_FIXES = {
     "blocks.13.norm13.": "blocks.13.norm1.",
     "blocks.13.mlp.fc13.": "blocks.13.mlp.fc1.",

@@ -1,4 +1,4 @@
-"""The frozen SSL encoder and the representation RCG conditions on (REFERENCE.md section 1).
+"""The frozen SSL encoder and the representation RCG conditions on (docs/paper.md#representation).
 
 A MoCo v3 ViT is timm's `VisionTransformer` with a fixed 2-D sin-cos position embedding and its
 `head` replaced by MoCo v3's 3-layer projector (DINO/iBOT: the DINO head without its last layer;
@@ -81,7 +81,7 @@ class EncoderSpec:
         return cls(**d)
 
 
-# Size presets of the official checkpoints (REFERENCE.md section 1): EncoderSpec fields by name.
+# Size presets of the official checkpoints (docs/paper.md#representation): EncoderSpec fields by name.
 # `rep_dim` is the caller's unless the entry fixes it (DeiT's representation is its 1000-way output).
 _DINO = dict(head="dino", head_hidden_dim=2048, pos_embed="learn")  # DINO head, learned positions
 ENCODER_ARCHS: dict[str, dict[str, Any]] = {
@@ -179,7 +179,7 @@ def build_vit(spec: EncoderSpec) -> VisionTransformer:
         vit.head = DINOHead(spec.embed_dim, spec.head_hidden_dim, spec.rep_dim)
     if (spec.img_size // spec.patch_size) ** 2 + 1 <= SHORT_SEQUENCE:
         # For a few dozen tokens the explicit softmax(QK^T)V is faster than the fused kernel
-        # (measured: MoCo training step 0.38 vs 0.53 CPU-s at 17 tokens); same math.
+        # (docs/measurements.md#encoder-attention); same math.
         for blk in vit.blocks:
             blk.attn.fused_attn = False
     if spec.pos_embed == "sincos":
@@ -203,7 +203,7 @@ def preprocess(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
             raise ValueError(f"encoder takes {spec.in_chans} channels, images have {c}")
     mean = torch.tensor(spec.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    x = (images - mean) / std  # normalise BEFORE resizing (REFERENCE.md section 1)
+    x = (images - mean) / std  # normalise BEFORE resizing (docs/paper.md#representation)
     if x.shape[-2:] != (spec.img_size, spec.img_size):
         x = F.interpolate(x, size=(spec.img_size, spec.img_size), mode="bicubic", align_corners=False)
     return x

@@ -1,4 +1,4 @@
-"""Image generators of RCG (DESIGN.md step 3): a registry of architectures, saving and loading.
+"""Image generators of RCG (method step 3, docs/design.md): a registry of architectures, saving, loading.
 
 Each family keeps its named sizes in one dict, name -> constructor kwargs (``DIT_ARCHS``,
 ``UNET_ARCHS``), built by ``build_dit`` / ``build_unet``; ``build_generator(arch, **kwargs)`` picks the

@@ -1,4 +1,4 @@
-"""What the image generator is conditioned on, shared by the DiT and the U-Net (REFERENCE.md 3.2).
+"""What the image generator is conditioned on, for the DiT and the U-Net (docs/paper.md#image-generators).
 
 ``Conditioner`` builds the vector every block is modulated by: ``c = t_emb + Linear(rep)`` for RCG,
 with a learned ``fake_latent`` swapped in for ``rep_drop_prob`` of the samples during training (and
@@ -106,7 +106,7 @@ class Guided:
 
         The batch is doubled; the second half is forced onto the null condition. ``cfg_scale`` may be
         a per-sample tensor (N,), e.g. for the linearly increasing schedule. w = 0 is no guidance (the
-        MAGE convention of REFERENCE.md 3.1; DiT's scale s is 1 + w). Applied to every channel.
+        MAGE convention, docs/paper.md#guidance; DiT's scale s is 1 + w). Applied to every channel.
         """
         if self.condition == "none":
             return self(x, t)  # type: ignore[operator]

@@ -1,4 +1,4 @@
-"""DiT conditioned on a representation: the pixel/latent generator of RCG (REFERENCE.md 3.2).
+"""DiT conditioned on a representation: the pixel/latent generator of RCG (docs/paper.md#image-generators).
 
 Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero blocks. RCG's variant conditions every
 block on ``c = t_emb + rep_embedder(rep)`` with ``rep_embedder = Linear(256 -> D)``; during training a
@@ -182,11 +182,10 @@ _TABLE1: dict[str, dict[str, int]] = {
 
 # Named sizes -> DiT kwargs: 'DiT-S/2' ... 'DiT-XL/8', then the small presets. `dit_tiny` makes the
 # tests run in seconds; `dit_fmnist` is sized for Fashion-MNIST 28 px on CPU: patch 7 -> 16 tokens,
-# 128 wide, 4 deep (1.3M parameters). Measured on one shared core with bf16: ~880 img/s per
-# CPU-second for a training step, 2.6x the patch-4 model's 340, and at equal CPU time its held-out
-# diffusion loss is as low or lower. `dit_fmnist_p4` is the finer, slower alternative for longer
-# budgets. The default preset now uses `unet_fmnist` (rcg/generators/unet.py): at equal CPU time
-# its samples score better and are not blocky.
+# 128 wide, 4 deep (1.3M parameters), much faster per step than patch 4 and as good at equal CPU
+# time (docs/measurements.md#generator-choice). `dit_fmnist_p4` is the finer, slower alternative for
+# longer budgets. The default preset now uses `unet_fmnist` (rcg/generators/unet.py): at equal CPU
+# time its samples score better and are not blocky.
 DIT_ARCHS: dict[str, dict[str, int]] = {
     **{f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in _TABLE1.items() for p in (2, 4, 8)},
     "dit_tiny": dict(depth=2, hidden_size=32, num_heads=2, patch_size=4),

@@ -1,4 +1,4 @@
-"""A small ADM-style U-Net conditioned like the DiT (REFERENCE.md 3.3; Dhariwal & Nichol 2021).
+"""A small ADM-style U-Net conditioned like the DiT (docs/paper.md#image-generators; Dhariwal & Nichol 2021).
 
 The paper also runs RCG on ADM's U-Net: ``emb = time_embed(t) + rep_proj(rep)`` drives scale-shift
 GroupNorm in every residual block. Here the conditioning is the same ``Conditioner`` as the DiT's
@@ -153,10 +153,9 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-# Named sizes -> UNet kwargs. `unet_fmnist`: 1.25M parameters, the default preset's generator,
-# ~160 img/s per CPU-second for a training step (1/6 of dit_fmnist), yet with v-prediction 500 steps
-# (~400 CPU-s) reach fd (evalnet) 12.2 for RCG samples against dit_fmnist's 19.2 after 3000 steps
-# at the same CPU time.
+# Named sizes -> UNet kwargs. `unet_fmnist`: 1.25M parameters, the default preset's generator:
+# slower per training step than dit_fmnist, yet with v-prediction its RCG samples score better at
+# the same CPU time (docs/measurements.md#generator-choice).
 UNET_ARCHS: dict[str, dict[str, Any]] = {
     "unet_tiny": dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,)),
     "unet_fmnist": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,)),

@@ -1,6 +1,6 @@
 """The space the image generator works in: pixels for small images, VAE latents for 256 px.
 
-RCG's DiT (REFERENCE.md 3.2) trains on Stable Diffusion VAE latents: images in [-1, 1] are encoded
+RCG's DiT (docs/paper.md#image-generators) trains on SD VAE latents: images in [-1, 1] are encoded
 by ``AutoencoderKL`` (``stabilityai/sd-vae-ft-ema``), a latent is *sampled* from the posterior and
 scaled by 0.18215; generation decodes ``z / 0.18215`` and maps back with ``(x + 1) / 2``. Here the
 VAE is read from a local diffusers folder (``config.json`` + weights, as ``save_pretrained`` writes
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from rcg.io import PipelineError
 
-SD_VAE_SCALE = 0.18215  # the DiT/LDM latent scale for the SD VAE (REFERENCE.md 3.2)
+SD_VAE_SCALE = 0.18215  # the DiT/LDM latent scale for the SD VAE (docs/paper.md#image-generators)
 
 
 class Codec(Protocol):

@@ -3,7 +3,7 @@
 - `evalnet`: the domain classifier of `rcg.metrics.evalnet`, registered into torch-fidelity's
   registry as a `FeatureExtractorBase` subclass. Its penultimate features give `fd` (the Frechet
   distance under this extractor; not FID), KID and precision/recall; its logits give IS.
-- `inception-v3-compat`: torch-fidelity's own Inception (standard FID, REFERENCE.md section 4), with
+- `inception-v3-compat`: torch-fidelity's own Inception (standard FID, docs/paper.md#evaluation), with
   its weights from a configured local file or torch's hub cache; never downloaded, since nothing
   here may wait on the network.
 

@@ -1,6 +1,6 @@
 """Sample-quality metrics through torch-fidelity: Frechet distance, IS, KID, precision and recall.
 
-REFERENCE.md section 4: the reference scores 50k samples with torch-fidelity against reference
+docs/paper.md#evaluation: the reference scores 50k samples with torch-fidelity against reference
 statistics of real data. Here the real side (the val split) is featurised once per extractor and
 cached under `evaluate.cache_dir` (a DVC output), named by a digest of everything it depends on,
 so every mode and every later run reuses it; torch-fidelity's own `cache_root` +

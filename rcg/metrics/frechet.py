@@ -1,7 +1,8 @@
 """Frechet distance between two sets of feature vectors, through torch-fidelity (not a copy of it).
 
-Used for the paper's representation-space check (REFERENCE.md 10: FD of RDM samples against train
-reps, and the noise floor of real reps against real reps) and for any other feature space.
+Used for the paper's representation-space check (docs/paper.md#representation-quality: FD of RDM
+samples against train reps, and the noise floor of real reps against real reps) and for any other
+feature space.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ Stats = dict[str, np.ndarray]
 @contextlib.contextmanager
 def _single_blas_thread() -> Iterator[None]:
     """Run NumPy's BLAS/LAPACK on one thread: a D x D eigendecomposition (D = 256) is too small to
-    gain from threads, and on a busy machine OpenBLAS threads spin (measured here: 3.8 s vs 0.05 s)."""
+    gain from threads, and on a busy machine OpenBLAS threads spin
+    (docs/measurements.md#frechet-distance-threads)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # optional: without it NumPy keeps its default thread count

@@ -1,4 +1,6 @@
-"""How good the RDM's representations are: Frechet distances in representation space (paper section 10).
+"""How good the RDM's representations are: Frechet distances in representation space.
+
+docs/paper.md#representation-quality has the paper's numbers.
 
 The paper checks its RDM by the Frechet distance (FD) between 50k RDM samples and the training
 representations (0.48), next to the noise floor of 50k real training representations against all of

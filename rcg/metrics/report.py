@@ -1,8 +1,9 @@
 """The evaluation table as Markdown, with the paper's ImageNet numbers beside it (`rcg report`).
 
 One row per generation mode of metrics/eval.json, the real-data floor, and whether the paper's
-claims (Table 9a's ordering) hold at this scale. The paper's numbers are ImageNet 256x256 FID / IS with 50k samples: orientation,
-not a target; our `fd` is only comparable to them when the extractor is Inception.
+claims (Table 9a's ordering) hold at this scale. The paper's numbers are ImageNet 256x256 FID / IS
+with 50k samples: orientation, not a target; our `fd` is only comparable to them when the
+extractor is Inception.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# mode -> (paper FID / IS on ImageNet 256x256, where it comes from): REFERENCE.md sections 6 and 10.
+# mode -> (paper FID / IS on ImageNet 256x256, where it comes from): docs/paper.md#headline-numbers and
+# docs/paper.md#what-conditions-the-generator (Table 9a).
 PAPER: dict[str, tuple[str, str]] = {
     "uncond": ("27.32 / -", "DiT-XL/2 without RCG (MAGE-L: 7.04)"),
     "label": ("5.83 / 147.3", "MAGE-B on class labels, Table 9a"),

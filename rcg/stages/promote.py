@@ -1,6 +1,6 @@
 """`rcg promote`: register the trained RCG generator in MLflow and move `@champion` only if it is better.
 
-DESIGN.md, "Roles": the MLflow registry holds the servable generator (rcg.serving) under aliases.
+The MLflow registry holds the servable generator (rcg.serving) under aliases (docs/design.md).
 Without `--version`, the current models (models/rdm, models/generator/rep) are logged as a new
 pyfunc version together with the `fd` of metrics/eval.json; then, with or without `--version`,
 `@champion` moves to that version only when its fd is lower than the champion's.

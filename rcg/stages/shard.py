@@ -1,4 +1,4 @@
-"""`rcg shard`: an image source -> WebDataset shards + manifest.json (DESIGN.md, stage `shard`)."""
+"""`rcg shard`: an image source -> WebDataset shards + manifest.json (docs/design.md, stage `shard`)."""
 
 from __future__ import annotations
 
