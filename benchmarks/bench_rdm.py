@@ -25,7 +25,8 @@ import torch
 from rcg.config import RDMConfig
 from rcg.features import read_features, to_table, write_features
 from rcg.rdm import build_rdm
-from rcg.stages.train_rdm import train_rdm_model
+import rcg.training as training
+from rcg.rdm import train_rdm
 from rcg.training import DistInfo, autocast
 
 
@@ -63,15 +64,25 @@ def time_bare(rc: RDMConfig, dim: int, steps: int, warmup: int, with_step: bool,
 
 def time_stage(rc: RDMConfig, reps: torch.Tensor, labels: torch.Tensor | None, steps: int, warmup: int,
                ckpt_dir: str) -> float:
-    """Seconds per step of the stage's own training loop (train_rdm_model), setup excluded."""
-    stamps: dict[int, float] = {}
+    """Seconds per step of the stage's own training (rcg.rdm.train_rdm through the shared loop),
+    setup excluded: the time between consecutive optimiser steps, data and bookkeeping included."""
+    stamps: list[float] = []
     rc.steps, rc.ckpt_every, rc.checkpoint_dir = warmup + steps + 1, 10**9, ckpt_dir
     for f in Path(ckpt_dir).rglob("*.pt"):
         f.unlink()  # start fresh each time
     info = DistInfo(0, 1, 0, torch.device("cpu"))
-    train_rdm_model(rc, reps, labels, info, num_classes=10 if labels is not None else 0,
-                    on_step=lambda s: stamps.__setitem__(s, time.perf_counter()))
-    # on_step(s) fires after step s; the last step also writes the final checkpoint, so stop before it
+    real = training._train_step
+
+    def stamped(*args: object, **kwargs: object) -> None:
+        stamps.append(time.perf_counter())
+        real(*args, **kwargs)
+
+    training._train_step = stamped
+    try:
+        train_rdm(rc, reps, labels, 10 if labels is not None else 0, info)
+    finally:
+        training._train_step = real
+    # stamps[k] is when step k starts; the last step also writes the final checkpoint: not timed
     return (stamps[warmup + steps] - stamps[warmup]) / steps
 
 

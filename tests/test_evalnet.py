@@ -90,10 +90,27 @@ def test_stage_learns_writes_artifacts_and_resumes(in_workspace: Path, caplog: p
     assert not any("resuming" in r.message for r in caplog.records)
 
 
-def test_unlabelled_shards_are_a_clear_error(in_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unlabelled_shards_train_a_contrastive_network(in_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without labels the same CNN trains by SimCLR; it has features, no logits, and no accuracy."""
     cfg = config.load("params.yaml")
-    monkeypatch.setattr(
-        evalnet_stage, "read_manifest", lambda d: {"classes": [], "splits": {"train": {"written": 10}}}
-    )
-    with pytest.raises(PipelineError, match="no class labels"):
-        evalnet_stage.run(cfg)
+    manifest = read_json("data/shards/manifest.json")
+    monkeypatch.setattr(evalnet_stage, "read_manifest", lambda d: {**manifest, "classes": []})
+    evalnet_stage.run(cfg)
+    m = read_json("metrics/evalnet.json")
+    assert m["kind"] == "contrastive" and m["test_accuracy"] is None and "no class labels" in m["skipped"]["test_accuracy"]
+    net, meta = load_evalnet("models/evalnet/evalnet.safetensors")
+    assert meta["kind"] == "contrastive" and net.head is None
+    x = torch.rand(4, 1, 28, 28)
+    assert net.features(x).shape == (4, cfg.evalnet.feature_dim)
+    with pytest.raises(PipelineError, match="without labels"):
+        net(x)
+    from rcg.metrics.extractors import EVALNET_SSL, extractor_setup
+
+    assert extractor_setup("evalnet", "models/evalnet/evalnet.safetensors")[0] == EVALNET_SSL
+
+
+def test_nt_xent_is_low_for_matching_views_and_high_for_shuffled_ones() -> None:
+    from rcg.metrics.evalnet import nt_xent
+
+    z = torch.randn(16, 8)
+    assert nt_xent(z, z + 0.01 * torch.randn(16, 8), 0.2) < nt_xent(z, z[torch.randperm(16)], 0.2)

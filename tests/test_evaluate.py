@@ -144,15 +144,19 @@ def _read_val_reps() -> torch.Tensor:
     return read_features("data/features/val.parquet", view="orig").reps
 
 
-def test_unknown_mode_and_too_many_samples_are_clear_errors(in_workspace: Path) -> None:
+def test_unknown_mode_is_a_clear_error_and_too_many_samples_are_capped(
+    in_workspace: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = config.load("params.yaml")
     cfg.evaluate.modes = ["rcg", "dream"]
     with pytest.raises(PipelineError, match="dream"):
         evaluate_stage.evaluate(cfg, StandIn(cfg))
+    # More samples than train images (the floor's real side): as many as there are, with a warning.
     cfg = config.load("params.yaml")
     cfg.evaluate.n_samples = 10**6
-    with pytest.raises(PipelineError, match="n_samples"):
-        evaluate_stage.evaluate(cfg, StandIn(cfg))
+    with caplog.at_level("WARNING"), pytest.raises(PipelineError, match="run `rcg evalnet` first"):
+        evaluate_stage.evaluate(cfg, StandIn(cfg))  # (this workspace has no evaluation network)
+    assert any("n_samples=1000000, but the train split has 256 images" in r.message for r in caplog.records)
 
 
 def test_class_ids_follow_the_given_frequencies_exactly() -> None:

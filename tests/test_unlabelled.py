@@ -89,7 +89,7 @@ def test_every_stage_runs_and_a_generator_comes_out(unlabelled_run: Path) -> Non
     assert (repo / "models/generator/rep/generator.safetensors").exists()
     assert (repo / "models/generator/none/generator.safetensors").exists()
     encoder = _json(repo, "models/encoder/encoder.json")
-    assert len(encoder["mean"]) == 3 and _json(repo, "metrics/encoder.json")["normalisation"]["measured"]
+    assert len(encoder["spec"]["mean"]) == 3 and _json(repo, "metrics/encoder.json")["normalisation"]["measured"]
     for mode in ("uncond", "rcg", "rcg_cfg", "oracle"):
         row = _json(repo, "metrics/eval.json")["modes"][mode]
         assert np.isfinite(row["fd"]) and "is" not in row, (mode, row)

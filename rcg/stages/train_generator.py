@@ -46,6 +46,7 @@ def skip(cfg: Config, condition: str, reason: str) -> None:
     for name in ("generator.safetensors", "generator.json", "samples.png"):
         (out_dir / name).unlink(missing_ok=True)
     write_json(out_dir / "skipped.json", {"condition": condition, "reason": reason})
+    (Path(cfg.train_generator.checkpoint_dir) / condition).mkdir(parents=True, exist_ok=True)  # a DVC output
     write_json(Path(cfg.train_generator.metrics_dir) / f"generator_{condition}.json",
                {"condition": condition, "skipped": reason})
     log.warning("train_generator (%s) skipped: %s", condition, reason)
