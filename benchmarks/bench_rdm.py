@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=60000, help="images in the synthetic cache (x2 views)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     p.add_argument("--class-cond", action="store_true", help="benchmark the class-conditional RDM")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (train_rdm.amp false)")
@@ -117,6 +117,9 @@ def main() -> None:
             print(f"repeat {r}: bare fwd/bwd/AdamW {bare[-1] * 1e3:.1f} ms/step, bare fwd/bwd only "
                   f"{bare_fb[-1] * 1e3:.1f} ms/step, train-rdm loop {stage[-1] * 1e3:.1f} ms/step")
     b, bfb, s = statistics.median(bare), statistics.median(bare_fb), statistics.median(stage)
+    paired = sorted(x / y for x, y in zip(bare, stage))  # each repeat's own ratio: the spread
+    print(f"paired ratios over {args.repeats} repeats: min {paired[0]:.3f}, median "
+          f"{statistics.median(paired):.3f}, max {paired[-1]:.3f}")
     n_params = sum(p.numel() for p in build_rdm(rc.arch).parameters())
     print(f"arch {rc.arch} ({n_params / 1e6:.1f}M params), batch {rc.batch_size}, {args.threads} thread(s), "
           f"{'bf16 autocast' if rc.amp else 'fp32'}, "

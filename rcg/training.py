@@ -334,7 +334,7 @@ class LoopSpec:
     decay: Decay = "constant"
     decay_frac: float = 0.0  # `linear` decay: the share of steps at the end over which lr falls to 0
     grad_clip: float = 0.0  # max global grad norm; 0: no clipping
-    amp: bool = True  # bf16 autocast around the loss
+    amp: bool = True  # bf16 autocast around the loss, where it measures faster here (rcg.precision)
     ema_decay: float = 0.0  # 0: no EMA
     ema_warmup: bool = True
     log_every: int = 100
@@ -366,6 +366,7 @@ class _Run:
         self.loss_count = 0
         self.last_loss = float("nan")
         self.rng: dict[str, Any] | None = None
+        self.bf16: bool | None = None  # the precision this run trains in (a resumed run keeps its own)
 
     def resume(self) -> None:
         """Load the checkpoint's tensors (the RNG streams are restored later, see `fit`)."""
@@ -385,12 +386,13 @@ class _Run:
         self.loss_sum.fill_(float(state["loss_sum"]))
         self.loss_count, self.last_loss = int(state["loss_count"]), float(state["last_loss"])
         self.rng = state["rng"]
+        self.bf16 = state.get("bf16")
         log.info("%s: resuming from %s at step %d", self.spec.name, self.ckpt.path, self.step)
 
     def save(self) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "loss_sum": float(self.loss_sum), "loss_count": self.loss_count, "last_loss": self.last_loss,
-                 "rng": rng_state(self.generators)}
+                 "rng": rng_state(self.generators), "bf16": self.bf16}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         self.ckpt.save(state, final=self.step == self.spec.steps)
@@ -420,7 +422,7 @@ def _train_step(run: _Run, model: nn.Module, loss_fn: Loss, batch: Any) -> None:
     spec = run.spec
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.step, spec.steps, spec.lr, spec.warmup_steps, spec.decay, spec.decay_frac)
-    with autocast(run.info.device, spec.amp):
+    with autocast(run.info.device, bool(run.bf16)):
         loss = loss_fn(model, batch, run.step)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -480,6 +482,7 @@ def fit(
     batches = data(run.step) if run.step < spec.steps else iter(())
     if run.rng is not None:
         set_rng_state(run.rng, run.generators)
+    first = _precision(run, model, loss, batches) if run.step < spec.steps else None
     bar = None
     if info.is_main and run.step < spec.steps:
         from tqdm.auto import tqdm
@@ -489,7 +492,8 @@ def fit(
     cpu0 = time.process_time()
     ddp.train()
     while run.step < spec.steps:
-        _train_step(run, ddp, loss, next(batches))
+        batch, first = (first if first is not None else next(batches)), None
+        _train_step(run, ddp, loss, batch)
         if bar is not None:
             bar.update(1)
         if run.step % spec.log_every == 0 or run.step == spec.steps:
@@ -503,6 +507,22 @@ def fit(
         bar.close()
     del batches  # stops DataLoader workers before the stage goes on
     return Trained(unwrap(ddp), None if run.ema is None else run.ema.model, _summary(run, cpu0))
+
+
+def _precision(run: _Run, model: nn.Module, loss: Loss, batches: Iterator[Any]) -> Any:
+    """Decide bf16 or fp32 for this run (rcg.precision) unless the spec or a checkpoint fixed it;
+    returns the first batch when the decision needed it, so that it is trained on, not lost."""
+    if not run.spec.amp:
+        run.bf16 = False
+    if run.bf16 is not None:
+        return None
+    from rcg.precision import choose_bf16
+
+    first = next(batches)
+    info = run.info
+    run.bf16 = choose_bf16(run.spec.name, model, loss, first, run.step, info.device, info.distributed, info.is_main,
+                           run.generators)
+    return first
 
 
 def _summary(run: _Run, cpu0: float) -> dict[str, Any]:
@@ -520,4 +540,5 @@ def _summary(run: _Run, cpu0: float) -> dict[str, Any]:
         "train_cpu_seconds_this_run": round(time.process_time() - cpu0, 1),
         "images_per_s": round(trained * run.spec.batch_size / seconds, 1) if trained and run.spec.batch_size else None,
         "final_loss": run.last_loss if math.isfinite(run.last_loss) else None,
+        "precision": None if run.bf16 is None else ("bf16" if run.bf16 else "fp32"),
     }

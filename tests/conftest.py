@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ for _k, _v in {
     "CUDA_VISIBLE_DEVICES": "",
 }.items():
     os.environ[_k] = _v
+# Per-machine caches (the bf16/fp32 choice of rcg.precision) go to a folder of this test session.
+os.environ["RCG_CACHE_DIR"] = tempfile.mkdtemp(prefix="rcg-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

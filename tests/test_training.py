@@ -219,3 +219,50 @@ def test_stage_resumes_bit_identical(inputs: Path, tmp_path: Path, monkeypatch: 
             _run(stage, condition, overrides)
             models[name] = [Path(f).read_bytes() for f in files]
     assert models["split"] == models["whole"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision chosen by measurement (rcg.precision)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_precision_probe_leaves_no_trace_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rcg.precision as precision
+
+    monkeypatch.setenv("RCG_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 1))
+    batch = torch.randn(16, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+
+    def loss(m: nn.Module, b: torch.Tensor, step: int) -> torch.Tensor:
+        return m(b).pow(2).mean()
+
+    times = {True: 0.010, False: 0.0095}  # fp32 a little faster: within the margin, bf16 stays
+    monkeypatch.setattr(precision, "_pass", lambda m, lf, b, s, bf16, d: (lf(m, b, s).backward(), times[bf16])[1])
+    assert precision.choose_bf16("toy", model, loss, batch, 0, torch.device("cpu")) is True
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics restored
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    assert len(cache) == 1 and next(iter(cache.values()))["bf16"] is True
+
+    times[False] = 0.005  # now fp32 would win clearly, but the cached decision for this model stands
+    assert precision.choose_bf16("toy", model, loss, batch, 0, torch.device("cpu")) is True
+    (tmp_path / "precision.json").unlink()
+    assert precision.choose_bf16("toy", model, loss, batch, 0, torch.device("cpu")) is False
+
+
+def test_amp_runs_record_their_precision_and_resume_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RCG_CACHE_DIR", str(tmp_path / "cache"))
+    spec, model, opt = _toy(tmp_path / "ck", amp=True)
+    g = torch.Generator().manual_seed(1)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 4)
+        with pytest.raises(Interrupted):
+            fit(spec, model, opt, _mse, _toy_data(g), CPU, generators={"data": g})
+    saved = torch.load(tmp_path / "ck" / "checkpoint-last.pt", weights_only=True)["bf16"]
+    assert isinstance(saved, bool)
+    spec, model, opt = _toy(tmp_path / "ck", amp=True)
+    out = fit(spec, model, opt, _mse, _toy_data(g), CPU, generators={"data": g})
+    assert out.summary["precision"] == ("bf16" if saved else "fp32")
