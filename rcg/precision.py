@@ -8,6 +8,8 @@ per machine, model and batch shape (`$RCG_CACHE_DIR`, default `~/.cache/rcg/prec
 reruns on one machine make the same choice, and a resumed run keeps the one its checkpoint records.
 bf16 is kept unless fp32 is clearly faster (`MARGIN`), which keeps the choice stable on a noisy,
 shared machine. The probe leaves no trace: model state, gradients and every RNG stream are restored.
+`RCG_PRECISION=bf16` (or `fp32`) skips the measurement, e.g. to reproduce a run of another machine
+bit for bit (every metrics file of a training stage records the precision it ran in).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from rcg.io import write_json
 log = logging.getLogger(__name__)
 
 MARGIN = 1.10  # fp32 is chosen only when it is this much faster than bf16
-PROBE_STEPS = 3  # timed passes per precision, after one warm-up pass each
+WARMUP, PROBE_STEPS = 2, 5  # passes per precision: untimed (kernel set-up), then timed
 
 
 def cache_path() -> Path:
@@ -68,36 +69,37 @@ def _signature(batch: Any) -> str:
 
 def _pass(model: nn.Module, loss: Callable[..., torch.Tensor], batch: Any, step: int, bf16: bool,
           device: torch.device) -> float:
-    """CPU (or CUDA) seconds of one forward + backward pass."""
+    """Wall seconds of one forward + backward pass."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.process_time() if device.type == "cpu" else time.perf_counter()
+    t0 = time.perf_counter()
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         out = loss(model, batch, step)
     out.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.process_time() if device.type == "cpu" else time.perf_counter()) - t0
+    return time.perf_counter() - t0
 
 
 def probe(model: nn.Module, loss: Callable[..., torch.Tensor], batch: Any, step: int, device: torch.device,
           generators: dict[str, torch.Generator] | None = None) -> dict[str, float]:
-    """Median seconds per pass in each precision (interleaved, so load changes hit both alike);
-    restores the model's state, its gradients and the RNG streams afterwards."""
+    """The fastest of `PROBE_STEPS` passes in each precision, interleaved (the minimum is the estimate
+    least disturbed by other work on a shared machine); restores the model's state, its gradients
+    and the RNG streams afterwards."""
     from rcg.training import rng_state, set_rng_state
 
     state = copy.deepcopy(model.state_dict())  # forward passes may update buffers (BN, MoCo's keys)
     rng = rng_state(generators)
     times: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(PROBE_STEPS + 1):
+    for i in range(WARMUP + PROBE_STEPS):
         for bf16 in (True, False):
             t = _pass(model, loss, batch, step, bf16, device)
-            if i > 0:
+            if i >= WARMUP:
                 times[bf16].append(t)
     model.load_state_dict(state)
     model.zero_grad(set_to_none=True)
     set_rng_state(rng, generators)
-    return {"bf16": statistics.median(times[True]), "fp32": statistics.median(times[False])}
+    return {"bf16": min(times[True]), "fp32": min(times[False])}
 
 
 def choose_bf16(name: str, model: nn.Module, loss: Callable[..., torch.Tensor], batch: Any, step: int,
@@ -105,6 +107,12 @@ def choose_bf16(name: str, model: nn.Module, loss: Callable[..., torch.Tensor], 
                 generators: dict[str, torch.Generator] | None = None) -> bool:
     """Whether this model trains faster under bf16 autocast on this machine (module docstring).
     Under torchrun every rank follows rank 0's decision."""
+    forced = os.environ.get("RCG_PRECISION", "").strip().lower()
+    if forced in ("bf16", "fp32"):
+        log.info("%s: %s (RCG_PRECISION)", name, "bf16 autocast" if forced == "bf16" else "fp32")
+        return forced == "bf16"
+    if forced:
+        raise ValueError(f"RCG_PRECISION must be bf16 or fp32, got {forced!r}")
     key = f"{machine()} | {name} | {type(model).__name__} {sum(p.numel() for p in model.parameters())} | " \
           f"{_signature(batch)}"
     path = cache_path()

@@ -266,3 +266,19 @@ def test_amp_runs_record_their_precision_and_resume_with_it(tmp_path: Path, monk
     spec, model, opt = _toy(tmp_path / "ck", amp=True)
     out = fit(spec, model, opt, _mse, _toy_data(g), CPU, generators={"data": g})
     assert out.summary["precision"] == ("bf16" if saved else "fp32")
+
+
+def test_rcg_precision_overrides_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rcg.precision as precision
+
+    def never(*args: object) -> float:
+        raise AssertionError("measured although RCG_PRECISION was set")
+
+    monkeypatch.setattr(precision, "_pass", never)
+    model = nn.Linear(2, 1)
+    for value, bf16 in (("bf16", True), ("fp32", False)):
+        monkeypatch.setenv("RCG_PRECISION", value)
+        assert precision.choose_bf16("x", model, _mse, torch.ones(1, 2), 0, torch.device("cpu")) is bf16
+    monkeypatch.setenv("RCG_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        precision.choose_bf16("x", model, _mse, torch.ones(1, 2), 0, torch.device("cpu"))
