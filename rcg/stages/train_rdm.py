@@ -63,7 +63,7 @@ def _metrics(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
     result = {k: v for k, v in scores["rdm"].items() if k != "train"}
     train = scores["rdm"]["train"]
     result.update(train_steps=train["steps"], train_seconds=train["train_seconds_total"],
-                  train_final_loss=train["final_loss"])
+                  train_final_loss=train["final_loss"], train_precision=train["precision"])
     if "rdm_class" in scores:
         result["class_cond"] = scores["rdm_class"]
     return result
