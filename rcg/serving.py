@@ -9,26 +9,40 @@ from the artifact folders (the config is a record), and `predict` calls it as `r
 RDM sample -> image generator, optional guidance (`cfg`), optional class through the
 class-conditional RDM (paper section 4.4: no retraining of the image generator).
 
-Input: one row per request, columns `n` (images), optional `class` (class index; empty = unconditional),
-`cfg` (guidance scale, 0 = none), `seed`. Output: one row per image, columns `request`, `index`,
-`class`, `seed`, `png` (base64 PNG bytes); `decode_images` turns that back into an array.
+Input: one row per request, with the fields (`validate_request` checks them all, and the `steps`
+param, before any image is generated; a refusal is a `RequestError`, HTTP 400 when served):
+- `n`: images, an integer in [1, MAX_IMAGES_PER_REQUEST] (1, 1.0 and "1" are integers); the rows
+  together ask for at most MAX_IMAGES_PER_REQUEST images;
+- `class` (optional, empty = unconditional): a class in [0, num_classes) of the class-conditional
+  RDM; refused when the model has none;
+- `cfg` (optional, empty = the evaluated guidance): guidance scale, a finite number in [0, MAX_CFG];
+- `seed` (optional, empty = 0): an integer in [0, MAX_SEED].
+Param `steps` (optional): image sampler steps in [1, the generator's diffusion timesteps].
+"Empty" is how a DataFrame fills a field that a row leaves out: None, NaN or a blank string.
+Output: one row per image, columns `request`, `index`, `class` (-1: unconditional), `seed`, `png`
+(base64 PNG bytes); `decode_images` turns that back into an array.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import logging
 import json
+import logging
 import math
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 
 from rcg.config import Config
 from rcg.io import PipelineError, read_json
@@ -38,13 +52,18 @@ log = logging.getLogger(__name__)
 MODEL_NAME_IN_RUN = "rcg_generator"  # artifact folder of the logged model inside its run
 CHAMPION = "champion"
 MAX_IMAGES_PER_REQUEST = 1024  # a request is answered in one piece: keep one call bounded
+COLUMNS = ("n", "class", "cfg", "seed")  # the fields of a request row
+PARAMS = ("steps",)  # the request's params
+# Guidance scale w: the paper's best settings are w = 1 (MAGE-B) and 6 (MAGE-L) (docs/paper.md,
+# Headline numbers); 20 leaves room to explore past them, while w -> inf only saturates the images
+# (at inf they come out black).
+MAX_CFG = 20.0
+# Seeds: RCGGenerator seeds torch with `(seed + 1) * 1_000_003 + batch` for the image noise
+# (rcg.sampling.batch_generator), which must fit torch's 64-bit seed; 2**32 - 1 fits with room to
+# spare and is exact in the float64 column pandas makes when some rows leave `seed` empty.
+MAX_SEED = 2**32 - 1
 # Packages the model needs at load time; pinned to the versions that logged it.
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow", "safetensors", "pyyaml", "pyarrow")
-
-try:  # MLflow is a hard dependency of the project, but keep `import rcg.serving` cheap to fail
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover
-    PythonModel = object  # type: ignore[misc,assignment]
 
 
 def served_mode(eval_table: dict[str, Any]) -> str:
@@ -77,22 +96,194 @@ def decode_images(predictions: Any) -> np.ndarray:
     return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 0), np.uint8)
 
 
-def _optional(value: Any) -> Any:
-    """None for a missing cell (None, NaN, pandas NA), the value otherwise."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
+# --------------------------------------------------------------------------------------------------
+# Requests: every row is checked before any image is generated
+# --------------------------------------------------------------------------------------------------
 
 
-def _integer(value: Any, key: str, row: int) -> int:
-    """An integral number (1, 1.0, "1") as int; a PipelineError naming the request row otherwise."""
+class RequestError(MlflowException, PipelineError):
+    """A refused request: HTTP 400 from `mlflow models serve` (INVALID_PARAMETER_VALUE).
+
+    `str(e)` is the one-line reason; the JSON body of the HTTP answer carries it as `reason`, with
+    `request` (the row, or null) and `field` beside MLflow's own `message`.
+    """
+
+    def __init__(self, reason: str, field: str | None = None, row: int | None = None) -> None:
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE, reason=reason, request=row, field=field)
+        self.reason, self.field, self.row = reason, field, row
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of one served model: its classes (0 = no class-conditional RDM),
+    the image generator's diffusion timesteps (the most sampling steps) and its default guidance."""
+
+    num_classes: int
+    timesteps: int
+    default_cfg: float
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated request row: n images of `class_id` (None: unconditional), guidance, seed."""
+
+    n: int
+    class_id: int | None
+    cfg: float
+    seed: int
+
+
+def _show(value: Any) -> str:
+    """A short repr for a message (a hostile value may be huge; ints past 4300 digits have none)."""
     try:
-        f = float(value)
-    except (TypeError, ValueError):
-        f = math.nan
-    if not math.isfinite(f) or f != int(f):
-        raise PipelineError(f"request {row}: {key} must be an integer, got {value!r}")
-    return int(f)
+        text = repr(value.item() if isinstance(value, np.generic) else value)
+    except ValueError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _missing(value: Any) -> bool:
+    """An empty cell: absent, None, NaN, pandas NA, or a blank string (how DataFrames fill gaps)."""
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _as_integer(value: Any) -> int | None:
+    """An integral number (1, 1.0, "1") as int; None for anything else (True, 1.5, "x", inf)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    number = _as_number(value)
+    if number is None or not number.is_integer():
+        return None
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip())  # exact: "9007199254740993" is not rounded through a float
+    return int(number)
+
+
+def _as_number(value: Any) -> float | None:
+    """A finite real number (1, 1.5, "1.5") as float; None for anything else (True, "x", NaN, inf)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not _NUMBER_TEXT.fullmatch(value):  # float() would also take "nan", "inf" and "1_0"
+            return None
+    elif not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):  # ints past float range, strings past 4300 digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+_INT_TEXT = re.compile(r"[+-]?\d+")
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _integer_in(value: Any, field: str, row: int | None, low: int, high: int, hint: str = "") -> int:
+    """`value` as an integer in [low, high]; a RequestError naming the row and field otherwise."""
+    number = _as_integer(value)
+    if number is None or not low <= number <= high:
+        where = "params: " if row is None else f"request {row}: "
+        raise RequestError(f"{where}{field} must be an integer in [{low}, {high}]{hint}, got {_show(value)}",
+                           field, row)
+    return number
+
+
+def _scalar(value: Any) -> bool:
+    """One cell's value, not a column of them (a 0-d array counts as one value)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0
+    return not isinstance(value, (list, tuple, pd.Series))
+
+
+def request_rows(model_input: Any) -> list[dict[Any, Any]]:
+    """The request as a list of row dicts: a DataFrame (what the server hands over), a dict of
+    columns or of one row's values, or a list of row dicts. A RequestError for anything else."""
+    if isinstance(model_input, dict):
+        if all(_scalar(v) for v in model_input.values()):  # one row
+            model_input = [{k: v.item() if isinstance(v, np.ndarray) else v for k, v in model_input.items()}]
+        else:  # columns, as the server's `inputs` format gives them
+            try:
+                model_input = pd.DataFrame({k: np.atleast_1d(v) for k, v in model_input.items()})
+            except ValueError:
+                raise RequestError("request columns must be lists of single values, all of one length") from None
+    if isinstance(model_input, pd.DataFrame):
+        twice = model_input.columns[model_input.columns.duplicated()]
+        if len(twice):  # to_dict would keep one of them, silently
+            raise RequestError(f"field {_show(twice[0])} is given twice", str(twice[0]))
+        return model_input.to_dict("records")
+    if isinstance(model_input, (list, tuple, np.ndarray)) and all(isinstance(r, dict) for r in model_input):
+        return [dict(r) for r in model_input]
+    raise RequestError(f"a request is a list of rows with the fields {', '.join(COLUMNS)}; "
+                       f"got {type(model_input).__name__}")
+
+
+def validate_row(row: dict[Any, Any], i: int, limits: Limits) -> Request:
+    """One request row (module docstring) as a Request, or a RequestError naming the row and field."""
+    if _missing(row.get("n")):
+        raise RequestError(f"request {i}: n (the number of images, an integer >= 1) is required", "n", i)
+    n = _integer_in(row["n"], "n", i, 1, MAX_IMAGES_PER_REQUEST)
+    class_id = None
+    if not _missing(row.get("class")):
+        if limits.num_classes == 0:
+            raise RequestError(f"request {i}: class given, but this model has no class-conditional RDM "
+                               "(leave class empty for unconditional images)", "class", i)
+        class_id = _integer_in(row["class"], "class", i, 0, limits.num_classes - 1,
+                               " (empty for unconditional images)")
+    cfg = limits.default_cfg if _missing(row.get("cfg")) else _as_number(row["cfg"])
+    if cfg is None or not 0 <= cfg <= MAX_CFG:
+        raise RequestError(f"request {i}: cfg (guidance scale) must be a number in [0, {MAX_CFG:g}], "
+                           f"got {_show(row['cfg'])}", "cfg", i)
+    seed = 0 if _missing(row.get("seed")) else _integer_in(row["seed"], "seed", i, 0, MAX_SEED)
+    return Request(n, class_id, cfg, seed)
+
+
+def _refuse_unknown_fields(rows: list[dict[Any, Any]]) -> None:
+    """A RequestError for a field outside COLUMNS, naming the first row that fills it."""
+    for key in dict.fromkeys(k for r in rows for k in r):  # every field once, in request order
+        if key not in COLUMNS:
+            i = next((i for i, r in enumerate(rows) if not _missing(r.get(key))), 0)
+            raise RequestError(f"request {i}: unknown field {_show(key)}; the fields are {', '.join(COLUMNS)}",
+                               str(key), i)
+
+
+def validate_params(params: dict[str, Any] | None, limits: Limits) -> int | None:
+    """The `steps` param (None: the generator's saved step count); a RequestError names a bad or
+    unknown param."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise RequestError(f"params: must be a mapping of {', '.join(PARAMS)}, got {type(params).__name__}")
+    unknown = [k for k in params if k not in PARAMS]
+    if unknown:
+        raise RequestError(f"params: unknown param {_show(unknown[0])}; the params are {', '.join(PARAMS)}",
+                           str(unknown[0]))
+    steps = params.get("steps")
+    return None if steps is None else _integer_in(steps, "steps", None, 1, limits.timesteps)
+
+
+def validate_request(model_input: Any, params: dict[str, Any] | None,
+                     limits: Limits) -> tuple[list[Request], int | None]:
+    """Every row and param of a request, checked before any image is generated; then the total
+    number of images against MAX_IMAGES_PER_REQUEST. Returns the rows and the `steps` param."""
+    steps = validate_params(params, limits)
+    rows = request_rows(model_input)
+    if not rows:
+        raise RequestError("the request has no rows; send at least one row with n")
+    _refuse_unknown_fields(rows)
+    requests = [validate_row(r, i, limits) for i, r in enumerate(rows)]
+    total = sum(r.n for r in requests)
+    if total > MAX_IMAGES_PER_REQUEST:
+        raise RequestError(f"n: the {len(requests)} rows ask for {total} images; at most "
+                           f"{MAX_IMAGES_PER_REQUEST} per request", "n")
+    return requests, steps
 
 
 class RCGPyfunc(PythonModel):
@@ -107,64 +298,48 @@ class RCGPyfunc(PythonModel):
         table = json.loads(Path(arts["eval"]).read_text()) if "eval" in arts else {}
         self.default_cfg = float(table.get("cfg", evaluate.get("cfg", 0.0)) or 0.0)
         self.cfg_schedule = str(evaluate.get("cfg_schedule", "linear"))
+        class_rdm = self.generator.reps.class_rdm
+        self.limits = Limits(num_classes=0 if class_rdm is None else int(class_rdm.num_classes),
+                             timesteps=int(self.generator.image.diffusion.num_timesteps),
+                             default_cfg=self.default_cfg)
 
     # pd.DataFrame is the one input hint MLflow accepts without inferring a schema from it: the
-    # logged signature() stays the schema, and MLflow does not warn about a missing hint.
+    # logged signature() (no input schema, see there) stays, and MLflow does not warn about a missing hint.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Images for every request row (module docstring for the columns). pyfunc hands the rows
-        over as a DataFrame; a dict or a list of dicts also works when called directly."""
+        over as a DataFrame; a dict or a list of dicts also works when called directly. The whole
+        request is validated first: a RequestError (HTTP 400) names the row and field."""
         import torch
 
-        requests = (
-            model_input.to_dict("records") if isinstance(model_input, pd.DataFrame)
-            else [model_input] if isinstance(model_input, dict) else list(model_input)
-        )
-        steps = (params or {}).get("steps")
-        total = sum(_integer(r.get("n", 1), "n", i) for i, r in enumerate(requests))
-        if total > MAX_IMAGES_PER_REQUEST:
-            raise PipelineError(f"{total} images requested; at most {MAX_IMAGES_PER_REQUEST} per call")
+        requests, steps = validate_request(model_input, params, self.limits)
         rows = []
         for i, r in enumerate(requests):
-            n = _integer(r.get("n", 1), "n", i)
-            cls = _optional(r.get("class"))
-            cls = None if cls is None or _integer(cls, "class", i) < 0 else _integer(cls, "class", i)
-            cfg_scale = _optional(r.get("cfg"))
-            cfg_scale = self.default_cfg if cfg_scale is None else float(cfg_scale)
-            seed = _optional(r.get("seed"))
-            seed = 0 if seed is None else _integer(seed, "seed", i)
-            if n < 1:
-                raise PipelineError(f"request {i}: n must be at least 1, got {n}")
-            if cls is not None and not self.generator.class_conditional:
-                raise PipelineError("class given, but this model has no class-conditional RDM")
-            images = self.generator.sample(n, cls, cfg=cfg_scale, cfg_schedule=self.cfg_schedule,
-                                           steps=None if steps is None else int(steps), seed=seed)
+            images = self.generator.sample(r.n, r.class_id, cfg=r.cfg, cfg_schedule=self.cfg_schedule,
+                                           steps=steps, seed=r.seed)
             u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             rows += [
-                {"request": i, "index": j, "class": -1 if cls is None else cls, "seed": seed,
-                 "png": _png_b64(u8[j])}
-                for j in range(n)
+                {"request": i, "index": j, "class": -1 if r.class_id is None else r.class_id,
+                 "seed": r.seed, "png": _png_b64(u8[j])}
+                for j in range(r.n)
             ]
         return pd.DataFrame(rows, columns=["request", "index", "class", "seed", "png"])
 
 
 def signature() -> Any:
-    """Input: n, optional class / cfg / seed; output: one row per image; param: `steps`."""
+    """Output: one row per image; param: `steps`. No input schema, on purpose: MLflow applies one
+    before `predict` runs, dropping unknown columns and casting values (the server reads 1.5 and
+    true as 1 for a `long` n), so `validate_request` is the one check of the rows (module docstring)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([
-            ColSpec("long", "n"),
-            # Any, not long/double: a column left empty in some rows arrives as float NaN, and MLflow
-            # refuses both NaN in a long column and int64 in a double one. predict checks the values.
-            ColSpec(AnyType(), "class", required=False),
-            ColSpec(AnyType(), "cfg", required=False),
-            ColSpec(AnyType(), "seed", required=False),
-        ]),
+        inputs=None,
         outputs=Schema([
             ColSpec("long", "request"), ColSpec("long", "index"), ColSpec("long", "class"),
             ColSpec("long", "seed"), ColSpec("string", "png"),
         ]),
+        # MLflow checks a param's type (a long: 3.0, "3" and true are refused with HTTP 400) and
+        # drops params the schema does not name before `predict` sees them.
         params=ParamSchema([ParamSpec("steps", "long", None)]),
     )
 
