@@ -120,6 +120,17 @@ def load_strict(module: nn.Module, state: StateDict, source: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def weights_only_reason(e: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one line: the weights-only
+    unpickler's own reason (e.g. the global a crafted pickle would call), not torch's paragraph
+    that suggests loading the file unsafely."""
+    text = str(e)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (rest if marker else text).splitlines() if ln.strip()]
+    reason = lines[0].split(". Please use")[0] if lines else ""
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
 def read_checkpoint(path: str | Path) -> Any:
     """torch.load an official checkpoint on CPU, unpickling only tensors and plain data.
 
@@ -131,10 +142,11 @@ def read_checkpoint(path: str | Path) -> Any:
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle with other classes, or a broken file
+        except Exception as e:  # pickle with code or other classes, or a broken file
             raise PipelineError(
-                f"{path}: cannot read as a weights-only torch checkpoint ({e}). If you trust the "
-                "file, re-save its state dict with torch.save({'state_dict': ...})."
+                f"{path}: cannot read as a weights-only torch checkpoint ({weights_only_reason(e)}); "
+                "nothing in it was run. If you trust the file, re-save its tensors with torch.save "
+                "(as a plain dict)."
             ) from None
 
 
@@ -151,5 +163,5 @@ def load_checkpoint(path: str | Path, fmt: str, spec: EncoderSpec) -> RepEncoder
 
 __all__ = [
     "CONVERTERS", "VIT_L_KEY_FIXES", "convert_deit", "convert_dino", "convert_ibot",
-    "convert_mocov3", "load_checkpoint", "load_strict", "read_checkpoint",
+    "convert_mocov3", "load_checkpoint", "load_strict", "read_checkpoint", "weights_only_reason",
 ]

@@ -4,8 +4,10 @@ RCG's DiT (docs/paper.md#image-generators) trains on SD VAE latents: images in [
 by ``AutoencoderKL`` (``stabilityai/sd-vae-ft-ema``), a latent is *sampled* from the posterior and
 scaled by 0.18215; generation decodes ``z / 0.18215`` and maps back with ``(x + 1) / 2``. Here the
 VAE is read from a local diffusers folder (``config.json`` + weights, as ``save_pretrained`` writes
-it; nothing is downloaded). For Fashion-MNIST-sized images the generator works on pixels instead,
-through the same two-method interface (``PixelCodec``).
+it; nothing is downloaded). Only safetensors weights are read: a folder with only a pickle
+``diffusion_pytorch_model.bin`` (which could run code when unpickled) is refused. For
+Fashion-MNIST-sized images the generator works on pixels instead, through the same two-method
+interface (``PixelCodec``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from rcg.io import PipelineError
+from rcg.io import PipelineError, read_json
 
 SD_VAE_SCALE = 0.18215  # the DiT/LDM latent scale for the SD VAE (docs/paper.md#image-generators)
 
@@ -54,6 +56,30 @@ class PixelCodec:
         return {"type": "pixel"}
 
 
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes (safe_serialization)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights formats that unpickle
+
+
+def check_vae_weights(path: Path) -> None:
+    """A PipelineError unless the folder's weights are safetensors: one file, or an index whose
+    shards all are (diffusers would otherwise fall back to a pickle `.bin`)."""
+    index = path / f"{VAE_WEIGHTS}.index.json"
+    if index.exists():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        pickled = [s for s in shards if not s.endswith(".safetensors")]
+        if pickled or not shards:
+            raise PipelineError(f"{index}: shards must be safetensors files, found {pickled or 'none'}")
+        return
+    if (path / VAE_WEIGHTS).is_file():
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    found = f"only {', '.join(pickles)}, a pickle format that could run code when loaded; " if pickles else ""
+    raise PipelineError(
+        f"{path}: no {VAE_WEIGHTS} ({found}re-save a trusted VAE with "
+        "AutoencoderKL.save_pretrained(folder, safe_serialization=True))"
+    )
+
+
 class VAECodec:
     """Latent space of a diffusers AutoencoderKL (frozen, eval mode), scaled as DiT does."""
 
@@ -66,8 +92,10 @@ class VAECodec:
                 f"{self.path}: not a diffusers AutoencoderKL folder (no config.json); save one with "
                 "AutoencoderKL.save_pretrained, e.g. stabilityai/sd-vae-ft-ema"
             )
+        check_vae_weights(self.path)
         try:
-            self.vae = AutoencoderKL.from_pretrained(str(self.path), local_files_only=True)
+            # use_safetensors=True: diffusers never falls back to unpickling a .bin
+            self.vae = AutoencoderKL.from_pretrained(str(self.path), local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as e:
             raise PipelineError(f"{self.path}: cannot load AutoencoderKL ({e})") from None
         self.vae.eval().requires_grad_(False)

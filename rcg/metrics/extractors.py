@@ -5,7 +5,11 @@
   distance under this extractor; not FID), KID and precision/recall; its logits give IS.
 - `inception-v3-compat`: torch-fidelity's own Inception (standard FID, docs/paper.md#evaluation), with
   its weights from a configured local file or torch's hub cache; never downloaded, since nothing
-  here may wait on the network.
+  here may wait on the network. torch-fidelity 0.4.0 reads that file with
+  `torch.load(path, weights_only=False)`, which runs whatever code a crafted pickle holds, so the
+  registry entry of that name is replaced by `SafeInceptionV3`: the same network, its weights read
+  weights-only and checked key by key here, and handed over as an in-memory copy of plain tensors.
+  The name, and with it eval.json's `extractor` and the cache file names, stays torch-fidelity's.
 
 torch-fidelity hands every extractor a batch of uint8 [B, 3, H, W] images and one
 `feature_extractor_weights_path` per call; the evalnet extractor reads its architecture from the
@@ -14,12 +18,14 @@ JSON beside that weights file.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from rcg.io import PipelineError, read_json
@@ -85,11 +91,93 @@ class EvalNetExtractor(FeatureExtractorBase):
         return tuple(out[name]().float() for name in self.features_list)
 
 
+def read_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in an Inception weights file, unpickling only tensors and plain data.
+
+    A file that needs anything else (code, or any class beyond torch's weights-only set) is refused
+    with one line naming it; nothing in it runs.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for damage
+        from rcg.encoders.checkpoints import weights_only_reason  # only here: it imports timm
+
+        raise PipelineError(f"{path}: not an Inception weights file this project can read safely "
+                            f"({weights_only_reason(e)}); nothing in it was run") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise PipelineError(f"{path}: not an Inception state dict (expected a dict of tensors, as in {URL_INCEPTION_V3})")
+    return dict(state)
+
+
+def layout_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], show: int = 3) -> str:
+    """What keeps `state` from loading strictly into a module whose state dict is `expected`, in one
+    line ("" when it fits): missing and unexpected keys and shape mismatches, the first `show` of each."""
+
+    def listed(what: str, items: list[str]) -> str:
+        more = f", ... ({len(items) - show} more)" if len(items) > show else ""
+        return f"{len(items)} {what}: {', '.join(items[:show])}{more}"
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    parts = [listed(what, items) for what, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    return "; ".join(parts)
+
+
+class _LayoutError(ValueError):
+    """A state dict that does not fit torch-fidelity's Inception (message: `layout_mismatch`)."""
+
+
+class SafeInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's `inception-v3-compat` network with its weights file read weights-only.
+
+    The parent builds the network and then `torch.load`s `feature_extractor_weights_path` with
+    `weights_only=False`; here it is given an in-memory file written from the tensors read safely
+    (so there is nothing for it to run), and the state dict is checked against the network's own
+    keys and shapes before loading. Forward pass, features and numbers are the parent's.
+    """
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: Any = None,
+                 **kwargs: Any) -> None:
+        if feature_extractor_weights_path is None:
+            raise PipelineError(f"{name}: no Inception weights file given, and this project never downloads them")
+        path = Path(feature_extractor_weights_path)
+        buffer = io.BytesIO()
+        torch.save(read_inception_weights(path), buffer)
+        buffer.seek(0)
+        try:
+            super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+        except _LayoutError as e:
+            raise PipelineError(
+                f"{path}: does not match torch-fidelity's Inception-v3 ({e}); expected the weights of {URL_INCEPTION_V3}"
+            ) from None
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        if strict and (problems := layout_mismatch(self.state_dict(), state_dict)):
+            raise _LayoutError(problems)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
 def register_extractors() -> None:
-    """Register `evalnet` in torch-fidelity's registry (idempotent: safe to call per stage)."""
+    """Register `evalnet` in torch-fidelity's registry and make its `inception-v3-compat` read its
+    weights safely (`SafeInceptionV3`). Idempotent: safe to call per stage."""
     for name in (EVALNET, EVALNET_SSL):
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             torch_fidelity.register_feature_extractor(name, EvalNetExtractor)
+    # Replaced in place, not registered under a new name: the name is what eval.json reports and
+    # what torch-fidelity's cache files are named by, and it must be the metric's (standard FID).
+    FEATURE_EXTRACTORS_REGISTRY[INCEPTION] = SafeInceptionV3
+
+
+def check_inception_weights(path: str | Path) -> None:
+    """Build the Inception extractor from `path` once (weights read safely, keys and shapes checked),
+    so a bad file stops the stage at set-up rather than after the first images were read."""
+    SafeInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=str(path))
 
 
 def inception_weights_path(configured: str = "") -> Path:
@@ -123,5 +211,8 @@ def extractor_setup(extractor: str, evalnet_weights: str | Path, inception_weigh
         kind = read_json(path.with_suffix(".json")).get("kind", "classifier")
         return (EVALNET if kind == "classifier" else EVALNET_SSL), path
     if extractor == "inception":
-        return INCEPTION, inception_weights_path(inception_weights)
+        register_extractors()
+        path = inception_weights_path(inception_weights)
+        check_inception_weights(path)
+        return INCEPTION, path
     raise PipelineError(f"evaluate.extractor: unknown extractor {extractor!r} (evalnet | inception)")

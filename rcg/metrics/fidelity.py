@@ -8,6 +8,11 @@ so every mode and every later run reuses it; torch-fidelity's own `cache_root` +
 
 Metric names say which extractor produced them: `fd` is the Frechet distance under the extractor
 named beside it; it is FID only when that extractor is Inception.
+
+torch-fidelity reads its cache entries (and extractor weights) with `torch.load(...,
+weights_only=False)`, so a crafted `.pt` file in the cache folder would run code. Every call here
+runs with torch's `TORCH_FORCE_WEIGHTS_ONLY_LOAD` set: those loads unpickle only tensors and the
+float numpy arrays of the FID statistics, and an entry that needs more is an error naming it.
 """
 
 from __future__ import annotations
@@ -15,16 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch_fidelity
+from numpy._core.multiarray import _reconstruct
 from torch.utils.data import Dataset
 
 from rcg.config import DataConfig
 from rcg.io import PipelineError
+from rcg.metrics.extractors import register_extractors
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +125,55 @@ def cache_name(split: str, n: int, *parts: Any) -> str:
     return f"{split}-n{n}-{digest}"
 
 
+# What torch-fidelity's FID statistics ({"mu", "sigma"}: float32/float64 ndarrays) need beyond
+# tensors; object arrays stay refused (no ObjectDType).
+NUMPY_ARRAYS = [np.ndarray, _reconstruct, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType]
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load honours it even over weights_only=False
+NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # its opposite; torch refuses both at once
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside runs weights-only, whatever its caller asked (torch-fidelity asks for
+    `weights_only=False`); float numpy arrays are allowed, as the FID statistics hold them."""
+    saved = {k: os.environ.pop(k, None) for k in (FORCE_WEIGHTS_ONLY, NO_WEIGHTS_ONLY)}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAYS):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def unsafe_cache_entry(cache_root: str | Path, names: list[str | None]) -> Path | None:
+    """The first torch-fidelity cache file of the entries `names` that does not load weights-only."""
+    for name in filter(None, names):
+        for path in sorted(Path(cache_root).glob(f"{name}-*.pt")):
+            try:
+                with weights_only_loads():
+                    torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                return path
+    return None
+
+
+@contextmanager
+def cache_entries_named(cache_root: str | Path, names: list[str | None]) -> Iterator[None]:
+    """A cache entry refused by `weights_only_loads` -> one line naming the file (torch does not)."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        from rcg.encoders.checkpoints import weights_only_reason  # only here: it imports timm
+
+        where = unsafe_cache_entry(cache_root, names) or Path(cache_root)
+        raise PipelineError(f"{where}: a torch-fidelity cache entry this project cannot read safely "
+                            f"({weights_only_reason(e)}); nothing in it was run; delete it to recompute") from None
+
+
 def fidelity_metrics(
     generated: Dataset,
     reference: Dataset,
@@ -142,27 +202,29 @@ def fidelity_metrics(
     n1, n2 = len(generated), len(reference)
     if min(n1, n2) < 2:
         raise PipelineError(f"need at least 2 images on each side, got {n1} and {n2}")
-    raw = torch_fidelity.calculate_metrics(
-        input1=generated,
-        input2=reference,
-        input1_cache_name=generated_cache,
-        input2_cache_name=reference_cache,
-        cache_root=str(cache_root),
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        isc=isc,  # IS needs class probabilities: off for an extractor without them
-        fid=True,
-        kid=True,
-        prc=True,
-        feature_extractor=extractor,
-        feature_extractor_weights_path=str(weights),
-        isc_splits=min(10, n1),
-        kid_subset_size=min(kid_subset_size, n1, n2),  # KID needs subsets no larger than each side
-        prc_neighborhood=min(prc_neighborhood, n1 - 1, n2 - 1),
-        save_cpu_ram=True,  # no DataLoader worker processes (2 cores), chunked distance matrices
-        samples_shuffle=True,
-        rng_seed=seed,
-        verbose=verbose,
-        **{f"feature_layer_{metric}": layer for metric, layer in (feature_layers or {}).items()},
-    )
+    register_extractors()  # torch-fidelity's Inception reads its weights file weights-only from here on
+    with weights_only_loads(), cache_entries_named(cache_root, [reference_cache, generated_cache]):
+        raw = torch_fidelity.calculate_metrics(
+            input1=generated,
+            input2=reference,
+            input1_cache_name=generated_cache,
+            input2_cache_name=reference_cache,
+            cache_root=str(cache_root),
+            cuda=torch.cuda.is_available(),
+            batch_size=batch_size,
+            isc=isc,  # IS needs class probabilities: off for an extractor without them
+            fid=True,
+            kid=True,
+            prc=True,
+            feature_extractor=extractor,
+            feature_extractor_weights_path=str(weights),
+            isc_splits=min(10, n1),
+            kid_subset_size=min(kid_subset_size, n1, n2),  # KID needs subsets no larger than each side
+            prc_neighborhood=min(prc_neighborhood, n1 - 1, n2 - 1),
+            save_cpu_ram=True,  # no DataLoader worker processes (2 cores), chunked distance matrices
+            samples_shuffle=True,
+            rng_seed=seed,
+            verbose=verbose,
+            **{f"feature_layer_{metric}": layer for metric, layer in (feature_layers or {}).items()},
+        )
     return {ours: float(raw[theirs]) for theirs, ours in METRIC_KEYS.items() if theirs in raw}
