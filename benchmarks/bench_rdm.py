@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rcg.training as training
 from rcg.config import RDMConfig
 from rcg.features import read_features, to_table, write_features
-from rcg.rdm import build_rdm
-import rcg.training as training
-from rcg.rdm import train_rdm
+from rcg.rdm import build_rdm, train_rdm
 from rcg.training import DistInfo, autocast
 
 

@@ -72,3 +72,14 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
+
+
+def weights_only_reason(e: BaseException) -> str:
+    """Why `torch.load(..., weights_only=True)` refused a file, in one line: the weights-only
+    unpickler's own reason (e.g. the global a crafted pickle would call), not torch's paragraph
+    that suggests loading the file unsafely."""
+    text = str(e)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in (rest if marker else text).splitlines() if ln.strip()]
+    reason = lines[0].split(". Please use")[0] if lines else ""
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__

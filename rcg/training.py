@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rcg.io import PipelineError, atomic_path
+from rcg.io import PipelineError, atomic_path, weights_only_reason
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for damage
         raise PipelineError(
-            f"{path}: not a checkpoint this project can read safely ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); delete it to start over"
+            f"{path}: not a checkpoint this project can read safely ({weights_only_reason(e)}); "
+            "delete it to start over"
         ) from None
 
 

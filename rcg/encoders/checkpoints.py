@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rcg.encoders.vit import EncoderSpec, RepEncoder
-from rcg.io import PipelineError
+from rcg.io import PipelineError, weights_only_reason
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,6 @@ def load_strict(module: nn.Module, state: StateDict, source: str) -> None:
             lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
         raise PipelineError("\n".join(lines))
     module.load_state_dict(state, strict=True)
-
-
-def weights_only_reason(e: BaseException) -> str:
-    """Why `torch.load(..., weights_only=True)` refused a file, in one line: the weights-only
-    unpickler's own reason (e.g. the global a crafted pickle would call), not torch's paragraph
-    that suggests loading the file unsafely."""
-    text = str(e)
-    _, marker, rest = text.partition("WeightsUnpickler error:")
-    lines = [ln.strip() for ln in (rest if marker else text).splitlines() if ln.strip()]
-    reason = lines[0].split(". Please use")[0] if lines else ""
-    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
 
 
 def read_checkpoint(path: str | Path) -> Any:

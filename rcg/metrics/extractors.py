@@ -101,7 +101,7 @@ def read_inception_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for code, EOFError/RuntimeError for damage
-        from rcg.encoders.checkpoints import weights_only_reason  # only here: it imports timm
+        from rcg.io import weights_only_reason
 
         raise PipelineError(f"{path}: not an Inception weights file this project can read safely "
                             f"({weights_only_reason(e)}); nothing in it was run") from None

@@ -167,7 +167,7 @@ def cache_entries_named(cache_root: str | Path, names: list[str | None]) -> Iter
     try:
         yield
     except pickle.UnpicklingError as e:
-        from rcg.encoders.checkpoints import weights_only_reason  # only here: it imports timm
+        from rcg.io import weights_only_reason
 
         where = unsafe_cache_entry(cache_root, names) or Path(cache_root)
         raise PipelineError(f"{where}: a torch-fidelity cache entry this project cannot read safely "
