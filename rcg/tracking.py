@@ -140,14 +140,19 @@ class Tracker:
 def failure_reason(e: BaseException) -> str:
     """What went wrong with the store, in a few words (MLflow's own messages run over many lines)."""
     cause: BaseException | None = e
+    innermost = e
     while cause is not None:
         if "Timeout" in type(cause).__name__ or isinstance(cause, TimeoutError):
             return f"no answer within {SETUP_TIMEOUT_S} s"
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror[0].lower() + cause.strerror[1:]
-        cause = cause.__cause__ or cause.__context__
+        innermost, cause = cause, cause.__cause__ or cause.__context__
+    for exc in (innermost, e):  # the root cause says it shortest (e.g. "too many 502 error responses")
+        text = " ".join(str(exc).split())
+        if text and len(text) <= 200:
+            return text
     text = " ".join(str(e).split())
-    return text if len(text) <= 200 else text[:200] + "..."
+    return text[:200] + "..."
 
 
 @contextlib.contextmanager
