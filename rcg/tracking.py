@@ -82,7 +82,6 @@ class Tracker:
         self.active = active
         self.uri, self.on_error = uri, on_error
         self.started = active  # an MLflow run is open and must be ended
-        self.failed = False
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         if not self.active:
@@ -93,8 +92,8 @@ class Tracker:
             self._failed(what, e)
 
     def _failed(self, what: str, e: Exception) -> None:
-        self.active, self.failed = False, True
-        msg = f"tracking: {what} to MLflow at {self.uri} failed ({failure_reason(e)})"
+        self.active = False
+        msg = f"tracking: {what} (MLflow at {self.uri}) failed ({failure_reason(e)})"
         if self.on_error == "continue":
             log.warning("%s; tracking.on_error is continue: the stage goes on without tracking", msg)
             return

@@ -234,7 +234,8 @@ def test_every_float_refuses_nan_and_inf_and_every_bound_holds() -> None:
         if r is not None and tp in (int, float) and _below(r) is not None:
             bad.append(tp(_below(r)))
         for value in bad:
-            with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {re.escape(repr(value))} is out of range \(must"):
+            expected = rf"^{re.escape(key)}: {re.escape(repr(value))} is out of range \(must"
+            with pytest.raises(ConfigError, match=expected):
                 config.resolve(params, {block: {name: value}}, preset="tiny")
             cases += 1
     assert cases > 100
@@ -264,12 +265,16 @@ def test_every_float_refuses_nan_and_inf_and_every_bound_holds() -> None:
         (["train_rdm.out_dir=''"], "train_rdm.out_dir: '' is not allowed (must not be empty"),
         (["tracking.uri=''"], "tracking.uri: '' is not allowed (must not be empty"),
         # what two fields decide together
-        (["train_rdm.sample_steps=2000"], "train_rdm.sample_steps: 2000 is out of range (must be <= train_rdm.timesteps"),
-        (["evaluate.sample_steps=1001"], "evaluate.sample_steps: 1001 is out of range (must be <= train_generator.timesteps"),
-        (["encoder.blur_sigma=[2, 1]"], "encoder.blur_sigma: [2.0, 1.0] is out of range (must be [min, max] with min <= max)"),
+        (["train_rdm.sample_steps=2000"],
+         "train_rdm.sample_steps: 2000 is out of range (must be <= train_rdm.timesteps"),
+        (["evaluate.sample_steps=1001"],
+         "evaluate.sample_steps: 1001 is out of range (must be <= train_generator.timesteps"),
+        (["encoder.blur_sigma=[2, 1]"],
+         "encoder.blur_sigma: [2.0, 1.0] is out of range (must be [min, max] with min <= max)"),
         (["encoder.num_heads=5"], "encoder.num_heads: 5 is out of range (must be a divisor of encoder.embed_dim"),
         (["encoder.patch_size=5"], "encoder.patch_size: 5 is out of range (must be a divisor of encoder.img_size"),
-        (["encoder.std=[0.3, 0.3]"], "encoder.std: [0.3, 0.3] is out of range (must be empty (measured on the shards) or one"),
+        (["encoder.std=[0.3, 0.3]"],
+         "encoder.std: [0.3, 0.3] is out of range (must be empty (measured on the shards) or one"),
         (["encoder.std=[]"], "encoder.std: [] is out of range (must be set together with encoder.mean"),
     ],
 )
