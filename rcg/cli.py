@@ -10,11 +10,14 @@ digests DVC's stages depend on (rcg.provenance).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rcg import config as config_mod
@@ -129,6 +132,28 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 # Stages that train and therefore run under torchrun when dist.nproc_per_node asks for it.
 TRAINING_COMMANDS = ("encoder", "train-rdm", "train-generator", "evalnet")
+# Stages that never open an MLflow run: no tracking store is checked before them.
+UNTRACKED_COMMANDS = ("generate", "report")
+
+
+def _number(kind: type, low: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` >= `low`, or a one-line usage error saying so."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, 1, "an integer >= 1")
+INDEX = _number(int, 0, "an integer >= 0")
+SCALE = _number(float, 0.0, "a finite number >= 0")
 
 
 def _add_common(p: argparse.ArgumentParser, preset_help: str = "") -> None:
@@ -152,28 +177,28 @@ def _add_common(p: argparse.ArgumentParser, preset_help: str = "") -> None:
 def _add_stage_options(name: str, p: argparse.ArgumentParser) -> None:
     """Options that only one subcommand has; everything else comes from params.yaml."""
     if name == "sample-reps":
-        p.add_argument("--n", type=int, default=1000, help="how many representations")
-        p.add_argument("--class", dest="class_id", type=int, default=None,
+        p.add_argument("--n", type=COUNT, default=1000, help="how many representations")
+        p.add_argument("--class", dest="class_id", type=INDEX, default=None,
                        help="class index for the class-conditional RDM (default: unconditional)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=INDEX, default=0)
         p.add_argument("--out", default="data/samples/reps.parquet", help="output Parquet file")
     elif name == "train-generator":
         p.add_argument("--condition", choices=["rep", "none", "label"], default="rep",
                        help="rep: RCG; none: unconditional baseline; label: class-label baseline")
     elif name == "generate":
-        p.add_argument("--n", type=int, default=64, help="how many images")
-        p.add_argument("--class", dest="class_id", type=int, default=None,
+        p.add_argument("--n", type=COUNT, default=64, help="how many images")
+        p.add_argument("--class", dest="class_id", type=INDEX, default=None,
                        help="class index, through the class-conditional RDM")
-        p.add_argument("--cfg", dest="cfg_scale", type=float, default=0.0,
+        p.add_argument("--cfg", dest="cfg_scale", type=SCALE, default=0.0,
                        help="guidance scale w: cond + w (cond - uncond) (0: none)")
         p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="linear",
                        help="constant scale, or the reference's linearly increasing one")
-        p.add_argument("--steps", type=int, default=None, help="sampling steps (default: params)")
+        p.add_argument("--steps", type=COUNT, default=None, help="sampling steps (default: params)")
         p.add_argument("--from-image", default=None,
                        help="condition on this image's representation (paper Fig. 6)")
         p.add_argument("--interpolate", nargs=2, default=None, metavar=("IMG_A", "IMG_B"),
                        help="interpolate between two images' representations (paper Fig. 7)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=INDEX, default=0)
         p.add_argument("--out", default="outputs/generate", help="output folder for PNGs + grid")
     elif name == "promote":
         p.add_argument("--version", default=None, help="model version (default: the latest)")
@@ -208,6 +233,16 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
     if args.preset:
         return config_mod.preset_config(args.preset, overrides)
     return config_mod.load(args.params, overrides)
+
+
+def check_tracking(command: str, cfg: config_mod.Config) -> config_mod.Config:
+    """`cfg` with the tracking settings the stage runs with, its MLflow store checked first
+    (rcg.tracking.preflight): on rank 0 of a stage that tracks; other ranks never open a run."""
+    if command in UNTRACKED_COMMANDS or int(os.environ.get("RANK", "0")) != 0:
+        return cfg
+    from rcg.tracking import preflight
+
+    return dataclasses.replace(cfg, tracking=preflight(cfg.tracking))
 
 
 def run_tool(args: argparse.Namespace) -> int:
@@ -246,11 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"rcg {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    tracked = cfg.tracking.enabled
+    try:
+        cfg = check_tracking(args.command, cfg)
+    except PipelineError as e:
+        print(f"rcg {args.command}: error: {e}", file=sys.stderr)
+        return 1
     if args.command in TRAINING_COMMANDS:
         from rcg.launch import maybe_relaunch
 
-        # dist.nproc_per_node > 1: this process becomes `torchrun ... -m rcg.cli <same args>`.
-        maybe_relaunch(cfg.dist.nproc_per_node, sys.argv[1:] if argv is None else list(argv))
+        # dist.nproc_per_node > 1: this process becomes `torchrun ... -m rcg.cli <same args>`; a
+        # store found unusable above stays off there without a second check and warning.
+        relaunch_args = sys.argv[1:] if argv is None else list(argv)
+        if tracked and not cfg.tracking.enabled:
+            relaunch_args += ["--set", "tracking.enabled=false"]
+        maybe_relaunch(cfg.dist.nproc_per_node, relaunch_args)
     module = importlib.import_module(f"rcg.stages.{STAGES[args.command][0]}")
     extra = {
         k: v

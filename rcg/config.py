@@ -10,25 +10,27 @@ writes it (`write_params`). Resolution order (later wins):
   3. the stage blocks of params.yaml (left out by a one-off `--preset` run);
   4. ``--set key=value`` on the command line.
 
-Every key is checked before any work starts: an unknown key or a value of the wrong type raises
-:class:`ConfigError` naming the dotted key and the expected type.
+Every key is checked before any work starts: an unknown key, a value of the wrong type or one
+outside its range (each block's RANGES table, `check_ranges`) raises :class:`ConfigError` naming
+the dotted key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import shlex
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from rcg.io import atomic_path
+from rcg.io import PipelineError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,47 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 PRESET_NAMES = ("tiny", "default", "folder", "imagenet256")
 
 
-class ConfigError(ValueError):
-    """A params.yaml or preset value that cannot be used; the message names the dotted key."""
+class ConfigError(ValueError, PipelineError):
+    """A params.yaml or preset value that cannot be used; the message names the dotted key (a
+    user-facing failure like any PipelineError, raised before the stage's work starts)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Allowed values. Each block lists every field in its RANGES table: a `Range`, or FREE where the
+# type says it all (bool, a Literal's choices) or any string is fine. `check_ranges` applies them
+# to every resolved config, so a value that cannot work stops before any work starts.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number, string or list field allows (floats must also be finite: no NaN, inf).
+
+    `zero_ok`: 0 is allowed too ("off"/"all") besides the bounds; `item`: each list item's range;
+    `why`: a few words for the error message where the bound is not obvious.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    zero_ok: bool = False
+    multiple_of: int | None = None
+    choices: tuple[Any, ...] | None = None
+    nonempty: bool = False  # strings and lists
+    length: int | None = None  # lists: exactly this many items
+    unique: bool = False  # lists: no item twice
+    item: Range | None = None
+    why: str = ""
+
+
+FREE: Range | None = None  # any value of the field's type
+POSITIVE = Range(gt=0)  # learning rates, temperatures, scales: > 0 and finite
+COUNT = Range(ge=1)  # steps, sizes, batch sizes, intervals: 0 makes no sense
+NON_NEGATIVE = Range(ge=0)  # 0 means off / all / the default (the field's comment says which)
+PROBABILITY = Range(ge=0, le=1)
+SEED = Range(ge=0, why="numpy seeds are non-negative")
+PATH = Range(nonempty=True, why="an empty path is the working folder")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,6 +123,13 @@ class ShardConfig:
     verify: Literal["structure", "decode"] = "structure"
     out_dir: str = "data/shards"
 
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "source": FREE, "fashion_mnist_dir": PATH, "folder": FREE,  # folder: the stage asks for it
+        "val_fraction": Range(ge=0, le=0.5, why="train keeps most images"), "val_min_count": NON_NEGATIVE,
+        "min_size": COUNT, "max_file_bytes": COUNT, "max_pixels": COUNT, "max_per_split": NON_NEGATIVE,
+        "shard_size": COUNT, "workers": COUNT, "verify": FREE, "out_dir": PATH,
+    }
+
 
 @dataclass
 class DataConfig:
@@ -95,6 +143,15 @@ class DataConfig:
     # A resumed run replays its stream up to here (samples per loader worker, read but not decoded)
     # so that it sees exactly the data of an uninterrupted run; beyond, the stream is reseeded.
     resume_replay_max: int = 2_000_000
+
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "shards_dir": PATH,
+        # The evaluation CNN halves the side twice (rcg.metrics.evalnet), the generators halve it or
+        # cut it into patches, and shard.min_size keeps nothing below 8 px by default.
+        "image_size": Range(ge=8, why="the models downsample it; smaller images are skipped when sharding"),
+        "channels": Range(choices=(1, 3), why="grayscale or RGB"),
+        "num_workers": NON_NEGATIVE, "shuffle_buffer": COUNT, "resume_replay_max": NON_NEGATIVE,
+    }
 
 
 @dataclass
@@ -164,6 +221,23 @@ class EncoderConfig:
     checkpoint_dir: str = "checkpoints/encoder"  # resumable MoCo state (dvc: persist, no cache)
     metrics_file: str = "metrics/encoder.json"
 
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "checkpoint": FREE, "checkpoint_format": FREE, "arch": FREE, "stem": FREE,
+        "img_size": Range(ge=8, why="the encoder's input side, as data.image_size"), "patch_size": COUNT,
+        "embed_dim": Range(ge=4, multiple_of=4, why="the 2-D sin-cos position embedding uses quarters"),
+        "depth": COUNT, "num_heads": COUNT, "mlp_ratio": POSITIVE, "proj_hidden_dim": COUNT, "rep_dim": COUNT,
+        "mean": Range(item=Range()), "std": Range(item=POSITIVE),  # lengths: see _cross_checks
+        "epochs": POSITIVE, "batch_size": Range(ge=2, why="the other images of the batch are the negatives"),
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "temperature": POSITIVE,
+        "momentum": PROBABILITY, "pred_hidden_dim": COUNT, "freeze_patch_embed": FREE,
+        "crop_min_scale": Range(gt=0, le=1, why="a share of the image area"),
+        "jitter": Range(ge=0, le=1, why="brightness and contrast factors stay in [1 - jitter, 1 + jitter]"),
+        "blur_prob": PROBABILITY, "blur_sigma": Range(length=2, item=POSITIVE, why="[min, max] pixels"),
+        "solarize_prob": PROBABILITY, "amp": FREE, "knn_k": COUNT, "knn_max_train": NON_NEGATIVE,
+        "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
+        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+    }
+
 
 @dataclass
 class EncodeConfig:
@@ -178,6 +252,11 @@ class EncodeConfig:
     num_workers: int = 0
     out_dir: str = "data/features"
     uniformity_samples: int = 10000  # reps used for the uniformity loss (pairwise, O(n^2))
+
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "batch_size": COUNT, "num_workers": NON_NEGATIVE, "out_dir": PATH,
+        "uniformity_samples": Range(ge=2, why="the loss is over pairs"),
+    }
 
 
 @dataclass
@@ -231,6 +310,19 @@ class RDMConfig:
     out_dir: str = "models/rdm"
     checkpoint_dir: str = "checkpoints/train_rdm"
     metrics_file: str = "metrics/rdm.json"
+
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "arch": FREE, "class_cond": FREE, "features_dir": PATH, "timesteps": COUNT, "beta_schedule": FREE,
+        "linear_start": Range(gt=0, lt=1, why="a beta"), "linear_end": Range(gt=0, lt=1, why="a beta"),
+        "parameterization": FREE, "timestep_power": POSITIVE, "steps": COUNT, "batch_size": COUNT,
+        "lr": POSITIVE, "lr_decay_frac": PROBABILITY, "weight_decay": NON_NEGATIVE,
+        "ema_decay": Range(gt=0, lt=1, why="the EMA weights are the model written"),
+        "amp": FREE, "threads": NON_NEGATIVE, "ckpt_every": COUNT, "log_every": COUNT,
+        "sample_steps": COUNT,  # <= timesteps: _cross_checks
+        "eta": Range(ge=0, le=1, why="DDIM (0) to DDPM-like (1) noise"), "temperature": POSITIVE,
+        "n_eval": Range(ge=2, why="a Frechet distance needs a covariance"), "eval_repeats": COUNT,
+        "eval_batch_size": COUNT, "seed": SEED, "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+    }
 
 
 @dataclass
@@ -286,6 +378,18 @@ class GeneratorConfig:
     metrics_dir: str = "metrics"  # metrics/generator_<condition>.json
     out_dir: str = "models/generator"  # + /<condition>/generator.{safetensors,json}, samples.png
 
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "arch": FREE, "rep_drop_prob": PROBABILITY, "vae": FREE, "vae_scale": NON_NEGATIVE, "timesteps": COUNT,
+        "beta_schedule": FREE, "parameterization": FREE, "rep_source": FREE, "verify_cache": FREE, "hflip": FREE,
+        "steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+        "ema_decay": Range(gt=0, lt=1, why="the EMA weights are the model written"), "amp": FREE,
+        "threads": NON_NEGATIVE, "ckpt_every": COUNT, "log_every": COUNT, "sample_every": NON_NEGATIVE,
+        "sampler": FREE, "sample_steps": COUNT, "sample_eta": Range(ge=0, le=1, why="DDIM eta"),
+        "sample_clip_x0": NON_NEGATIVE, "grid_size": COUNT, "seed": SEED,
+        "checkpoint_dir": PATH, "metrics_dir": PATH, "out_dir": PATH,
+    }
+
 
 @dataclass
 class EvalNetConfig:
@@ -313,6 +417,20 @@ class EvalNetConfig:
     checkpoint_dir: str = "checkpoints/evalnet"
     metrics_file: str = "metrics/evalnet.json"
 
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "width": COUNT, "feature_dim": COUNT, "epochs": POSITIVE,
+        "batch_size": Range(ge=2, why="BatchNorm needs two samples; SimCLR needs negatives"),
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "label_smoothing": Range(ge=0, lt=1, why="1 would leave no signal"),
+        "ssl_crop_min_scale": Range(gt=0, le=1, why="a share of the image area"), "ssl_temperature": POSITIVE,
+        "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
+        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+    }
+
+
+# The generation modes of docs/design.md (rcg.metrics.evaluation.MODES, which a test compares).
+EVAL_MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
+
 
 @dataclass
 class EvaluateConfig:
@@ -339,6 +457,17 @@ class EvaluateConfig:
     plots_dir: str = "plots"
     cache_dir: str = "data/fidelity_cache"  # reference features/statistics, reused across runs
 
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "extractor": FREE, "inception_weights": FREE,
+        "modes": Range(nonempty=True, unique=True, item=Range(choices=EVAL_MODES)),
+        "n_samples": Range(ge=2, why="a Frechet distance needs a covariance"),
+        "n_reference": Range(ge=2, zero_ok=True, why="0 means the whole val split"),
+        "batch_size": COUNT, "feature_batch_size": COUNT, "sample_steps": COUNT, "cfg": NON_NEGATIVE,
+        "cfg_schedule": FREE, "kid_subset_size": Range(ge=2, why="KID's unbiased estimate needs pairs"),
+        "prc_neighborhood": COUNT, "grid_size": COUNT, "seed": SEED,
+        "metrics_file": PATH, "plots_dir": PATH, "cache_dir": PATH,
+    }
+
 
 @dataclass
 class DistConfig:
@@ -347,6 +476,8 @@ class DistConfig:
     # 1: a plain single process; N > 1: the CLI re-executes the stage under
     # `torchrun --standalone --nproc_per_node N`; 0: one process per visible GPU.
     nproc_per_node: int = 1
+
+    RANGES: ClassVar[dict[str, Range | None]] = {"nproc_per_node": NON_NEGATIVE}
 
 
 @dataclass
@@ -359,6 +490,15 @@ class TrackingConfig:
     enabled: bool = True
     experiment_prefix: str = "rcg"
     registered_model: str = "rcg-generator"
+    # When the tracking store cannot be reached or written (rcg.tracking): "fail" stops the stage with
+    # one line naming the URI; "continue" warns once and runs the stage without tracking.
+    on_error: Literal["fail", "continue"] = "fail"
+
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "uri": Range(nonempty=True, why="MLflow's store"), "artifact_dir": PATH, "enabled": FREE,
+        "experiment_prefix": Range(nonempty=True, why="names the experiments"),
+        "registered_model": Range(nonempty=True, why="the registry name"), "on_error": FREE,
+    }
 
 
 @dataclass
@@ -439,6 +579,111 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"{key}: unsupported config type {tp!r}")
 
 
+def _bound(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def _bounds_text(r: Range) -> str:
+    """`> 0`, `in [0, 1]`, `0 or >= 2`, ... (empty when `r` has no bounds)."""
+    lo = (">=", "[", r.ge) if r.ge is not None else (">", "(", r.gt) if r.gt is not None else None
+    hi = ("<=", "]", r.le) if r.le is not None else ("<", ")", r.lt) if r.lt is not None else None
+    if lo and hi:
+        text = f"in {lo[1]}{_bound(lo[2])}, {_bound(hi[2])}{hi[1]}"
+    elif lo or hi:
+        op, _, v = lo or hi  # type: ignore[misc]
+        text = f"{op} {_bound(v)}"
+    else:
+        return ""
+    return f"0 or {text}" if r.zero_ok else text
+
+
+def _number_ok(value: float, r: Range) -> bool:
+    if r.zero_ok and value == 0:
+        return True
+    return not (
+        (isinstance(value, float) and not math.isfinite(value))
+        or (r.ge is not None and not value >= r.ge) or (r.gt is not None and not value > r.gt)
+        or (r.le is not None and not value <= r.le) or (r.lt is not None and not value < r.lt)
+        or (r.multiple_of and value % r.multiple_of) or (r.choices is not None and value not in r.choices)
+    )
+
+
+def _out_of_range(key: str, value: Any, r: Range, need: str, what: str = "is out of range") -> ConfigError:
+    return ConfigError(f"{key}: {value!r} {what} (must {need}{': ' + r.why if r.why else ''})")
+
+
+def _check_range(key: str, value: Any, r: Range) -> None:
+    """Raise a ConfigError naming `key`, the value and what is allowed when `value` is outside `r`."""
+    if isinstance(value, list):
+        if r.nonempty and not value:
+            raise _out_of_range(key, value, r, "not be empty", "is not allowed")
+        if r.length is not None and len(value) != r.length:
+            raise _out_of_range(key, value, r, f"have {r.length} items", "is not allowed")
+        if r.unique and len(set(map(repr, value))) < len(value):
+            raise _out_of_range(key, value, r, "name each item once", "is not allowed")
+        for i, v in enumerate(value):
+            _check_range(f"{key}[{i}]", v, r.item or Range())
+    elif isinstance(value, str):
+        if r.nonempty and not value.strip():
+            raise _out_of_range(key, value, r, "not be empty", "is not allowed")
+        if r.choices is not None and value not in r.choices:
+            raise _out_of_range(key, value, r, "be one of " + ", ".join(map(repr, r.choices)), "is not allowed")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _number_ok(value, r):
+        if r.choices is not None:
+            need = "be one of " + ", ".join(map(str, r.choices))
+        else:
+            parts = [_bounds_text(r)] + ([f"a multiple of {r.multiple_of}"] if r.multiple_of else [])
+            bounded = (r.ge is not None or r.gt is not None) and (r.le is not None or r.lt is not None)
+            if isinstance(value, float) and not bounded:
+                parts.append("finite")
+            need = "be " + " and ".join(p for p in parts if p)
+        raise _out_of_range(key, value, r, need)
+
+
+def _require(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is out of range (must be {need})")
+
+
+def _cross_checks(cfg: Config) -> None:
+    """What two fields decide together (each field has passed its own Range)."""
+    for block in ("train_rdm", "train_generator"):
+        b = getattr(cfg, block)
+        _require(b.sample_steps <= b.timesteps, f"{block}.sample_steps", b.sample_steps,
+                 f"<= {block}.timesteps, {b.timesteps}: the sampler takes a subset of the diffusion's steps")
+    steps, t = cfg.evaluate.sample_steps, cfg.train_generator.timesteps
+    _require(steps <= t, "evaluate.sample_steps", steps, f"<= train_generator.timesteps, {t}")
+    enc = cfg.encoder
+    _require(enc.blur_sigma[0] <= enc.blur_sigma[1], "encoder.blur_sigma", enc.blur_sigma, "[min, max] with min <= max")
+    if enc.arch:  # a named architecture brings its own size and normalisation
+        return
+    _require(enc.img_size % enc.patch_size == 0, "encoder.patch_size", enc.patch_size,
+             f"a divisor of encoder.img_size, {enc.img_size}")
+    _require(enc.embed_dim % enc.num_heads == 0, "encoder.num_heads", enc.num_heads,
+             f"a divisor of encoder.embed_dim, {enc.embed_dim}")
+    if not enc.checkpoint:  # a converted checkpoint's normalisation is checked against its 3 channels
+        n = cfg.data.channels
+        for key in ("mean", "std"):
+            v = getattr(enc, key)
+            _require(len(v) in (0, n), f"encoder.{key}", v,
+                     f"empty (measured on the shards) or one value per channel (data.channels: {n})")
+        _require(bool(enc.mean) == bool(enc.std), "encoder.std", enc.std,
+                 "set together with encoder.mean, or both left empty")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Check every value of `cfg` against its block's RANGES, then the cross-field rules."""
+    for block in _block_names():
+        obj = getattr(cfg, block)
+        table = type(obj).RANGES
+        for f in dataclasses.fields(obj):
+            if f.name not in table:
+                raise TypeError(f"{block}.{f.name}: no entry in {type(obj).__name__}.RANGES (a Range or FREE)")
+            if table[f.name] is not None:
+                _check_range(f"{block}.{f.name}", getattr(obj, f.name), table[f.name])
+    _cross_checks(cfg)
+
+
 SWITCH_PRESET = (
     "switch presets with `rcg params --preset NAME` (rewrites every value of params.yaml), or run "
     "one stage with `rcg <stage> --preset NAME`"
@@ -496,16 +741,35 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set to a value by another --set, not a block")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({yaml_problem(e)})") from None
     return out
 
 
-def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Config:
-    """The values of preset `name` then `overrides`, params.yaml left out (`--preset`, `rcg params`)."""
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _preset_values(name: str, overrides: dict[str, Any] | None = None) -> Config:
     cfg = Config()
     _apply(cfg, preset_overrides(name), "")
     _apply(cfg, overrides or {}, "")
     cfg.preset = name
+    return cfg
+
+
+def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The values of preset `name` then `overrides`, params.yaml left out (`--preset`, `rcg params`);
+    every value checked against its range."""
+    cfg = _preset_values(name, overrides)
+    check_ranges(cfg)
     return cfg
 
 
@@ -534,7 +798,10 @@ def resolve(
     `Config.to_dict()`) names the preset the same way; `load` refuses it in a complete params.yaml.
     """
     if not isinstance(params, dict):
-        raise ConfigError(f"{source}: expected a mapping of stage blocks at the top")
+        raise ConfigError(
+            f"{source}: not a params file: expected a mapping of stage blocks at the top, got "
+            f"{type(params).__name__} {str(params)[:40]!r}"
+        )
     params = dict(params)
     legacy = params.pop("preset", None)
     if legacy is not None:
@@ -542,7 +809,7 @@ def resolve(
         if preset is not None and preset != legacy:
             raise ConfigError(f"preset: {source} says {legacy!r} but its header says {preset!r}")
     name = legacy or preset or "default"
-    cfg = preset_config(name)
+    cfg = _preset_values(name)
     _apply(cfg, {k: ({} if v is None else v) for k, v in params.items()}, "")
     missing = missing_keys(params)
     if missing:
@@ -551,6 +818,7 @@ def resolve(
             source, len(missing), ", ".join(missing[:3]), ", ..." if len(missing) > 3 else "", name,
         )
     _apply(cfg, overrides or {}, "")
+    check_ranges(cfg)
     return cfg
 
 
@@ -573,7 +841,15 @@ def load(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = No
             f"{path}: params file not found (run from the project root, pass --params, or write "
             "one with `rcg params --preset default`)"
         )
-    return load_text(path.read_text(), overrides, str(path))
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a params file (pass --params path/to/params.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a params file: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the params file ({e.strerror or e})") from None
+    return load_text(text, overrides, str(path))
 
 
 def load_text(
@@ -583,7 +859,7 @@ def load_text(
     try:
         params = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        raise ConfigError(f"{source}: not valid YAML ({yaml_problem(e)})") from None
     cfg = resolve(params, overrides, recorded_preset(text), source)
     if "preset" in params and not missing_keys(params):
         # Every value is in the file, so the key would silently change nothing (this is what
@@ -630,6 +906,8 @@ def write_params(
     With `preset`: that preset's values then `sets` (`key=value`), whatever the file held. Without:
     the file's own values (missing keys filled in from its recorded preset) then `sets`.
     """
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: is a folder, not a params file (pass --params path/to/params.yaml)")
     sets = list(sets or [])
     overrides = parse_set(sets)
     cfg = preset_config(preset, overrides) if preset else load(path, overrides)

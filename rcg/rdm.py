@@ -296,7 +296,7 @@ def sample_reps(
 
 # Settings that change what is learned (not `steps`: raising it continues a finished run).
 _TRAINING_KEYS = ("arch", "timesteps", "beta_schedule", "linear_start", "linear_end", "parameterization",
-                  "timestep_power", "batch_size", "lr", "lr_decay_frac", "weight_decay", "ema_decay", "seed")
+                  "timestep_power", "batch_size", "lr", "lr_decay_frac", "weight_decay", "ema_decay", "amp", "seed")
 
 
 def schedule(rc: RDMConfig) -> dict[str, Any]:

@@ -74,9 +74,6 @@ def training_fingerprint(cfg: Config) -> str:
 def _check(ecfg: EncoderConfig, info: DistInfo) -> None:
     if ecfg.batch_size % info.world_size:
         raise PipelineError(f"encoder.batch_size {ecfg.batch_size} is not divisible by {info.world_size} ranks")
-    sig = ecfg.blur_sigma
-    if len(sig) != 2 or not 0 < sig[0] <= sig[1]:
-        raise PipelineError(f"encoder.blur_sigma: expected [min, max] pixels with 0 < min <= max, got {sig}")
 
 
 def _verify(encoder: RepEncoder, model_dir: str) -> None:
