@@ -61,6 +61,23 @@ def clean_leftovers(path: str | Path) -> list[Path]:
     return stale
 
 
+def _check_replaceable(path: Path) -> None:
+    """A folder `atomic_dir` replaces must be a stage's own: never the working directory or one above
+    it, never one holding other folders (a misconfigured out_dir such as `data` or `.`)."""
+    if path.is_symlink() or not path.is_dir():
+        return
+    here = Path.cwd().resolve()
+    inner = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+    if path.resolve() in (here, *here.parents):
+        what = "the working directory or a folder above it"
+    elif inner:
+        what = f"a folder that holds other folders ({', '.join(inner[:5])})"
+    else:
+        return
+    raise PipelineError(f"{path}: a stage's outputs would replace {what}; each stage needs an output "
+                        "folder of its own (check the out_dir settings)")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, after: Iterable[str | Path] = (), enabled: bool = True) -> Iterator[Path]:
     """Yield an empty folder to write a set of outputs into; when the block succeeds, swap it in for
@@ -78,6 +95,7 @@ def atomic_dir(path: str | Path, after: Iterable[str | Path] = (), enabled: bool
     if not enabled:
         yield path
         return
+    _check_replaceable(path)
     clean_leftovers(path)
     stage = path.parent / f"{path.name}.tmp-{os.getpid()}"
     tmp = stage / path.name

@@ -101,6 +101,16 @@ def test_leftovers_of_killed_runs_are_deleted_and_a_linked_folder_is_replaced_no
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "m", "m.tmpx", "mine.tmp-1"]
 
 
+def test_atomic_dir_refuses_to_replace_a_folder_that_is_not_a_stages_own(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data" / "shards").mkdir(parents=True)  # e.g. encode.out_dir set to `data`
+    monkeypatch.chdir(tmp_path)
+    for path, what in (("data", r"holds other folders \(shards\)"), (".", "the working directory")):
+        with pytest.raises(PipelineError, match=what), atomic_dir(path):
+            pass
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "shards"]
+
+
 def test_atomic_dir_disabled_is_the_folder_itself(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "m", enabled=False) as tmp:
         assert tmp == tmp_path / "m"

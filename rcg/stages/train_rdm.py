@@ -92,10 +92,8 @@ def run(cfg: Config, **options: Any) -> None:
             skipped = "the features carry no class labels (or only one class): no class-conditional RDM"
             log.info("%s", skipped)
         with stage_run(cfg, "train_rdm", rank=info.rank) as tracker:
-            # Both RDMs and the metrics are one set: the folder is swapped in once both are written
-            # and scored (rcg.io.atomic_dir), so no stale class-conditional RDM is ever left beside
-            # a new one. Every variant trains first (all ranks), then rank 0 alone scores, so no rank
-            # waits inside DDP for another rank's evaluation.
+            # Both RDMs and their metrics are one set, swapped in once all are written (rcg.io.atomic_dir).
+            # Every variant trains first (all ranks), then rank 0 alone scores: no rank waits in DDP.
             with atomic_dir(rc.out_dir, after=[rc.metrics_file], enabled=info.is_main) as tmp:
                 trained = []
                 for labels in [None, train[1]] if class_cond else [None]:
