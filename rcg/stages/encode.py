@@ -23,7 +23,7 @@ from rcg.config import Config
 from rcg.data.loader import read_manifest
 from rcg.encoders.vit import load_encoder
 from rcg.features import encode_split, to_table, write_split
-from rcg.io import write_json
+from rcg.io import atomic_dir, write_json
 from rcg.metrics.representations import summarize
 from rcg.tracking import stage_run
 from rcg.training import cleanup_distributed, setup_distributed
@@ -36,6 +36,7 @@ SPLITS = ("train", "val")
 def _gather_parts(table: pa.Table, out_dir: Path, split: str, rank: int, world: int) -> pa.Table | None:
     """Under torchrun each rank encodes its shards; rank 0 collects the parts through the file system."""
     part = out_dir / f".{split}.part{rank}.parquet"
+    out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, part)
     dist.barrier()
     if rank != 0:
@@ -51,11 +52,11 @@ def run(cfg: Config, **options: Any) -> None:
     """Encode train and val shards to Parquet and write summary.json."""
     info = setup_distributed()
     out_dir = Path(cfg.encode.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         manifest = read_manifest(cfg.data.shards_dir)
         encoder = load_encoder(cfg.encoder.out_dir, info.device)
-        with stage_run(cfg, "encode", rank=info.rank) as tracker:
+        # Both splits and the summary are one set: written beside out_dir, swapped in at the end.
+        with stage_run(cfg, "encode", rank=info.rank) as tracker, atomic_dir(out_dir, enabled=info.is_main) as tmp:
             counts: dict[str, dict[str, int]] = {}
             tables: dict[str, pa.Table] = {}
             for split in SPLITS:
@@ -71,7 +72,7 @@ def run(cfg: Config, **options: Any) -> None:
                     table = _gather_parts(table, out_dir, split, info.rank, info.world_size)
                     if table is None:
                         continue
-                tables[split] = write_split(table, expected, split, out_dir / f"{split}.parquet")
+                tables[split] = write_split(table, expected, split, tmp / f"{split}.parquet")
                 rate = expected / max(time.perf_counter() - t0, 1e-9)
                 counts[split] = {"samples": expected, "rows": tables[split].num_rows}
                 log.info("%s: %d samples x 2 views -> %s (%.0f images/s)", split, expected,
@@ -79,9 +80,9 @@ def run(cfg: Config, **options: Any) -> None:
                 tracker.log_metrics({f"{split}_rows": tables[split].num_rows, f"{split}_images_per_s": rate})
             if info.is_main:
                 summary = summarize(tables["train"], counts, cfg.encode.uniformity_samples)
-                write_json(out_dir / "summary.json", summary)
+                write_json(tmp / "summary.json", summary)
                 tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-                tracker.log_artifact(out_dir / "summary.json")
+                tracker.log_artifact(tmp / "summary.json")
                 log.info("summary: uniformity %s, fd_noise_floor %s -> %s", summary["uniformity"],
                          summary["fd_noise_floor"], out_dir / "summary.json")
     finally:

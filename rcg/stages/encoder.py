@@ -23,7 +23,7 @@ from rcg.data.loader import channel_stats, read_manifest, shards_id
 from rcg.encoders.checkpoints import load_checkpoint
 from rcg.encoders.moco import pretrain
 from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, load_encoder, save_encoder
-from rcg.io import PipelineError, write_json
+from rcg.io import PipelineError, atomic_dir, write_json
 from rcg.metrics.knn import knn_report
 from rcg.tracking import stage_run
 from rcg.training import DistInfo, cleanup_distributed, fingerprint, setup_distributed
@@ -76,7 +76,7 @@ def _check(ecfg: EncoderConfig, info: DistInfo) -> None:
         raise PipelineError(f"encoder.batch_size {ecfg.batch_size} is not divisible by {info.world_size} ranks")
 
 
-def _verify(encoder: RepEncoder, model_dir: str) -> None:
+def _verify(encoder: RepEncoder, model_dir: str | Path) -> None:
     """Reload what was written and check it reproduces the in-memory encoder."""
     back = load_encoder(model_dir)
     spec = encoder.spec
@@ -116,11 +116,13 @@ def run(cfg: Config, **options: Any) -> None:
             cleanup_distributed()  # the kNN check runs on rank 0 alone, over all the data
         if not info.is_main:
             return
-        save_encoder(encoder, encoder.spec, ecfg.out_dir, extra=meta)
-        _verify(encoder, ecfg.out_dir)
+        # The folder and its metrics file are one set: swapped in together (rcg.io.atomic_dir).
+        with atomic_dir(ecfg.out_dir, after=[ecfg.metrics_file]) as tmp:
+            save_encoder(encoder, encoder.spec, tmp, extra=meta)
+            _verify(encoder, tmp)
+            metrics = {**knn_report(encoder, cfg.data, ecfg.knn_k, ecfg.knn_max_train, ecfg.seed), **facts,
+                       "wall_time_s": round(time.perf_counter() - t0, 1)}
         log.info("encoder written to %s (%s)", ecfg.out_dir, meta["source"])
-        metrics = {**knn_report(encoder, cfg.data, ecfg.knn_k, ecfg.knn_max_train, ecfg.seed), **facts,
-                   "wall_time_s": round(time.perf_counter() - t0, 1)}
         write_json(ecfg.metrics_file, metrics)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(Path(ecfg.out_dir) / "encoder.json")

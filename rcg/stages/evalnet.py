@@ -9,11 +9,12 @@ classifier: `test_accuracy` on the val split and per class; for both: the traini
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from rcg.config import Config
 from rcg.data.loader import read_manifest, shards_id
-from rcg.io import write_json
+from rcg.io import atomic_dir, write_json
 from rcg.metrics.evalnet import save_evalnet, train_contrastive, train_evalnet, val_accuracy
 from rcg.tracking import stage_run
 from rcg.training import cleanup_distributed, fingerprint, setup_distributed
@@ -52,7 +53,9 @@ def run(cfg: Config, **options: object) -> None:
 
 def _write(cfg: Config, net: Any, classes: list[str], result: dict[str, Any], tracker: Any) -> None:
     ec = cfg.evalnet
-    weights = save_evalnet(net.cpu(), ec.out_dir, extra={"classes": classes, "test_accuracy": result["test_accuracy"]})
+    with atomic_dir(ec.out_dir, after=[ec.metrics_file]) as tmp:  # the folder and its metrics: one set
+        extra = {"classes": classes, "test_accuracy": result["test_accuracy"]}
+        weights = Path(ec.out_dir) / save_evalnet(net.cpu(), tmp, extra=extra).name
     write_json(ec.metrics_file, result)
     if result["test_accuracy"] is not None:
         tracker.log_metrics({"test_accuracy": result["test_accuracy"]}, step=result["steps"])

@@ -17,7 +17,7 @@ import torch
 from rcg.config import Config, GeneratorConfig
 from rcg.data.loader import read_manifest, shards_id
 from rcg.generators.training import Inputs, train_generator
-from rcg.io import PipelineError, file_digest, write_json
+from rcg.io import PipelineError, atomic_dir, file_digest, write_json
 from rcg.tracking import stage_run
 from rcg.training import cleanup_distributed, fingerprint, setup_distributed
 
@@ -42,13 +42,11 @@ def resume_fingerprint(cfg: Config, condition: str) -> str:
 def skip(cfg: Config, condition: str, reason: str) -> None:
     """Record that this generator is not trained, and why, in its model folder and metrics file (so the
     DAG goes on and evaluate and `rcg report` say why the mode is missing); no stale model is left."""
-    out_dir = Path(cfg.train_generator.out_dir) / condition
-    for name in ("generator.safetensors", "generator.json", "samples.png"):
-        (out_dir / name).unlink(missing_ok=True)
-    write_json(out_dir / "skipped.json", {"condition": condition, "reason": reason})
+    metrics_file = Path(cfg.train_generator.metrics_dir) / f"generator_{condition}.json"
+    with atomic_dir(Path(cfg.train_generator.out_dir) / condition, after=[metrics_file]) as tmp:
+        write_json(tmp / "skipped.json", {"condition": condition, "reason": reason})
     (Path(cfg.train_generator.checkpoint_dir) / condition).mkdir(parents=True, exist_ok=True)  # a DVC output
-    write_json(Path(cfg.train_generator.metrics_dir) / f"generator_{condition}.json",
-               {"condition": condition, "skipped": reason})
+    write_json(metrics_file, {"condition": condition, "skipped": reason})
     log.warning("train_generator (%s) skipped: %s", condition, reason)
 
 
@@ -64,16 +62,19 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
         return
     if gcfg.threads > 0:
         torch.set_num_threads(gcfg.threads)
-    (Path(gcfg.out_dir) / condition / "skipped.json").unlink(missing_ok=True)
     inputs = Inputs(Path(cfg.encode.out_dir) / "train.parquet", cfg.encoder.out_dir, classes, cfg.encoder.rep_dim)
+    metrics_file = Path(gcfg.metrics_dir) / f"generator_{condition}.json"
     info = setup_distributed()
     try:
         with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
             tracker.set_tags({"condition": condition, "arch": gcfg.arch})
-            metrics = train_generator(gcfg, cfg.data, inputs, condition, resume_fingerprint(cfg, condition), info,
-                                      tracker)
+            # The model folder (weights, generator.json, samples.png) and the metrics file are one set:
+            # the library writes <out_dir>/<condition>, here a temporary twin swapped in at the end.
+            with atomic_dir(Path(gcfg.out_dir) / condition, after=[metrics_file], enabled=info.is_main) as tmp:
+                metrics = train_generator(dataclasses.replace(gcfg, out_dir=str(tmp.parent)), cfg.data, inputs,
+                                          condition, resume_fingerprint(cfg, condition), info, tracker)
             if info.is_main:
-                write_json(Path(gcfg.metrics_dir) / f"generator_{condition}.json", metrics)
+                write_json(metrics_file, metrics)
                 tracker.log_metrics({"train_seconds_total": metrics["train_seconds_total"]}, step=metrics["steps"])
                 tracker.log_artifact(Path(gcfg.out_dir) / condition / "generator.json", "model")
                 log.info("generator (%s) -> %s; %d steps in %.0fs (%s img/s)", condition,

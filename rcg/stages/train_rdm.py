@@ -19,7 +19,7 @@ import torch
 
 from rcg.config import Config, RDMConfig
 from rcg.features import read_features
-from rcg.io import PipelineError, write_json
+from rcg.io import PipelineError, atomic_dir, write_json
 from rcg.metrics.rdm import score_rdm
 from rcg.rdm import RDMBundle, artifact_name, bundle_from, make_meta, save_rdm, schedule, train_rdm
 from rcg.tracking import Tracker, flatten, stage_run
@@ -37,15 +37,16 @@ def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _save(rc: RDMConfig, net: torch.nn.Module, name: str, summary: dict[str, Any], n_reps: int,
-          device: torch.device) -> RDMBundle:
-    """Write models/rdm/<name>.* with the sampler settings every later use of this RDM reads."""
+          device: torch.device, out_dir: Path) -> RDMBundle:
+    """Write <out_dir>/<name>.* with the sampler settings every later use of this RDM reads."""
     meta = make_meta(
         net, rc.arch, schedule(rc),
         {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
         {"trained_steps": summary["steps"], "ema_decay": rc.ema_decay,
          "features": str(Path(rc.features_dir) / "train.parquet"), "num_train_reps": n_reps},
     )
-    log.info("%s: EMA weights written to %s", name, save_rdm(net.cpu(), meta, rc.out_dir, name))
+    save_rdm(net.cpu(), meta, out_dir, name)
+    log.info("%s: EMA weights written to %s", name, Path(rc.out_dir) / f"{name}.safetensors")
     return bundle_from(net.to(device), meta)
 
 
@@ -80,26 +81,26 @@ def run(cfg: Config, **options: Any) -> None:
         if rc.class_cond and not class_cond:
             skipped = "the features carry no class labels (or only one class): no class-conditional RDM"
             log.info("%s", skipped)
-        if not class_cond and info.is_main:
-            for suffix in (".safetensors", ".json"):  # never leave a stale class-conditional RDM behind
-                (Path(rc.out_dir) / f"{artifact_name(True)}{suffix}").unlink(missing_ok=True)
         with stage_run(cfg, "train_rdm", rank=info.rank) as tracker:
-            # Train every variant first (all ranks), then score on rank 0 alone, so no rank waits
-            # inside DDP for another rank's evaluation.
-            trained = []
-            for labels in [None, train[1]] if class_cond else [None]:
-                net, summary = train_rdm(rc, train[0], labels, num_classes, info, tracker)
-                if info.is_main:
-                    name = artifact_name(labels is not None)
-                    trained.append((name, _save(rc, net, name, summary, len(train[0]), info.device), summary))
+            # Both RDMs and their metrics are one set, swapped in once all are written (rcg.io.atomic_dir).
+            # Every variant trains first (all ranks), then rank 0 alone scores: no rank waits in DDP.
+            with atomic_dir(rc.out_dir, after=[rc.metrics_file], enabled=info.is_main) as tmp:
+                trained = []
+                for labels in [None, train[1]] if class_cond else [None]:
+                    net, summary = train_rdm(rc, train[0], labels, num_classes, info, tracker)
+                    if info.is_main:
+                        name = artifact_name(labels is not None)
+                        bundle = _save(rc, net, name, summary, len(train[0]), info.device, tmp)
+                        trained.append((name, bundle, summary))
+                result = _score(rc, trained, train, val, skipped) if info.is_main else {}
             if info.is_main:
-                _score_and_write(rc, trained, train, val, tracker, skipped)
+                _write(rc, result, trained, tracker)
     finally:
         cleanup_distributed()
 
 
-def _score_and_write(rc: RDMConfig, trained: list, train: tuple, val: tuple | None, tracker: Tracker,
-                     class_skipped: str | None) -> None:
+def _score(rc: RDMConfig, trained: list, train: tuple, val: tuple | None, class_skipped: str | None) -> dict[str, Any]:
+    """metrics/rdm.json's contents: every trained RDM scored (rcg.metrics.rdm)."""
     scores: dict[str, dict[str, Any]] = {}
     for name, bundle, summary in trained:
         t0 = time.perf_counter()
@@ -113,10 +114,14 @@ def _score_and_write(rc: RDMConfig, trained: list, train: tuple, val: tuple | No
     result = _metrics(scores)
     if class_skipped:
         result["class_cond"] = {"skipped": class_skipped}
+    return result
+
+
+def _write(rc: RDMConfig, result: dict[str, Any], trained: list, tracker: Tracker) -> None:
     write_json(rc.metrics_file, result)
     tracker.log_metrics({k: float(v) for k, v in flatten(result).items()
                          if isinstance(v, (int, float)) and v == v})
     tracker.log_artifact(rc.metrics_file)
-    for name in scores:
+    for name, *_ in trained:
         tracker.log_artifact(Path(rc.out_dir) / f"{name}.json", "rdm")
     log.info("metrics written to %s", rc.metrics_file)
