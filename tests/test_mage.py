@@ -334,16 +334,27 @@ def test_decoding_keeps_known_tokens_and_follows_the_cosine_schedule() -> None:
             ids = nxt
 
 
-def test_remasking_picks_the_least_confident_without_noise() -> None:
+@pytest.mark.parametrize(("step", "temperature"), [(1, 0.0), (3, 100.0)])
+def test_remasking_picks_the_least_confident_when_the_noise_is_off(step: int, temperature: float) -> None:
+    """No Gumbel noise with temperature 0, nor at the last step: its weight anneals as (1 - r)."""
     model = _tiny().eval()
-    ids = torch.full((4, T), model.mask_id)
+    ids, rep = torch.full((4, T), model.mask_id), _cond("rep", 4)["rep"]
     with torch.no_grad():
-        logits = model.guided_logits(ids, _cond("rep", 4)["rep"], None, 0.0)
-        sampled, nxt = model.decode_step(ids, 1, 4, **_cond("rep", 4), choice_temperature=0.0,
+        logits = model.guided_logits(ids, rep, None, 0.0)
+        sampled, nxt = model.decode_step(ids, step, 4, rep=rep, choice_temperature=temperature,
                                          generator=torch.Generator().manual_seed(0))
     logp = logits.log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
     remasked = nxt == model.mask_id
     assert torch.all(logp[remasked].view(4, -1).max(1).values <= logp[~remasked].view(4, -1).min(1).values)
+
+
+def test_remasking_is_noisy_at_a_high_temperature() -> None:
+    model = _tiny().eval()
+    ids, rep = torch.full((4, T), model.mask_id), _cond("rep", 4)["rep"]
+    with torch.no_grad():
+        picks = [model.decode_step(ids, 1, 4, rep=rep, choice_temperature=100.0,
+                                   generator=torch.Generator().manual_seed(s))[1] == model.mask_id for s in range(2)]
+    assert not torch.equal(picks[0], picks[1])
 
 
 @pytest.mark.parametrize("condition", ["rep", "none", "label"])
@@ -361,6 +372,20 @@ def test_generate_is_deterministic_and_complete(condition: str) -> None:
         assert torch.equal(gen(0, cfg=3.0), out)  # nothing to guide against
     else:
         assert not torch.equal(gen(0, cfg=3.0), out)
+
+
+def test_guidance_weight_grows_linearly_over_the_iterations(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny().eval()
+    weights: list[float] = []
+    original = model.guided_logits
+
+    def guided_logits(ids, rep, label, w):
+        weights.append(w)
+        return original(ids, rep, label, w)
+
+    monkeypatch.setattr(model, "guided_logits", guided_logits)
+    model.generate(2, **_cond("rep", 2), num_iter=4, cfg=2.0)
+    assert weights == [0.5, 1.0, 1.5, 2.0]
 
 
 def test_guidance_mixes_cond_and_null_logits() -> None:
