@@ -284,6 +284,8 @@ class Checkpointer:
             self.stop_clock()
         state = {**state, "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
                  "train_seconds": self.train_seconds}
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a write a kill cut short
+            stale.unlink(missing_ok=True)
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
