@@ -58,7 +58,7 @@ def main() -> None:
     if args.shards:
         cfg.data.shards_dir = args.shards
     else:
-        cfg.shard.out_dir = cfg.data.shards_dir = str(Path(tmp.name) / "shards")
+        cfg.data.shards_dir = str(Path(tmp.name) / "shards")
         cfg.shard.max_per_split = args.n
         t = time.perf_counter()
         shard.run(cfg)

@@ -121,13 +121,12 @@ class ShardConfig:
     # decode, about as fast as tar cf on photos; "decode": decode every image with PIL (also
     # catches damage inside the compressed data, at many times the cost: docs/measurements.md#shard-verify)
     verify: Literal["structure", "decode"] = "structure"
-    out_dir: str = "data/shards"
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "source": FREE, "fashion_mnist_dir": PATH, "folder": FREE,  # folder: the stage asks for it
         "val_fraction": Range(ge=0, le=0.5, why="train keeps most images"), "val_min_count": NON_NEGATIVE,
         "min_size": COUNT, "max_file_bytes": COUNT, "max_pixels": COUNT, "max_per_split": NON_NEGATIVE,
-        "shard_size": COUNT, "workers": COUNT, "verify": FREE, "out_dir": PATH,
+        "shard_size": COUNT, "workers": COUNT, "verify": FREE,
     }
 
 
@@ -265,7 +264,6 @@ class RDMConfig:
 
     arch: str = "small"  # size in rcg.rdm.RDM_ARCHS; 512 x 4 (~3M) fits a CPU budget; paper: "paper" (12 x 1536)
     class_cond: bool = True  # also train the class-conditional RDM when the features carry labels
-    features_dir: str = "data/features"  # where `rcg encode` wrote {train,val}.parquet
     timesteps: int = 1000  # T of the reference
     beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "sqrt_linear"  # the reference's "linear"
     linear_start: float = 0.0015  # reference beta_1
@@ -312,7 +310,7 @@ class RDMConfig:
     metrics_file: str = "metrics/rdm.json"
 
     RANGES: ClassVar[dict[str, Range | None]] = {
-        "arch": FREE, "class_cond": FREE, "features_dir": PATH, "timesteps": COUNT, "beta_schedule": FREE,
+        "arch": FREE, "class_cond": FREE, "timesteps": COUNT, "beta_schedule": FREE,
         "linear_start": Range(gt=0, lt=1, why="a beta"), "linear_end": Range(gt=0, lt=1, why="a beta"),
         "parameterization": FREE, "timestep_power": POSITIVE, "steps": COUNT, "batch_size": COUNT,
         "lr": POSITIVE, "lr_decay_frac": PROBABILITY, "weight_decay": NON_NEGATIVE,

@@ -31,7 +31,7 @@ BLOCKS = [f.name for f in dataclasses.fields(config_mod.Config) if f.name != "pr
 
 def tiny_config(shards: Path) -> config_mod.Config:
     cfg = config_mod.resolve({"preset": "tiny", **{b: {} for b in BLOCKS}})
-    cfg.shard.out_dir = cfg.data.shards_dir = str(shards)
+    cfg.data.shards_dir = str(shards)
     return cfg
 
 

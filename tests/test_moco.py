@@ -149,7 +149,7 @@ def tiny_config(shards: Path, **sets) -> config_mod.Config:
     params = {"preset": "tiny", **{b: {} for b in BLOCKS}}
     overrides = config_mod.parse_set([f"{k}={v}" for k, v in sets.items()])
     cfg = config_mod.resolve(params, overrides)
-    cfg.shard.out_dir = cfg.data.shards_dir = str(shards)
+    cfg.data.shards_dir = str(shards)
     return cfg
 
 

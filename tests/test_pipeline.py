@@ -31,18 +31,27 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
     return r
 
 
-def _expected_outputs(dvc_yaml: dict) -> list[str]:
+def _expected_outputs(dvc_yaml: dict, params: dict) -> list[str]:
+    """Every out, metric and plot path of dvc.yaml, its `${key}` paths resolved from params.yaml."""
+
+    def resolve(path: str, item: str | None = None) -> str:
+        def value(m: re.Match) -> str:
+            if m.group(1) == "item":
+                return str(item)
+            node: object = params
+            for part in m.group(1).split("."):
+                node = node[part]  # type: ignore[index]
+            return str(node)
+
+        return re.sub(r"\$\{([^}]+)\}", value, path)
+
     paths = []
-    for name, stage in dvc_yaml["stages"].items():
-        items = stage.get("foreach")
+    for stage in dvc_yaml["stages"].values():
         body = stage.get("do", stage)
         for kind in ("outs", "metrics", "plots"):
             for entry in body.get(kind, []):
                 path = next(iter(entry)) if isinstance(entry, dict) else entry
-                if items is None:
-                    paths.append(path)
-                else:
-                    paths += [path.replace("${item}", str(it)) for it in items]
+                paths += [resolve(path, it) for it in stage.get("foreach", [None])]
     return paths
 
 
@@ -72,7 +81,8 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
 
     assert config.load(repo / "params.yaml").preset == "tiny"
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())
-    missing = [p for p in _expected_outputs(stages) if not (repo / p).exists()]
+    missing = [p for p in _expected_outputs(stages, yaml.safe_load((repo / "params.yaml").read_text()))
+               if not (repo / p).exists()]
     assert not missing, f"stage outputs missing after dvc exp run: {missing}"
     status = _run(dvc + ["status"], repo, env).stdout
     assert "changed" not in status, status

@@ -301,7 +301,7 @@ def test_foreign_files_in_the_output_folder(tmp_path: Path, caplog: pytest.LogCa
     assert sorted(p.name for p in (out / "train").iterdir()) == before
     assert read_json(out / "manifest.json")["splits"]["train"]["written"] == 6
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(PipelineError, match="a_file: shard.out_dir is not a folder"):
+    with pytest.raises(PipelineError, match="a_file: data.shards_dir is not a folder"):
         _shard(root, tmp_path / "a_file")
 
 

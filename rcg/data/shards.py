@@ -313,7 +313,7 @@ def _tidy_split_folder(folder: Path, split: str) -> None:
         elif e.name.startswith(f"{split}-") and e.name.endswith(".tar"):
             raise PipelineError(
                 f"{e.path}: not a shard this stage wrote, but named like one (every {split}-*.tar in "
-                f"{folder} is read as {split} data): move or delete it, or set shard.out_dir elsewhere"
+                f"{folder} is read as {split} data): move or delete it, or set data.shards_dir elsewhere"
             )
         else:
             log.warning("%s: not written by the shard stage; left alone", e.path)
@@ -323,7 +323,7 @@ def _tidy_out_dir(out_dir: Path) -> None:
     """What is in `out_dir` before a run: only the stage's own leftovers are removed (each logged)."""
     if not out_dir.is_dir():
         if out_dir.exists() or out_dir.is_symlink():
-            raise PipelineError(f"{out_dir}: shard.out_dir is not a folder")
+            raise PipelineError(f"{out_dir}: data.shards_dir is not a folder")
         return
     for e in sorted(os.scandir(out_dir), key=lambda e: e.name):
         if e.name in SPLITS and e.is_dir():

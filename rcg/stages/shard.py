@@ -26,10 +26,10 @@ def run(cfg: Config) -> None:
              source.description, counts, source.fingerprint, source.val_split)
     with stage_run(cfg, "shard") as tracker:
         manifest = write_shards(
-            source, c.out_dir, c.shard_size, c.min_size, c.workers, c.verify, c.max_file_bytes, c.max_pixels
+            source, cfg.data.shards_dir, c.shard_size, c.min_size, c.workers, c.verify, c.max_file_bytes, c.max_pixels
         )
         tracker.log_metrics(
             {f"{s}_{k}": v[k] for s, v in manifest["splits"].items() for k in ("written", "skipped")}
         )
-        tracker.log_artifact(f"{c.out_dir}/manifest.json")
-    log.info("wrote %s/manifest.json", c.out_dir)
+        tracker.log_artifact(f"{cfg.data.shards_dir}/manifest.json")
+    log.info("wrote %s/manifest.json", cfg.data.shards_dir)

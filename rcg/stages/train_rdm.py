@@ -37,13 +37,13 @@ def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _save(rc: RDMConfig, net: torch.nn.Module, name: str, summary: dict[str, Any], n_reps: int,
-          device: torch.device, out_dir: Path) -> RDMBundle:
+          device: torch.device, out_dir: Path, features: Path) -> RDMBundle:
     """Write <out_dir>/<name>.* with the sampler settings every later use of this RDM reads."""
     meta = make_meta(
         net, rc.arch, schedule(rc),
         {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
         {"trained_steps": summary["steps"], "ema_decay": rc.ema_decay,
-         "features": str(Path(rc.features_dir) / "train.parquet"), "num_train_reps": n_reps},
+         "features": str(features), "num_train_reps": n_reps},
     )
     save_rdm(net.cpu(), meta, out_dir, name)
     log.info("%s: EMA weights written to %s", name, Path(rc.out_dir) / f"{name}.safetensors")
@@ -69,7 +69,7 @@ def run(cfg: Config, **options: Any) -> None:
     info = setup_distributed()
     try:
         seed_everything(rc.seed, info.rank)
-        fdir = Path(rc.features_dir)
+        fdir = Path(cfg.encode.out_dir)
         train = _read(fdir / "train.parquet")
         val = _read(fdir / "val.parquet") if (fdir / "val.parquet").exists() else None
         if val is None:
@@ -90,7 +90,7 @@ def run(cfg: Config, **options: Any) -> None:
                     net, summary = train_rdm(rc, train[0], labels, num_classes, info, tracker)
                     if info.is_main:
                         name = artifact_name(labels is not None)
-                        bundle = _save(rc, net, name, summary, len(train[0]), info.device, tmp)
+                        bundle = _save(rc, net, name, summary, len(train[0]), info.device, tmp, fdir / "train.parquet")
                         trained.append((name, bundle, summary))
                 result = _score(rc, trained, train, val, skipped) if info.is_main else {}
             if info.is_main:
