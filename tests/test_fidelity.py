@@ -60,7 +60,7 @@ def test_evalnet_fd_matches_frechet_on_its_features_and_reference_is_cached(
     kw = dict(extractor=name, weights=weights, cache_root=tmp_path, reference_cache="val-test", kid_subset_size=50)
     m1 = fidelity_metrics(UInt8Images(to_uint8(fake)), ref, **kw)
     assert set(m1) >= {"fd", "is", "kid", "precision", "recall"}
-    assert loads == [1] and (tmp_path / "val-test-evalnet-stat-fid-penultimate.pt").exists()
+    assert loads == [1] and (tmp_path / "val-test-evalnet.pt").exists()
 
     # Same number from the project's Frechet distance on the extractor's own features.
     fe = extractors.EvalNetExtractor("evalnet", ["penultimate"], feature_extractor_weights_path=str(weights))

@@ -1,18 +1,15 @@
 """Sample-quality metrics through torch-fidelity: Frechet distance, IS, KID, precision and recall.
 
 docs/paper.md#evaluation: the reference scores 50k samples with torch-fidelity against reference
-statistics of real data. Here the real side (the val split) is featurised once per extractor and
-cached under `evaluate.cache_dir` (a DVC output), named by a digest of everything it depends on,
-so every mode and every later run reuses it; torch-fidelity's own `cache_root` +
-`input2_cache_name` do the caching (0.4.0 has no `fid_statistics_file`).
+statistics of real data. Images are turned into features as they arrive, batch by batch
+(`Featurizer`, torch-fidelity's own feature extractors), so memory holds features, never the
+images of a whole mode: 50k ImageNet samples are ~10 GB as pixels and ~0.6 GB as Inception
+features. The metrics are torch-fidelity's own functions over those features (`score`). Real
+images' features are cached under `evaluate.cache_dir` (a DVC output), named by a digest of
+everything they depend on, and read back weights-only (tensors only: a crafted file runs nothing).
 
 Metric names say which extractor produced them: `fd` is the Frechet distance under the extractor
 named beside it; it is FID only when that extractor is Inception.
-
-torch-fidelity reads its cache entries (and extractor weights) with `torch.load(...,
-weights_only=False)`, so a crafted `.pt` file in the cache folder would run code. Every call here
-runs with torch's `TORCH_FORCE_WEIGHTS_ONLY_LOAD` set: those loads unpickle only tensors and the
-float numpy arrays of the FID statistics, and an entry that needs more is an error naming it.
 """
 
 from __future__ import annotations
@@ -20,18 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import pickle
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch_fidelity
-from numpy._core.multiarray import _reconstruct
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
 
 from rcg.config import DataConfig
 from rcg.io import PipelineError
@@ -116,7 +114,7 @@ def read_real_images(
 
 
 def cache_name(split: str, n: int, *parts: Any) -> str:
-    """A torch-fidelity cache entry name for real images: split, count and a digest of `parts`.
+    """A cache entry name for real images' features: split, count and a digest of `parts`.
 
     `parts` must hold everything the features depend on (extractor weights digest, shard manifest,
     image size), so a retrained classifier or re-sharded data never reads a stale entry.
@@ -125,53 +123,114 @@ def cache_name(split: str, n: int, *parts: Any) -> str:
     return f"{split}-n{n}-{digest}"
 
 
-# What torch-fidelity's FID statistics ({"mu", "sigma"}: float32/float64 ndarrays) need beyond
-# tensors; object arrays stay refused (no ObjectDType).
-NUMPY_ARRAYS = [np.ndarray, _reconstruct, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType]
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load honours it even over weights_only=False
-NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # its opposite; torch refuses both at once
+Features = dict[str, torch.Tensor]  # feature layer -> [N, d]
 
 
-@contextmanager
-def weights_only_loads() -> Iterator[None]:
-    """Every `torch.load` inside runs weights-only, whatever its caller asked (torch-fidelity asks for
-    `weights_only=False`); float numpy arrays are allowed, as the FID statistics hold them."""
-    saved = {k: os.environ.pop(k, None) for k in (FORCE_WEIGHTS_ONLY, NO_WEIGHTS_ONLY)}
-    os.environ[FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with torch.serialization.safe_globals(NUMPY_ARRAYS):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+class Featurizer:
+    """torch-fidelity's feature extractor `name`, fed batch by batch (module docstring).
+
+    Images (uint8 [B, 1|3, H, W], any B) are buffered into batches of `batch_size`, so the extractor
+    sees the same batches however the images arrive; `finish` returns every layer's features.
+    `layers` maps each metric (isc, fid, kid, prc) to its feature layer; by default the extractor's
+    own choice (Inception: 2048-d pool features and logits, as FID and IS define them).
+    """
+
+    def __init__(self, name: str, weights: str | Path, batch_size: int = 200,
+                 layers: dict[str, str] | None = None, device: torch.device | None = None) -> None:
+        register_extractors()  # the project's extractors, and the weights-only Inception
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        self.layers = {m: (layers or {}).get(m) or cls.get_default_feature_layer_for_metric(m)
+                       for m in ("isc", "fid", "kid", "prc")}
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.fe = create_feature_extractor(name, sorted(set(self.layers.values())), cuda=self.device.type == "cuda",
+                                           feature_extractor_weights_path=str(weights), verbose=False)
+        self.name, self.batch_size = name, batch_size
+        self._pending: list[torch.Tensor] = []
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self.n = 0
+
+    def add(self, images: torch.Tensor) -> None:
+        """Queue images; every full batch is turned into features at once."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 [N, 1|3, H, W], got {images.dtype} {tuple(images.shape)}")
+        self._pending.append(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images)
+        queued = torch.cat(self._pending)
+        full = len(queued) - len(queued) % self.batch_size
+        for i in range(0, full, self.batch_size):
+            self._extract(queued[i : i + self.batch_size])
+        self._pending = [queued[full:]] if full < len(queued) else []
+
+    @torch.no_grad()
+    def _extract(self, batch: torch.Tensor) -> None:
+        out = self.fe.convert_features_tuple_to_dict(self.fe(batch.contiguous().to(self.device)))
+        for k, v in out.items():
+            self._parts.setdefault(k, []).append(v.cpu())
+        self.n += len(batch)
+
+    def finish(self) -> Features:
+        """Features of every image added, in order; the featurizer is empty again afterwards."""
+        if self._pending:
+            self._extract(torch.cat(self._pending))
+        out = {k: torch.cat(v) for k, v in self._parts.items()}
+        self._pending, self._parts, self.n = [], {}, 0
+        return out
+
+    def features(self, batches: Iterable[torch.Tensor]) -> Features:
+        """Features of every image of `batches` (an iterator of uint8 batches: nothing is kept)."""
+        for images in batches:
+            self.add(images)
+        return self.finish()
 
 
-def unsafe_cache_entry(cache_root: str | Path, names: list[str | None]) -> Path | None:
-    """The first torch-fidelity cache file of the entries `names` that does not load weights-only."""
-    for name in filter(None, names):
-        for path in sorted(Path(cache_root).glob(f"{name}-*.pt")):
-            try:
-                with weights_only_loads():
-                    torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                return path
-    return None
+def cached_features(fz: Featurizer, cache_dir: str | Path, name: str,
+                    batches: Callable[[], Iterable[torch.Tensor]]) -> Features:
+    """Real images' features, read from `<cache_dir>/<name>.pt` or computed from `batches()` and
+    written there; the file holds tensors only and is read weights-only (a crafted one runs nothing)."""
+    from rcg.io import atomic_path, weights_only_reason
+
+    path = Path(cache_dir) / f"{name}.pt"
+    if path.exists():
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PipelineError(f"{path}: a feature cache entry this project cannot read safely "
+                                f"({weights_only_reason(e)}); nothing in it was run; delete it to recompute") from None
+        if isinstance(feats, dict) and all(torch.is_tensor(v) for v in feats.values()):
+            return feats
+        raise PipelineError(f"{path}: not a feature cache entry (expected tensors by layer); delete it to recompute")
+    feats = fz.features(batches())
+    with atomic_path(path) as tmp:
+        torch.save(feats, tmp)
+    return feats
 
 
-@contextmanager
-def cache_entries_named(cache_root: str | Path, names: list[str | None]) -> Iterator[None]:
-    """A cache entry refused by `weights_only_loads` -> one line naming the file (torch does not)."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        from rcg.io import weights_only_reason
+def score(generated: Features, reference: Features | None, layers: dict[str, str], *, isc: bool = True,
+          reference_stats: dict[str, np.ndarray] | None = None, kid_subset_size: int = 1000,
+          prc_neighborhood: int = 3, seed: int = 0) -> dict[str, float]:
+    """FD (against `reference_stats` {mu, sigma} when given, else the reference's features), IS,
+    KID and precision/recall (when reference features exist), by torch-fidelity's own functions."""
+    n1 = len(generated[layers["fid"]])
+    n2 = len(reference[layers["fid"]]) if reference is not None else n1
+    if min(n1, n2) < 2:
+        raise PipelineError(f"need at least 2 images on each side, got {n1} and {n2}")
+    kw = dict(isc_splits=min(10, n1), samples_shuffle=True, rng_seed=seed, verbose=False,
+              kid_subset_size=min(kid_subset_size, n1, n2),  # KID needs subsets no larger than each side
+              prc_neighborhood=min(prc_neighborhood, n1 - 1, n2 - 1))
+    raw: dict[str, Any] = {}
+    if isc:
+        raw.update(isc_featuresdict_to_metric(generated, layers["isc"], **kw))
+    stats_ref = reference_stats or fid_featuresdict_to_statistics(reference, layers["fid"])
+    raw.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(generated, layers["fid"]), stats_ref, False))
+    if reference is not None:
+        raw.update(kid_featuresdict_to_metric(generated, reference, layers["kid"], **kw))
+        raw.update(prc_featuresdict_to_metric(generated, reference, layers["prc"], **kw))
+    return {ours: float(raw[theirs]) for theirs, ours in METRIC_KEYS.items() if theirs in raw}
 
-        where = unsafe_cache_entry(cache_root, names) or Path(cache_root)
-        raise PipelineError(f"{where}: a torch-fidelity cache entry this project cannot read safely "
-                            f"({weights_only_reason(e)}); nothing in it was run; delete it to recompute") from None
+
+def dataset_batches(ds: Dataset, batch_size: int) -> Iterable[torch.Tensor]:
+    """A Dataset of uint8 [C, H, W] images as uint8 batches, in order."""
+    for i in range(0, len(ds), batch_size):
+        yield torch.stack([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
 
 
 def fidelity_metrics(
@@ -189,42 +248,19 @@ def fidelity_metrics(
     seed: int = 0,
     feature_layers: dict[str, str] | None = None,
     isc: bool = True,
-    verbose: bool = False,
 ) -> dict[str, float]:
-    """FD, IS, KID, precision and recall of `generated` against `reference` under one extractor.
-
-    Both datasets yield uint8 [3, H, W]. The reference's features and statistics are cached as
-    `reference_cache` in `cache_root`; `generated_cache` caches input1 too (for real images such as
-    the train-vs-val floor; leave None for generated samples). `feature_layers` overrides the
-    extractor's default layer per metric ({"fid": "64", ...}; tests use it to keep Inception's
-    2048 x 2048 covariance out of CPU runs). Returns this project's names (`METRIC_KEYS`).
-    """
-    n1, n2 = len(generated), len(reference)
-    if min(n1, n2) < 2:
-        raise PipelineError(f"need at least 2 images on each side, got {n1} and {n2}")
-    register_extractors()  # torch-fidelity's Inception reads its weights file weights-only from here on
-    with weights_only_loads(), cache_entries_named(cache_root, [reference_cache, generated_cache]):
-        raw = torch_fidelity.calculate_metrics(
-            input1=generated,
-            input2=reference,
-            input1_cache_name=generated_cache,
-            input2_cache_name=reference_cache,
-            cache_root=str(cache_root),
-            cuda=torch.cuda.is_available(),
-            batch_size=batch_size,
-            isc=isc,  # IS needs class probabilities: off for an extractor without them
-            fid=True,
-            kid=True,
-            prc=True,
-            feature_extractor=extractor,
-            feature_extractor_weights_path=str(weights),
-            isc_splits=min(10, n1),
-            kid_subset_size=min(kid_subset_size, n1, n2),  # KID needs subsets no larger than each side
-            prc_neighborhood=min(prc_neighborhood, n1 - 1, n2 - 1),
-            save_cpu_ram=True,  # no DataLoader worker processes (2 cores), chunked distance matrices
-            samples_shuffle=True,
-            rng_seed=seed,
-            verbose=verbose,
-            **{f"feature_layer_{metric}": layer for metric, layer in (feature_layers or {}).items()},
-        )
-    return {ours: float(raw[theirs]) for theirs, ours in METRIC_KEYS.items() if theirs in raw}
+    """FD, IS, KID, precision and recall of two image sets under one extractor (both Datasets of
+    uint8 [C, H, W]); the reference's features are cached as `reference_cache` in `cache_root`,
+    the generated side's as `generated_cache` when given (real images, e.g. the floor).
+    `feature_layers` overrides the extractor's layer per metric ({"fid": "64", ...})."""
+    if min(len(generated), len(reference)) < 2:
+        raise PipelineError(f"need at least 2 images on each side, got {len(generated)} and {len(reference)}")
+    fz = Featurizer(extractor, weights, batch_size, feature_layers)
+    ref = cached_features(fz, cache_root, f"{reference_cache}-{extractor}", lambda: dataset_batches(reference, batch_size))
+    if generated_cache:
+        gen = cached_features(fz, cache_root, f"{generated_cache}-{extractor}",
+                              lambda: dataset_batches(generated, batch_size))
+    else:
+        gen = fz.features(dataset_batches(generated, batch_size))
+    return score(gen, ref, fz.layers, isc=isc, kid_subset_size=kid_subset_size,
+                 prc_neighborhood=prc_neighborhood, seed=seed)
