@@ -215,7 +215,8 @@ def _publish_results(root: Path, run_name: str, exp_name: str, log_dir: Path,
     else:
         evaluation = run_report.evaluation_markdown(root, cfg.evaluate.metrics_file,
                                                     cfg.evalnet.metrics_file, evaluate)
-        mlflow = run_report.mlflow_markdown(root, cfg.tracking, exp_name)
+        mlflow = run_report.mlflow_markdown(root, cfg.tracking, exp_name, skipped=any(
+            r.outcome in (dvc_mod.UP_TO_DATE, dvc_mod.RESTORED) for r in results))
     create_markdown_artifact(
         key="rcg-evaluation",
         markdown=run_report.summary_markdown(run_name, exp_name, results, log_dir, evaluation,

@@ -21,6 +21,8 @@ from rcg.io import read_json
 from rcg.metrics.report import format_report
 
 FAILED, NOT_RUN = "failed", "not run"
+EARLIER = ("Stages up to date did not run now: their MLflow runs carry the `dvc_exp` tag of the "
+           "pipeline run that last ran them.")
 # Outcomes after which the stage's outputs are those of its inputs now (so eval.json is current).
 CURRENT = (dvc_mod.RAN, dvc_mod.UP_TO_DATE, dvc_mod.RESTORED)
 
@@ -72,7 +74,11 @@ def evaluation_markdown(root: Path, eval_file: str, evalnet_file: str,
         return none + f"`{eval_file}` is missing although the `evaluate` stage {outcome}."
     note = "" if outcome == dvc_mod.RAN else (
         f"\n\n(`evaluate` {outcome}: these are the numbers of the run that made `{eval_file}`.)")
-    return format_report(read_json(path), read_json(evalnet) if evalnet.exists() else None) + note
+    try:
+        table = format_report(read_json(path), read_json(evalnet) if evalnet.exists() else None)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # the pipeline itself succeeded
+        return none + f"`{eval_file}` could not be read as an evaluation: {type(e).__name__}: {e}"
+    return table + note
 
 
 def store_uri(uri: str, root: Path) -> tuple[str, Path | None]:
@@ -106,21 +112,25 @@ def _short_http_retries() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def mlflow_runs(uri: str, exp_name: str) -> list[Any]:
-    """The MLflow runs tagged `dvc_exp = exp_name` in every experiment of the store, oldest first."""
+def mlflow_runs(uri: str, exp_name: str) -> list[tuple[Any, str]]:
+    """(run, its experiment's name) for the MLflow runs tagged `dvc_exp = exp_name` in every
+    experiment of the store, oldest first."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     with _short_http_retries():
-        ids = [e.experiment_id for e in client.search_experiments()]
-        if not ids:
+        names = {e.experiment_id: e.name for e in client.search_experiments()}
+        if not names:
             return []
-        return list(client.search_runs(ids, filter_string=f"tags.dvc_exp = '{exp_name}'",
-                                       order_by=["attributes.start_time ASC"]))
+        runs = client.search_runs(list(names), filter_string=f"tags.dvc_exp = '{exp_name}'",
+                                  order_by=["attributes.start_time ASC"])
+    return [(r, names.get(r.info.experiment_id, r.info.experiment_id)) for r in runs]
 
 
-def mlflow_markdown(root: Path, tracking: TrackingConfig, exp_name: str) -> str:
-    """The MLflow runs of this pipeline run: links on a tracking server, run ids for a local store."""
+def mlflow_markdown(root: Path, tracking: TrackingConfig, exp_name: str,
+                    skipped: bool = False) -> str:
+    """The MLflow runs of this pipeline run: links on a tracking server, run ids for a local store.
+    `skipped`: some stages did not run now (up to date), which the text then explains."""
     if not tracking.enabled:
         return "MLflow tracking is off (`tracking.enabled: false` in params.yaml): no runs recorded."
     uri, path = store_uri(tracking.uri, root)
@@ -132,17 +142,18 @@ def mlflow_markdown(root: Path, tracking: TrackingConfig, exp_name: str) -> str:
         return f"Could not read the MLflow runs from `{tracking.uri}`: {type(e).__name__}: {e}"
     where = (f"tracking server {uri}" if path is None else
              f"local store `{uri}` (browse it with `mlflow ui --backend-store-uri {uri}`)")
+    earlier = "\n\n" + EARLIER if skipped else ""
     if not runs:
-        return f"No MLflow run tagged `dvc_exp = {exp_name}` in the {where}."
+        return f"No MLflow run tagged `dvc_exp = {exp_name}` in the {where}." + earlier
     web = uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
     lines = [f"Runs tagged `dvc_exp = {exp_name}` in the {where}:", "",
              "| stage | run | status | experiment |", "|---|---|---|---|"]
-    for run in runs:
+    for run, experiment in runs:
         info, rid = run.info, run.info.run_id
         link = f"[{rid}]({web}/#/experiments/{info.experiment_id}/runs/{rid})" if web else f"`{rid}`"
         lines.append(f"| `{run.data.tags.get('stage', '?')}` | {link} | {info.status} | "
-                     f"{info.experiment_id} |")
-    return "\n".join(lines)
+                     f"{experiment} |")
+    return "\n".join(lines) + earlier
 
 
 def summary_markdown(run_name: str, exp_name: str, results: list[StageResult], log_dir: Path,

@@ -5,6 +5,8 @@ same stream. A bar redraws itself with a carriage return many times a second; fo
 redraw would flood the Prefect task log with thousands of lines, so only the latest bar state is
 kept and sent at most once every `every` seconds (and once more when the stage ends). Log records
 keep their level; the stage's own timestamp and level are dropped, since Prefect shows its own.
+A bar cleared without a last line (tqdm's leave=False) shows only if it lived long enough to be
+sent while it ran.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ PROGRESS_EVERY = 5.0  # seconds between two progress lines of one stage
 
 # A log record as rcg's logging.basicConfig formats it (an optional date first, for other tools).
 LOG_RECORD = re.compile(
-    r"(?:\d{4}-\d\d-\d\d[ T])?\d\d:\d\d:\d\d(?:[.,]\d+)? (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"(?:\d{4}[-/]\d\d[-/]\d\d[ T])?\d\d:\d\d:\d\d(?:[.,]\d+)? (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
 )
 DVC_LEVEL = re.compile(r"(ERROR|WARNING): ")  # DVC's own messages: `ERROR: failed to reproduce ...`
 _SEPARATOR = re.compile(r"(\r\n|\r|\n)")
@@ -84,8 +86,9 @@ class OutputRelay:
             self._progress = None
 
     def _bar(self, segment: str) -> None:
-        if segment.strip():
-            self._progress = segment.strip()
+        # A blank redraw clears a bar that closes without leaving a line (tqdm's leave=False): its
+        # last state may be long stale (tqdm redraws at most every 0.1 s), so it is not shown.
+        self._progress = segment.strip() or None
 
     def _line(self, segment: str) -> None:
         m = LOG_RECORD.search(segment)

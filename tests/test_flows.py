@@ -177,7 +177,9 @@ def test_output_relay_forwards_records_and_thins_progress_bars() -> None:
     relay.feed("12:00:02 WARNING rcg.rdm: lr high\n")  # written on the live bar's line
     now[0] += 6
     relay.feed("\rtrain_rdm: 100%|#| 100/100\n12:00:09 ERROR rcg.rdm: nan loss\r\n")
-    relay.feed("ERROR: failed to reproduce 'train_rdm'\n\rsample: 1/9\rsample: 2/9\r   \r")
+    relay.feed("ERROR: failed to reproduce 'train_rdm'\n\rsample: 1/9\rsample: 2/9\r   \rsampled\n")
+    now[0] += 6
+    relay.feed("\rDDIM: 0/9\r")  # a bar left without a close: its last state shows at the end
     relay.close()
     assert out == [
         (logging.INFO, "Running stage 'train_rdm':"),
@@ -188,8 +190,12 @@ def test_output_relay_forwards_records_and_thins_progress_bars() -> None:
         (logging.INFO, "train_rdm: 100%|#| 100/100"),  # a closed bar's last line
         (logging.ERROR, "rcg.rdm: nan loss"),
         (logging.ERROR, "ERROR: failed to reproduce 'train_rdm'"),
-        (logging.INFO, "sample: 2/9"),  # a cleared bar's last state, once 5 s have passed
+        (logging.INFO, "sampled"),  # (the cleared `sample` bar lived too short to show)
+        (logging.INFO, "DDIM: 0/9"),
     ]
+    out.clear()
+    relay.feed("2026/12/06 04:12:57 INFO mlflow.store: Created version '1'\n")
+    assert out == [(logging.INFO, "mlflow.store: Created version '1'")]
 
 
 def test_stage_outcome_reads_what_dvc_did() -> None:
@@ -230,10 +236,13 @@ def test_run_report_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     run = SimpleNamespace(info=SimpleNamespace(run_id="abc123", experiment_id="7", status="FINISHED"),
                           data=SimpleNamespace(tags={"stage": "train_rdm"}))
     seen = []
-    monkeypatch.setattr(run_report, "mlflow_runs", lambda uri, name: seen.append((uri, name)) or [run])
+    monkeypatch.setattr(run_report, "mlflow_runs", lambda uri, name: seen.append((uri, name)) or [(run, "rcg-rdm")])
     md = run_report.mlflow_markdown(tmp_path, TrackingConfig(uri="http://mlflow:5000/"), "prefect-x")
     assert seen == [("http://mlflow:5000/", "prefect-x")]
-    assert "| `train_rdm` | [abc123](http://mlflow:5000/#/experiments/7/runs/abc123) |" in md
+    assert ("| `train_rdm` | [abc123](http://mlflow:5000/#/experiments/7/runs/abc123) | FINISHED "
+            "| rcg-rdm |") in md and "did not run now" not in md
+    md = run_report.mlflow_markdown(tmp_path, TrackingConfig(uri="https://m"), "p", skipped=True)
+    assert "did not run now" in md
 
 
 def test_run_force_reaches_the_flow(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
