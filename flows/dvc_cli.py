@@ -8,15 +8,19 @@ module would then shadow the `dvc` package.)
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from flows.stage_log import OutputRelay
 from rcg.tracking import flatten
 
 # Output that marks a failure as transient: running the same command again may well succeed.
@@ -33,14 +37,30 @@ TRANSIENT_PATTERNS: tuple[str, ...] = (
     r"Temporary failure in name resolution",
     r"\b(502 Bad Gateway|503 Service Unavailable|504 Gateway Time-?out|429 Too Many Requests)\b",
 )
+OUTPUT_GRACE = 5.0  # s to wait for the end of a command's output after the command exited
 # Exit codes of a process killed from outside (preemption, a node drain): not the stage's fault.
 TRANSIENT_EXIT_CODES: frozenset[int] = frozenset({-9, -15, 137, 143})
+
+
+# What `dvc repro --single-item <stage>` did with a stage, read from DVC's own words in its output.
+RAN, UP_TO_DATE, RESTORED = "ran", "up to date", "restored from run cache"
+
+
+def stage_outcome(output: str) -> str:
+    """RAN, UP_TO_DATE (nothing it depends on changed) or RESTORED (DVC's run cache held outputs
+    for exactly these inputs, so it checked them out instead of running the command)."""
+    if "didn't change, skipping" in output:
+        return UP_TO_DATE
+    if "is cached - skipping run" in output:
+        return RESTORED
+    return RAN
 
 
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero. Carries what the failure report and the retry decision need."""
 
-    def __init__(self, stage: str, returncode: int, log_path: Path, transient: bool, tail: str):
+    def __init__(self, stage: str, returncode: int, log_path: Path, transient: bool, tail: str,
+                 seconds: float | None = None):
         kind = "transient" if transient else "deterministic"
         super().__init__(
             f"stage {stage!r} failed with exit code {returncode} ({kind}); log: {log_path}"
@@ -50,6 +70,7 @@ class StageFailed(RuntimeError):
         self.log_path = log_path
         self.transient = transient
         self.tail = tail
+        self.seconds = seconds  # how long the failed attempt ran
 
 
 def is_transient(returncode: int, output: str, extra_patterns: Iterable[str] = ()) -> bool:
@@ -73,6 +94,7 @@ def dvc_env(exp_name: str | None = None) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DVC_NO_ANALYTICS": "1",
         "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",  # a stage's prints reach the task log as they happen
     }.items():
         env.setdefault(k, v)
     if exp_name:
@@ -91,18 +113,70 @@ def run_logged(
     log_path: Path,
     env: dict[str, str] | None = None,
     header: str = "",
+    relay: OutputRelay | None = None,
 ) -> tuple[int, str]:
-    """Run `args`, appending its merged stdout/stderr to `log_path`; return (exit code, output)."""
+    """Run `args`, appending its merged stdout/stderr to `log_path`; return (exit code, output).
+
+    The output is read as it comes (a thread copies it to the log file), so `relay` sees every
+    piece while the command runs: the Prefect task log follows the stage live.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {header} $ {' '.join(args)}\n")
-        log.flush()
-        start = log.tell()
-        proc = subprocess.run(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    with log_path.open() as f:
-        f.seek(start)
-        output = f.read()
-    return proc.returncode, output
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pieces: queue.Queue[bytes | None] = queue.Queue()
+    threading.Thread(target=_copy_output, args=(proc, log_path, pieces), daemon=True).start()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text: list[str] = []
+    try:
+        for chunk in _pieces_until_exit(proc, pieces, relay):
+            text.append(decoder.decode(chunk))
+            if relay is not None:
+                relay.feed(text[-1])
+        text.append(decoder.decode(b"", final=True))
+        if relay is not None:
+            relay.feed(text[-1])
+            relay.close()
+    except BaseException:  # interrupted (a cancelled flow run): the stage must not outlive it
+        proc.kill()
+        raise
+    finally:
+        code = proc.wait()
+    return code, "".join(text)
+
+
+def _copy_output(proc: subprocess.Popen, log_path: Path, pieces: queue.Queue) -> None:
+    """Reader thread: every piece of output to the log file (flushed) and to `pieces`; None at EOF."""
+    with log_path.open("ab") as log:
+        while chunk := proc.stdout.read1(1 << 16):
+            log.write(chunk)
+            log.flush()
+            pieces.put(chunk)
+    pieces.put(None)
+
+
+def _pieces_until_exit(proc: subprocess.Popen, pieces: queue.Queue,
+                       relay: OutputRelay | None) -> Iterator[bytes]:
+    """The output pieces until EOF, or until OUTPUT_GRACE s after the command exited.
+
+    A process the stage left behind (a daemon that inherited the stream) can hold the pipe open
+    long after the stage ended; the stage's exit code, not that process, ends the task.
+    """
+    exited_at: float | None = None
+    while True:
+        try:
+            chunk = pieces.get(timeout=0.5)
+        except queue.Empty:
+            if relay is not None:
+                relay.tick()  # a quiet stage still gets its pending progress line
+            if proc.poll() is not None:
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > OUTPUT_GRACE:
+                    return
+            continue
+        if chunk is None:
+            return
+        yield chunk
 
 
 def tail(text: str, lines: int = 30) -> str:

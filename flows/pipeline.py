@@ -5,11 +5,17 @@ from DVC (flows.dag; the `code` digest stage first), writes the preset and overr
 as `rcg params --preset P --set K=V` does (rcg.config.write_params), runs every stage as a task
 once its upstreams completed (independent stages run side by side), and saves the workspace as a
 DVC experiment named after the flow run. GPU stages carry the `gpu` tag, held to a Prefect
-concurrency limit (one stage per GPU slot). Transient faults are retried with exponential backoff;
+concurrency limit (one stage per GPU slot). Transient faults are retried after a delay;
 deterministic ones fail at once, with a report naming the stage and its log. Prefect result caching
 is off: DVC alone decides what needs to run.
 
+What the UI shows: each task's log follows its stage live (log records, a progress line every few
+seconds); a stage DVC found up to date ends in the state "Up to date" (restored from DVC's run
+cache: "Restored"); the run ends with the artifacts `rcg-evaluation` (evaluation table, stages,
+links to the MLflow runs: flows.run_report) and `rcg-pipeline-stages`.
+
     python -m flows.pipeline run --preset tiny -S train_rdm.steps=10   # one run, in process
+    python -m flows.pipeline run --force                               # every stage, even up to date
     python -m flows.pipeline serve                                     # flow.serve on this machine
 """
 
@@ -27,16 +33,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run as runtime_flow_run
-from prefect.states import State
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.tasks import Task, exponential_backoff
+from prefect.tasks import Task
 
 from flows import dvc_cli as dvc_mod
+from flows import run_report
 from flows.dag import DEFAULT_GPU_STAGES, Stage, read_stages, select
+from flows.stage_log import OutputRelay
 from rcg import config as config_mod
 
 GPU_TAG = "gpu"
 LOG_ROOT = "logs/flows"  # per flow run: one log file per stage, failure.md when something failed
+# Names of the Completed states of stages DVC did not run (the UI shows them on the task runs).
+UP_TO_DATE_STATE, RESTORED_STATE = "Up to date", "Restored"
 
 
 class PipelineFailed(RuntimeError):
@@ -66,15 +76,22 @@ def dvc_stage(
     exp_name: str | None = None,
     force: bool = False,
     transient_patterns: list[str] | None = None,
-) -> dict[str, Any]:
-    """Run one DVC stage with `dvc repro --single-item`; raise StageFailed on a non-zero exit."""
+) -> State:
+    """Run one DVC stage with `dvc repro --single-item`; raise StageFailed on a non-zero exit.
+
+    The stage's output streams into this task's log as it runs (its log records, and its progress
+    bars every few seconds: flows.stage_log) and into its log file in full. A stage DVC did not
+    run ends in a Completed state of its own name (UP_TO_DATE_STATE, RESTORED_STATE).
+    """
     logger = get_run_logger()
     log_path = Path(log_dir) / f"{stage}.log"
     args = dvc_mod.dvc_cmd("repro", "--single-item", *(["--force"] if force else []), stage)
-    logger.info("stage %s: running `dvc repro --single-item %s`, log: %s", stage, stage, log_path)
+    logger.info("stage %s: `dvc repro --single-item%s %s`, full log: %s",
+                stage, " --force" if force else "", stage, log_path)
+    relay = OutputRelay(lambda level, msg: logger.log(level, "%s", msg))
     t0 = time.perf_counter()
     code, output = dvc_mod.run_logged(
-        args, project_dir, log_path, env=dvc_mod.dvc_env(exp_name), header=stage
+        args, project_dir, log_path, env=dvc_mod.dvc_env(exp_name), header=stage, relay=relay
     )
     seconds = round(time.perf_counter() - t0, 2)
     if code != 0:
@@ -84,10 +101,18 @@ def dvc_stage(
             stage, code, "transient, may retry" if transient else "deterministic, no retry",
             seconds, log_path, dvc_mod.tail(output, 15),
         )
-        raise dvc_mod.StageFailed(stage, code, log_path, transient, dvc_mod.tail(output))
-    skipped = "didn't change, skipping" in output  # DVC's own words for an up-to-date stage
-    logger.info("stage %s: %s in %.1fs", stage, "up to date" if skipped else "done", seconds)
-    return {"stage": stage, "seconds": seconds, "skipped": skipped, "log": str(log_path)}
+        raise dvc_mod.StageFailed(stage, code, log_path, transient, dvc_mod.tail(output), seconds)
+    outcome = dvc_mod.stage_outcome(output)
+    result = {"stage": stage, "seconds": seconds, "outcome": outcome, "log": str(log_path)}
+    if outcome == dvc_mod.RAN:
+        logger.info("stage %s: ran in %.1fs", stage, seconds)
+        return Completed(data=result)
+    message = (f"DVC found stage {stage} up to date (nothing it depends on changed): not run"
+               if outcome == dvc_mod.UP_TO_DATE else
+               f"DVC restored the outputs of stage {stage} from its run cache: not run")
+    logger.info("%s (%.1fs)", message, seconds)
+    name = UP_TO_DATE_STATE if outcome == dvc_mod.UP_TO_DATE else RESTORED_STATE
+    return Completed(name=name, message=message, data=result)
 
 
 def ensure_gpu_limit(slots: int) -> None:
@@ -130,15 +155,18 @@ def _failure_report(stages: list[Stage], states: dict[str, str], errors: dict[st
     return "\n".join(lines) + "\n"
 
 
-def _run_stages(stages: list[Stage], gpu: tuple[str, ...], retries: int, retry_backoff: float,
+def _run_stages(stages: list[Stage], gpu: tuple[str, ...], retries: int, retry_delay: float,
                 stage_args: tuple) -> dict[str, PrefectFuture]:
-    """One `dvc_stage` task per stage, each waiting for its upstreams; returns once all ended."""
-    delay = exponential_backoff(retry_backoff)(retries) if retries else 0
+    """One `dvc_stage` task per stage, each waiting for its upstreams; returns once all ended.
+
+    The retry delay is one number: the Prefect UI shows a task's delay as a single duration (a
+    list of delays, as `exponential_backoff` makes, shows there as NaN).
+    """
     futures: dict[str, PrefectFuture] = {}
     for s in stages:
         tags = [GPU_TAG, "stage"] if s.is_gpu(gpu) else ["stage"]
         task_ = dvc_stage.with_options(name=f"dvc-{s.base}", task_run_name=s.name, tags=tags,
-                                       retries=retries, retry_delay_seconds=delay)
+                                       retries=retries, retry_delay_seconds=retry_delay)
         futures[s.name] = task_.submit(
             s.name, *stage_args, wait_for=[futures[u] for u in s.upstream if u in futures])
     wait(list(futures.values()))
@@ -156,6 +184,47 @@ def _outcomes(futures: dict[str, PrefectFuture]) -> tuple[dict[str, str], dict[s
             exc = state.result(raise_on_failure=False)
             errors[name] = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
     return states, errors
+
+
+def _stage_results(stages: list[Stage], futures: dict[str, PrefectFuture], gpu: tuple[str, ...],
+                   errors: dict[str, Exception]) -> list[run_report.StageResult]:
+    """What each stage did (ran, up to date, restored, failed, not run), for the reports."""
+    results = []
+    for s in stages:
+        state = futures[s.name].state
+        outcome, seconds = run_report.NOT_RUN, None
+        if state.is_completed():
+            data = futures[s.name].result()
+            outcome, seconds = data["outcome"], data["seconds"]
+        elif s.name in errors:
+            outcome, seconds = run_report.FAILED, getattr(errors[s.name], "seconds", None)
+        results.append(run_report.StageResult(s.name, outcome, seconds, s.is_gpu(gpu), state.name))
+    return results
+
+
+def _publish_results(root: Path, run_name: str, exp_name: str, log_dir: Path,
+                     results: list[run_report.StageResult]) -> None:
+    """The stage table artifact and the `rcg-evaluation` Markdown artifact of this run."""
+    create_table_artifact(key="rcg-pipeline-stages", table=run_report.stage_rows(results),
+                          description=f"rcg pipeline stages, DVC experiment {exp_name}")
+    evaluate = next((r.outcome for r in results if r.stage.split("@")[0] == "evaluate"), None)
+    try:
+        cfg = config_mod.load(root / "params.yaml")
+    except config_mod.ConfigError as e:  # not an rcg params.yaml: no evaluation file, no tracking
+        evaluation = mlflow = f"Not available: {e}"
+    else:
+        evaluation = run_report.evaluation_markdown(root, cfg.evaluate.metrics_file,
+                                                    cfg.evalnet.metrics_file, evaluate)
+        mlflow = run_report.mlflow_markdown(root, cfg.tracking, exp_name, skipped=any(
+            r.outcome in (dvc_mod.UP_TO_DATE, dvc_mod.RESTORED) for r in results))
+    create_markdown_artifact(
+        key="rcg-evaluation",
+        markdown=run_report.summary_markdown(run_name, exp_name, results, log_dir, evaluation,
+                                             mlflow),
+        description=f"rcg pipeline run {run_name}: evaluation, stages, MLflow runs",
+    )
+    get_run_logger().info("stages: %s; summary in the artifact rcg-evaluation",
+                          run_report.counts_line(results))
 
 
 def _report_failure(stages: list[Stage], states: dict[str, str], errors: dict[str, Exception],
@@ -186,7 +255,7 @@ def rcg_pipeline(
     gpu_stages: list[str] | None = None,
     gpu_slots: int = 1,
     retries: int = 2,
-    retry_backoff: float = 30.0,
+    retry_delay: float = 30.0,
     transient_patterns: list[str] | None = None,
     force: bool = False,
     exp_name: str | None = None,
@@ -200,7 +269,9 @@ def rcg_pipeline(
     targets: only these stages and their upstreams (default: every stage in dvc.yaml).
     gpu_stages: dvc.yaml entries tagged `gpu` (default: flows.dag.DEFAULT_GPU_STAGES).
     gpu_slots: size of the `gpu` concurrency limit, created when missing (0: leave limits alone).
-    retries / retry_backoff: attempts after a transient failure, waits of backoff * 2^k seconds.
+    retries / retry_delay: attempts after a transient failure, each `retry_delay` seconds after
+        the failed one.
+    force: run every stage even if DVC finds it up to date (`dvc repro --force`).
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
@@ -221,14 +292,10 @@ def rcg_pipeline(
     if any(s.is_gpu(gpu) for s in stages):
         ensure_gpu_limit(gpu_slots)
 
-    futures = _run_stages(stages, gpu, retries, retry_backoff,
+    futures = _run_stages(stages, gpu, retries, retry_delay,
                           (str(root), str(log_dir), exp_name, force, transient_patterns))
     states, errors = _outcomes(futures)
-    create_table_artifact(
-        key="rcg-pipeline-stages",
-        table=[{"stage": s.name, "state": states.get(s.name), "gpu": s.is_gpu(gpu)} for s in stages],
-        description=f"rcg pipeline stages, DVC experiment {exp_name}",
-    )
+    _publish_results(root, run_name, exp_name, log_dir, _stage_results(stages, futures, gpu, errors))
     if errors:
         _report_failure(stages, states, errors, log_dir)
     if save_experiment:
@@ -251,10 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", dest="targets", action="append", default=None)
     p.add_argument("--project-dir", default=".")
     p.add_argument("--gpu-slots", type=int, default=1)
+    p.add_argument("--force", action="store_true",
+                   help="run every stage even if DVC finds it up to date (dvc repro --force)")
     p.add_argument("--name", default="rcg-local", help="deployment name for `serve`")
     args = p.parse_args(argv)
     params = dict(preset=args.preset, overrides=args.overrides, targets=args.targets,
-                  project_dir=args.project_dir, gpu_slots=args.gpu_slots)
+                  project_dir=args.project_dir, gpu_slots=args.gpu_slots, force=args.force)
     if args.action == "serve":
         rcg_pipeline.serve(name=args.name, parameters=params)
         return 0

@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as runtime_flow_run
 
 from flows import dvc_cli as dvc_mod
+from flows.stage_log import OutputRelay
 from rcg import config as config_mod
 
 
@@ -74,12 +75,15 @@ def queue_experiment(project_dir: str, name: str, sets: list[str]) -> str:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_queue(project_dir: str, jobs: int, log_path: str) -> int:
-    """Run every queued experiment (`dvc exp run --run-all -j jobs`); log to `log_path`."""
+    """Run every queued experiment (`dvc exp run --run-all -j jobs`); log to `log_path` and, as it
+    runs, to the task log (flows.stage_log)."""
+    logger = get_run_logger()
     code, output = dvc_mod.run_logged(
         dvc_mod.dvc_cmd("exp", "run", "--run-all", "-j", str(jobs)),
         project_dir, Path(log_path), env=dvc_mod.dvc_env(), header="sweep",
+        relay=OutputRelay(lambda level, msg: logger.log(level, "%s", msg)),
     )
-    get_run_logger().info("dvc exp run --run-all: exit code %d, log: %s", code, log_path)
+    logger.info("dvc exp run --run-all: exit code %d, log: %s", code, log_path)
     return code
 
 
