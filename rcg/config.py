@@ -442,8 +442,20 @@ class EvaluateConfig:
     n_samples: int = 2000  # generated images per mode (and real train images for the floor);
     # sampling dominates the stage (~450 s per 2k images on 2 cores); the paper uses 50k
     n_reference: int = 0  # real val images in the reference statistics (0: the whole val split)
+    # ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: mu/sigma of Inception pool features and
+    # arr_0, 10k reference images) or MAR's adm_in256_stats.npz (mu/sigma only): FID against its
+    # mu/sigma, KID and precision/recall against arr_0's features (docs/paper.md#evaluation). Empty:
+    # the val split is the reference.
+    reference_stats: str = ""
+    # How the class modes ask for classes: the train split's frequencies, or exactly n / K each
+    # (the reference's 50 per class at 50k; with it, n_samples must be a multiple of the classes).
+    class_balance: Literal["train", "uniform"] = "train"
+    # Generated images written to disk as they are scored, to check with other tools (ADM's
+    # evaluator reads the npz): lossless PNGs, an ADM-format npz (arr_0, NHWC uint8), or none.
+    save_samples: Literal["none", "png", "npz", "both"] = "none"
+    samples_dir: str = "outputs/samples"  # + /<mode>/
     batch_size: int = 250  # images per generator call; bounded by memory, not by speed on CPU
-    feature_batch_size: int = 200  # images per feature-extractor batch inside torch-fidelity
+    feature_batch_size: int = 200  # images per feature-extractor batch (features are taken as images come)
     sample_steps: int = 50  # generator sampling steps (the step count dominates the stage's time)
     cfg: float = 1.0  # guidance scale of mode `rcg_cfg` (MAGE-B's 1.0 in the reference)
     cfg_schedule: Literal["constant", "linear"] = "linear"  # the reference grows guidance linearly
@@ -460,6 +472,7 @@ class EvaluateConfig:
         "modes": Range(nonempty=True, unique=True, item=Range(choices=EVAL_MODES)),
         "n_samples": Range(ge=2, why="a Frechet distance needs a covariance"),
         "n_reference": Range(ge=2, zero_ok=True, why="0 means the whole val split"),
+        "reference_stats": FREE, "class_balance": FREE, "save_samples": FREE, "samples_dir": PATH,
         "batch_size": COUNT, "feature_batch_size": COUNT, "sample_steps": COUNT, "cfg": NON_NEGATIVE,
         "cfg_schedule": FREE, "kid_subset_size": Range(ge=2, why="KID's unbiased estimate needs pairs"),
         "prc_neighborhood": COUNT, "grid_size": COUNT, "seed": SEED,

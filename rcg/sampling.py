@@ -161,18 +161,60 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, upscale
     return path
 
 
-def save_pngs(images: Tensor, folder: str | Path, prefix: str = "") -> list[Path]:
-    """One lossless PNG per image, named {prefix}{index:05d}.png (truncation to uint8 as the reference)."""
+def save_pngs(images: Tensor, folder: str | Path, prefix: str = "", start: int = 0) -> list[Path]:
+    """One lossless PNG per image, named {prefix}{start + index:05d}.png. Float images are truncated to
+    uint8 as the reference does; uint8 images are written as they are."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    arr = (images.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, a in enumerate(arr):
-        p = folder / f"{prefix}{i:05d}.png"
+    u8 = images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).to(torch.uint8)
+    for i, a in enumerate(u8.permute(0, 2, 3, 1).cpu().numpy()):
+        p = folder / f"{prefix}{start + i:05d}.png"
         img = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
         with atomic_path(p) as tmp:
             img.save(tmp, format="PNG")
         paths.append(p)
     return paths
+
+
+class SampleWriter:
+    """Generated images written as they come (evaluate.save_samples): PNGs and/or an ADM-format
+    `samples.npz` (`arr_0`: uint8 [N, H, W, C], the array ADM's evaluator reads), streamed into the
+    zip file batch by batch so memory never holds more than one batch."""
+
+    def __init__(self, folder: str | Path, n: int, shape: tuple[int, int, int], png: bool, npz: bool) -> None:
+        import zipfile
+
+        import numpy as np
+
+        self.folder, self.png, self.count, self.n = Path(folder), png, 0, n
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._zip = self._npy = None
+        if npz:
+            c, h, w = shape
+            self._path = self.folder / "samples.npz"
+            self._tmp = self.folder / ".samples.npz.tmp"
+            self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+            self._npy = self._zip.open("arr_0.npy", "w", force_zip64=True)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (n, h, w, c)}
+            np.lib.format.write_array_header_2_0(self._npy, header)
+
+    def add(self, images: Tensor) -> None:
+        """uint8 [B, C, H, W] images, in generation order."""
+        if self.png:
+            save_pngs(images, self.folder, start=self.count)
+        if self._npy is not None:
+            self._npy.write(images.permute(0, 2, 3, 1).contiguous().cpu().numpy().tobytes())
+        self.count += len(images)
+
+    def close(self) -> None:
+        """Finish the npz (renamed into place only when it holds all n images)."""
+        if self._npy is not None:
+            self._npy.close()
+            self._zip.close()
+            if self.count != self.n:
+                raise ValueError(f"{self._path}: {self.count} images written, {self.n} announced")
+            self._tmp.replace(self._path)

@@ -80,9 +80,9 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     ev = cfg.evaluate
     gen = StandIn(cfg)
     reads: list[str] = []
-    real_read = evaluation.read_real_images
-    monkeypatch.setattr(evaluation, "read_real_images",
-                        lambda data_cfg, split, n=0: (reads.append(split), real_read(data_cfg, split, n))[1])
+    real_read = evaluation._real_batches
+    monkeypatch.setattr(evaluation, "_real_batches",
+                        lambda data_cfg, split, n, *a: (reads.append(split), real_read(data_cfg, split, n, *a))[1])
     res = evaluate_stage.evaluate(cfg, gen)
 
     assert read_json(ev.metrics_file) == json.loads(json.dumps(res))
@@ -175,12 +175,24 @@ def test_generate_mode_draws_in_chunks_with_their_own_seeds() -> None:
             calls.append((mode, n, kw["seed"], kw["cfg"], kw["steps"], kw["batch_size"]))
             return torch.full((n, 1, 4, 4), 0.5)
 
-    out = evaluation.generate_mode(Fixed(), "rcg_cfg", 45, ev, (1, 4, 4), seed=3)
-    assert out.dtype == torch.uint8 and out.shape == (45, 1, 4, 4) and int(out[0, 0, 0, 0]) == 128
+    class Features:  # what the protocol hands images to (rcg.metrics.fidelity.Featurizer): kept here
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def add(self, images: torch.Tensor) -> None:
+            self.seen.append(images)
+
+        def finish(self) -> dict:
+            return {"all": torch.cat(self.seen)}
+
+    out = evaluation.generate_mode(Fixed(), "rcg_cfg", 45, ev, (1, 4, 4), Features(), seed=3)
+    seen = out.features["all"]
+    assert seen.dtype == torch.uint8 and seen.shape == (45, 1, 4, 4) and int(seen[0, 0, 0, 0]) == 128
+    assert out.grid.shape == (min(45, ev.grid_size), 1, 4, 4) and out.predictions is None
     # rcg_cfg is rcg with guidance; chunk i uses seed + 1000 i (a call uses seed and seed + 1)
     assert calls == [("rcg", 20, 3, 1.5, 3, 2), ("rcg", 20, 1003, 1.5, 3, 2), ("rcg", 5, 2003, 1.5, 3, 2)]
     with pytest.raises(PipelineError, match="expected"):
-        evaluation.generate_mode(Fixed(), "uncond", 4, ev, (3, 4, 4))
+        evaluation.generate_mode(Fixed(), "uncond", 4, ev, (3, 4, 4), Features())
 
 
 def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -231,3 +243,68 @@ def yaml_params() -> dict:
     import yaml
 
     return yaml.safe_load(tiny_params())
+
+
+def _val_reference_npz(cfg: config.Config, path: Path, with_images: bool) -> None:
+    """An ADM-format reference file made of this workspace's val split: mu/sigma of its evalnet
+    features (what ADM's file holds for Inception) and, optionally, the images as arr_0 (NHWC)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from rcg.metrics.fidelity import Featurizer
+
+    images = read_real_images(cfg.data, "val")[0]
+    fz = Featurizer("evalnet", Path(cfg.evalnet.out_dir) / "evalnet.safetensors", cfg.evaluate.feature_batch_size)
+    stats = fid_features_to_statistics(fz.features([images])[fz.layers["fid"]])
+    arrays = {"mu": stats["mu"], "sigma": stats["sigma"], "mu_s": stats["mu"][:2], "sigma_s": stats["sigma"][:2, :2]}
+    if with_images:
+        arrays["arr_0"] = images.permute(0, 2, 3, 1).numpy()
+    np.savez(path, **arrays)
+
+
+def test_adm_reference_statistics_give_the_val_reference_numbers(workspace: Path) -> None:
+    """FID against a reference file's mu/sigma (ADM's protocol) equals FID against the images it was
+    made of; KID and precision/recall use its arr_0; without arr_0 they are skipped with a reason."""
+    cfg = config.load("params.yaml")
+    cfg.evaluate.modes = ["uncond", "rcg"]
+    base = evaluate_stage.evaluate(cfg, StandIn(cfg))
+    _val_reference_npz(cfg, Path("adm.npz"), with_images=True)
+    cfg.evaluate.reference_stats = "adm.npz"
+    adm = evaluate_stage.evaluate(cfg, StandIn(cfg))
+    assert adm["reference"] == "reference statistics adm.npz" and adm["n_reference"] == 256
+    for mode in ("uncond", "rcg"):
+        assert adm["modes"][mode]["fd"] == pytest.approx(base["modes"][mode]["fd"], rel=1e-6)  # float64 statistics against float32 ones
+        assert adm["modes"][mode]["precision"] == base["modes"][mode]["precision"]
+    _val_reference_npz(cfg, Path("stats_only.npz"), with_images=False)
+    cfg.evaluate.reference_stats = "stats_only.npz"
+    only = evaluate_stage.evaluate(cfg, StandIn(cfg))
+    assert only["modes"]["rcg"]["fd"] == pytest.approx(base["modes"]["rcg"]["fd"], rel=1e-6)  # float64 statistics against float32 ones
+    assert "precision" not in only["modes"]["rcg"] and "arr_0" in only["skipped"]["precision"]
+    np.savez("broken.npz", mu=np.zeros(3))
+    cfg.evaluate.reference_stats = "broken.npz"
+    with pytest.raises(PipelineError, match=r"broken.npz: not a reference statistics file: missing sigma"):
+        evaluate_stage.evaluate(cfg, StandIn(cfg))
+    np.savez("wrong_dim.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    cfg.evaluate.reference_stats = "wrong_dim.npz"
+    with pytest.raises(PipelineError, match=r"2048-d features, but .* has 16 dimensions"):
+        evaluate_stage.evaluate(cfg, StandIn(cfg))
+
+
+def test_uniform_classes_and_samples_written_for_other_evaluators(workspace: Path) -> None:
+    """class_balance uniform asks for exactly n / K of each class (ADM's 50 per class); samples are
+    written as PNGs and as ADM's npz (arr_0, NHWC uint8) while they are scored."""
+    from PIL import Image
+
+    cfg = config.load("params.yaml")
+    cfg.evaluate.modes, cfg.evaluate.n_samples, cfg.evaluate.class_balance = ["label"], 30, "uniform"
+    cfg.evaluate.save_samples = "both"
+    gen = StandIn(cfg)
+    evaluate_stage.evaluate(cfg, gen)
+    asked = torch.cat([c["class_ids"] for c in gen.calls if c["class_ids"] is not None])
+    assert torch.bincount(asked, minlength=10).tolist() == [3] * 10
+    arr = np.load(Path(cfg.evaluate.samples_dir) / "label" / "samples.npz", allow_pickle=False)["arr_0"]
+    pngs = sorted((Path(cfg.evaluate.samples_dir) / "label").glob("*.png"))
+    assert arr.shape == (30, 28, 28, 1) and arr.dtype == np.uint8 and len(pngs) == 30
+    assert np.array_equal(np.asarray(Image.open(pngs[7])), arr[7, :, :, 0])
+    cfg.evaluate.n_samples = 31
+    with pytest.raises(PipelineError, match="not a multiple of the 10 classes"):
+        evaluate_stage.evaluate(cfg, StandIn(cfg))

@@ -36,7 +36,16 @@ from rcg.generation import ImageGenerator, RCGGenerator
 from rcg.io import PipelineError, file_digest, read_json
 from rcg.metrics.evalnet import EvalNet, class_accuracy, classify, load_evalnet
 from rcg.metrics.extractors import DESCRIPTIONS, EVALNET_SSL, extractor_setup
-from rcg.metrics.fidelity import LazyImages, UInt8Images, cache_name, fidelity_metrics, read_real_images, to_uint8
+from rcg.metrics.fidelity import (
+    Features,
+    Featurizer,
+    cache_name,
+    cached_features,
+    check_stats_match,
+    read_reference_stats,
+    score,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +169,17 @@ def oracle_reps(val_features: str | Path, n: int, seed: int) -> Tensor:
 
 @dataclass
 class Reference:
-    """What every row is scored against: `n_ref` real val images under one extractor."""
+    """What every row is scored against: `n_ref` real images (or ADM's statistics) under one extractor."""
 
     n: int  # images per mode (and real train images of the floor)
     n_ref: int
     manifest: dict[str, Any]
     key: tuple[Any, ...]  # everything the real images' features depend on (names their caches)
-    images: LazyImages
-    fidelity: dict[str, Any] = field(default_factory=dict)  # fidelity_metrics keywords of every row
+    featurizer: Featurizer
+    features: Features | None  # the real images' features (None: ADM statistics without images)
+    stats: dict[str, Any] | None = None  # ADM's {mu, sigma}, when FID is scored against them
+    source: str = "val"  # what the reference is, in words eval.json records
+    fidelity: dict[str, Any] = field(default_factory=dict)  # `score` keywords of every row
 
     @property
     def classes(self) -> list[str]:
@@ -175,55 +187,101 @@ class Reference:
 
     @property
     def extractor(self) -> str:
-        return str(self.fidelity["extractor"])
+        return self.featurizer.name
 
 
-def reference_set(ev: EvaluateConfig, data: DataConfig, evalnet_weights: str | Path) -> Reference:
-    """The val reference and extractor of the configured protocol; PipelineErrors for too few images."""
-    manifest = read_manifest(data.shards_dir)
+def _real_batches(data: DataConfig, split: str, n: int, batch_size: int = 500) -> Any:
+    """The first `n` images of `split` in shard order, as uint8 batches (streamed, never all at once)."""
+    from rcg.data.loader import make_loader
+
+    have = 0
+    for batch in make_loader(data, split, "once", batch_size=batch_size):
+        take = batch["image"][: n - have]
+        have += len(take)
+        yield to_uint8(take)
+        if have >= n:
+            return
+    if have < n:
+        raise PipelineError(f"{data.shards_dir}/{split}: {have} images, {n} needed")
+
+
+def _counts(ev: EvaluateConfig, manifest: dict[str, Any], data: DataConfig) -> tuple[int, int]:
+    """(images per mode, reference images), with the split sizes checked."""
     splits = manifest["splits"]
     n_val = int(splits.get("val", {}).get("written", 0))
     n_train = int(splits["train"]["written"])
     n, n_ref = ev.n_samples, ev.n_reference or n_val
-    if n_val == 0 or n_ref > n_val:
+    if not ev.reference_stats and (n_val == 0 or n_ref > n_val):
         raise PipelineError(f"{data.shards_dir}: {n_val} val images; the reference needs {n_ref} "
                             "(evaluate.n_reference)")
     if n > n_train:  # the floor scores n real train images, so a small folder gets fewer samples
         log.warning("evaluate.n_samples=%d, but the train split has %d images: scoring %d per mode", n, n_train, n_train)
         n = n_train
+    return n, n_ref
+
+
+def reference_set(ev: EvaluateConfig, data: DataConfig, evalnet_weights: str | Path) -> Reference:
+    """The reference of the configured protocol: the val split's images, or ADM's reference batch
+    (`evaluate.reference_stats`: FID against its mu/sigma, KID/precision/recall against arr_0)."""
+    manifest = read_manifest(data.shards_dir)
+    n, n_ref = _counts(ev, manifest, data)
     fe_name, fe_weights = extractor_setup(ev.extractor, evalnet_weights, ev.inception_weights)
+    fz = Featurizer(fe_name, fe_weights, ev.feature_batch_size, isc=fe_name != EVALNET_SSL)
+    fidelity = dict(isc=fe_name != EVALNET_SSL, kid_subset_size=ev.kid_subset_size,
+                    prc_neighborhood=ev.prc_neighborhood, seed=ev.seed)
     # Everything the real images' features depend on: a changed input never reads a stale cache.
-    key = (fe_name, file_digest(fe_weights), manifest.get("fingerprint"), n_train, n_val,
-           data.image_size, data.channels)
-    images = LazyImages(n_ref, lambda: read_real_images(data, "val", n_ref)[0])
-    fidelity = dict(
-        extractor=fe_name, weights=fe_weights, cache_root=ev.cache_dir,
-        reference_cache=cache_name("val", n_ref, *key), kid_subset_size=ev.kid_subset_size,
-        prc_neighborhood=ev.prc_neighborhood, batch_size=ev.feature_batch_size, seed=ev.seed,
-        isc=fe_name != EVALNET_SSL,
-    )
+    key = (fe_name, file_digest(fe_weights), manifest.get("fingerprint"), manifest["splits"]["train"]["written"],
+           manifest["splits"].get("val", {}).get("written", 0), data.image_size, data.channels)
+    if ev.reference_stats:
+        stats, images = read_reference_stats(ev.reference_stats)
+        feats = None
+        if images is not None:
+            name = cache_name("adm", len(images), fe_name, file_digest(fe_weights), file_digest(ev.reference_stats))
+            chunks = (torch.from_numpy(images[i : i + 500]).permute(0, 3, 1, 2) for i in range(0, len(images), 500))
+            feats = cached_features(fz, ev.cache_dir, f"{name}-{fe_name}", lambda: chunks)
+        log.info("evaluate: %s, %d samples per mode against %s", fe_name, n, ev.reference_stats)
+        return Reference(n, len(images) if images is not None else 0, manifest, key, fz, feats, stats,
+                         f"reference statistics {Path(ev.reference_stats).name}", fidelity)
+    feats = cached_features(fz, ev.cache_dir, f"{cache_name('val', n_ref, *key)}-{fe_name}",
+                            lambda: _real_batches(data, "val", n_ref))
     log.info("evaluate: extractor %s (%s), %d samples per mode against %d val images", fe_name, fe_weights, n, n_ref)
-    return Reference(n, n_ref, manifest, key, images, fidelity)
+    return Reference(n, n_ref, manifest, key, fz, feats, None, f"{n_ref} val images", fidelity)
 
 
-def floor_metrics(ref: Reference, data: DataConfig) -> dict[str, float]:
+def score_against(ref: Reference, features: Features) -> dict[str, float]:
+    """One row of the table: `features` scored against the reference (rcg.metrics.fidelity.score)."""
+    if ref.stats is not None:
+        check_stats_match(ref.stats, features, ref.featurizer.layers["fid"], "evaluate.reference_stats")
+    return score(features, ref.features, ref.featurizer.layers, reference_stats=ref.stats, **ref.fidelity)
+
+
+def floor_metrics(ref: Reference, data: DataConfig, cache_dir: str | Path) -> dict[str, float]:
     """The floor: `ref.n` real train images against the reference (their features cached too)."""
     t0 = time.perf_counter()
-    train_real = LazyImages(ref.n, lambda: read_real_images(data, "train", ref.n)[0])
-    floor = fidelity_metrics(train_real, ref.images, generated_cache=cache_name("train", ref.n, *ref.key),
-                             **ref.fidelity)
+    feats = cached_features(ref.featurizer, cache_dir, f"{cache_name('train', ref.n, *ref.key)}-{ref.extractor}",
+                            lambda: _real_batches(data, "train", ref.n))
+    floor = score_against(ref, feats)
     floor["seconds"] = round(time.perf_counter() - t0, 1)
-    log.info("floor (real train vs val): %s", _fmt(floor))
+    log.info("floor (real train vs %s): %s", ref.source, _fmt(floor))
     return floor
 
 
 def class_targets(ev: EvaluateConfig, ref: Reference, evalnet_weights: str | Path,
                   train_features: str | Path) -> tuple[Tensor | None, EvalNet | None]:
-    """The class ids the class modes are asked for (train frequencies) and the classifier that
-    checks them; (None, None) when no class mode runs or the shards carry no labels."""
+    """The class ids the class modes are asked for (train frequencies, or exactly n / K each with
+    evaluate.class_balance: uniform) and the classifier that checks them; (None, None) when no class
+    mode runs or the shards carry no labels."""
     if not ref.classes or not any(m in CLASS_MODES for m in ev.modes):
         return None, None
-    class_ids = class_ids_for(class_frequencies(ref.manifest, train_features), ref.n, ev.seed)
+    k = len(ref.classes)
+    if ev.class_balance == "uniform":
+        if ref.n % k:
+            raise PipelineError(f"evaluate.n_samples={ref.n} is not a multiple of the {k} classes "
+                                "(evaluate.class_balance: uniform asks for exactly n / K of each)")
+        freq = torch.ones(k, dtype=torch.float64)
+    else:
+        freq = class_frequencies(ref.manifest, train_features)
+    class_ids = class_ids_for(freq, ref.n, ev.seed)
     weights = Path(evalnet_weights)
     if not weights.exists():
         log.warning("%s missing: class accuracy of %s not measured", weights, CLASS_MODES)
@@ -235,31 +293,46 @@ def class_targets(ev: EvaluateConfig, ref: Reference, evalnet_weights: str | Pat
 
 
 # --------------------------------------------------------------------------------------------------
-# The generated side: one row per mode
+# The generated side: one row per mode, streamed
 # --------------------------------------------------------------------------------------------------
 
 
-def generate_mode(gens: ModeSampler, mode: str, n: int, ev: EvaluateConfig, shape: tuple[int, int, int], *,
-                  class_ids: Tensor | None = None, reps: Tensor | None = None, seed: int = 0) -> Tensor:
-    """`n` images of `mode` as uint8 [n, C, H, W], generated in chunks so memory stays bounded."""
+@dataclass
+class Generated:
+    """What one mode's images leave behind once scored: features, the first images, predictions."""
+
+    features: Features
+    grid: Tensor  # uint8, the first `evaluate.grid_size` images
+    predictions: Tensor | None  # the classifier's class per image, when one was given
+
+
+def generate_mode(gens: ModeSampler, mode: str, n: int, ev: EvaluateConfig, shape: tuple[int, int, int],
+                  featurizer: Featurizer, *, class_ids: Tensor | None = None, reps: Tensor | None = None,
+                  seed: int = 0, classifier: EvalNet | None = None, writer: Any = None) -> Generated:
+    """`n` images of `mode`, generated in chunks and turned into features as they come, so memory
+    holds one chunk of images at a time, whatever `n` is."""
     base = "rcg" if mode == "rcg_cfg" else mode  # rcg_cfg is the rcg mode with guidance
     scale = ev.cfg if mode == "rcg_cfg" else 0.0
-    chunk = 10 * ev.batch_size  # float images of one chunk live in memory at once
-    out = []
+    chunk = 10 * ev.batch_size
+    grid, preds = [], []
     for i, start in enumerate(range(0, n, chunk)):
         m = min(chunk, n - start)
-        x = gens.sample(
-            base, m,
-            class_ids=None if class_ids is None else class_ids[start : start + m],
-            reps=None if reps is None else reps[start : start + m],
-            cfg=scale, cfg_schedule=ev.cfg_schedule, steps=ev.sample_steps,
-            seed=seed + 1000 * i,  # a call uses seed and seed + 1 (rcg.generation's seeding)
-            batch_size=ev.batch_size, progress=True,
-        )
+        x = gens.sample(base, m, class_ids=None if class_ids is None else class_ids[start : start + m],
+                        reps=None if reps is None else reps[start : start + m], cfg=scale,
+                        cfg_schedule=ev.cfg_schedule, steps=ev.sample_steps,
+                        seed=seed + 1000 * i,  # a call uses seed and seed + 1 (rcg.generation's seeding)
+                        batch_size=ev.batch_size, progress=True)
         if tuple(x.shape) != (m, *shape):
             raise PipelineError(f"mode {mode}: generator returned shape {tuple(x.shape)}, expected {(m, *shape)}")
-        out.append(to_uint8(x))
-    return torch.cat(out)
+        u8 = to_uint8(x)
+        featurizer.add(u8)
+        if classifier is not None:
+            preds.append(classify(classifier, u8.float() / 255.0))
+        if writer is not None:
+            writer.add(u8)
+        if sum(len(g) for g in grid) < ev.grid_size:
+            grid.append(u8[: ev.grid_size - sum(len(g) for g in grid)])
+    return Generated(featurizer.finish(), torch.cat(grid), torch.cat(preds) if preds else None)
 
 
 def interpolation_strips(gens: ModeSampler, reps: Tensor, ev: EvaluateConfig, pairs: int = INTERP_PAIRS,
@@ -279,41 +352,58 @@ class Evaluation:
 
 def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, evalnet_weights: str | Path,
                    features_dir: str | Path) -> Evaluation:
-    """Score the floor and every mode of `ev.modes` (paper section 4); nothing is written here."""
+    """Score the floor and every mode of `ev.modes` (paper section 4); nothing is written here
+    except, when evaluate.save_samples asks for them, the generated images."""
     check_modes(ev.modes)
     ref = reference_set(ev, data, evalnet_weights)
-    floor = floor_metrics(ref, data)
+    floor = floor_metrics(ref, data, ev.cache_dir)
     class_ids, classifier = class_targets(ev, ref, evalnet_weights, Path(features_dir) / "train.parquet")
     out = Evaluation({
-        "extractor": ref.extractor, "fd_is": DESCRIPTIONS[ref.extractor],
+        "extractor": ref.extractor, "fd_is": DESCRIPTIONS[ref.extractor], "reference": ref.source,
         "n_samples": ref.n, "n_reference": ref.n_ref, "sample_steps": ev.sample_steps, "cfg": ev.cfg,
         "floor": floor, "modes": {}, "class_accuracy": {}, "skipped": skipped_modes(ev.modes, ref, gens),
     })
     if ref.extractor == EVALNET_SSL:
         out.results["skipped"]["is"] = "IS needs class probabilities; the evaluation network was trained without labels"
+    if ref.stats is not None and ref.features is None:
+        for metric in ("kid", "precision", "recall"):
+            out.results["skipped"][metric] = f"{ref.source} holds no reference images (arr_0), only mu/sigma"
     reps_val = oracle_reps(Path(features_dir) / "val.parquet", ref.n, ev.seed) if "oracle" in ev.modes else None
     for mode in ev.modes:
         if mode in out.results["skipped"]:
             log.info("mode %s skipped: %s", mode, out.results["skipped"][mode])
             continue
-        t0 = time.perf_counter()
-        images = generate_mode(gens, mode, ref.n, ev, (data.channels, data.image_size, data.image_size),
-                               class_ids=class_ids if mode in CLASS_MODES else None,
-                               reps=reps_val if mode == "oracle" else None, seed=ev.seed)
-        t_sample = time.perf_counter() - t0
-        row = fidelity_metrics(UInt8Images(images), ref.images, **ref.fidelity)
-        if classifier is not None and mode in CLASS_MODES:
-            acc = class_accuracy(classify(classifier, images.float() / 255.0), class_ids, ref.classes)
-            out.results["class_accuracy"][mode] = acc
-            row["class_accuracy"] = acc["overall"]
-        row["sample_seconds"] = round(t_sample, 1)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        out.results["modes"][mode] = row
-        out.figures[f"samples_{mode}"] = (images[: ev.grid_size].float() / 255.0, None)
-        log.info("mode %s: %s", mode, _fmt(row))
+        _score_mode(out, gens, mode, ev, data, ref, class_ids if mode in CLASS_MODES else None,
+                    reps_val if mode == "oracle" else None, classifier if mode in CLASS_MODES else None)
     if reps_val is not None and len(reps_val) >= 2:
         out.figures["interpolation"] = (interpolation_strips(gens, reps_val, ev), INTERP_POINTS)
     return out
+
+
+def _score_mode(out: Evaluation, gens: ModeSampler, mode: str, ev: EvaluateConfig, data: DataConfig,
+                ref: Reference, class_ids: Tensor | None, reps: Tensor | None, classifier: EvalNet | None) -> None:
+    """Generate, featurise and score one mode into `out` (its row, class accuracy and grid)."""
+    from rcg.sampling import SampleWriter
+
+    t0 = time.perf_counter()
+    shape = (data.channels, data.image_size, data.image_size)
+    writer = None
+    if ev.save_samples != "none":
+        writer = SampleWriter(Path(ev.samples_dir) / mode, ref.n, shape, png=ev.save_samples in ("png", "both"),
+                              npz=ev.save_samples in ("npz", "both"))
+    gen = generate_mode(gens, mode, ref.n, ev, shape, ref.featurizer, class_ids=class_ids, reps=reps,
+                        seed=ev.seed, classifier=classifier, writer=writer)
+    if writer is not None:
+        writer.close()
+    row = score_against(ref, gen.features)
+    if gen.predictions is not None:
+        acc = class_accuracy(gen.predictions, class_ids, ref.classes)
+        out.results["class_accuracy"][mode] = acc
+        row["class_accuracy"] = acc["overall"]
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    out.results["modes"][mode] = row
+    out.figures[f"samples_{mode}"] = (gen.grid.float() / 255.0, None)
+    log.info("mode %s: %s", mode, _fmt(row))
 
 
 def skipped_modes(modes: list[str] | tuple[str, ...], ref: Reference, gens: ModeSampler) -> dict[str, str]:

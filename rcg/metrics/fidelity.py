@@ -124,6 +124,7 @@ def cache_name(split: str, n: int, *parts: Any) -> str:
 
 
 Features = dict[str, torch.Tensor]  # feature layer -> [N, d]
+PRC_BLOCK = 100_000_000  # entries of one block of precision/recall's distance matrices
 
 
 class Featurizer:
@@ -136,11 +137,11 @@ class Featurizer:
     """
 
     def __init__(self, name: str, weights: str | Path, batch_size: int = 200,
-                 layers: dict[str, str] | None = None, device: torch.device | None = None) -> None:
+                 layers: dict[str, str] | None = None, device: torch.device | None = None, isc: bool = True) -> None:
         register_extractors()  # the project's extractors, and the weights-only Inception
         cls = FEATURE_EXTRACTORS_REGISTRY[name]
-        self.layers = {m: (layers or {}).get(m) or cls.get_default_feature_layer_for_metric(m)
-                       for m in ("isc", "fid", "kid", "prc")}
+        metrics = ("isc", "fid", "kid", "prc") if isc else ("fid", "kid", "prc")  # IS needs class logits
+        self.layers = {m: (layers or {}).get(m) or cls.get_default_feature_layer_for_metric(m) for m in metrics}
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.fe = create_feature_extractor(name, sorted(set(self.layers.values())), cuda=self.device.type == "cuda",
                                            feature_extractor_weights_path=str(weights), verbose=False)
@@ -215,12 +216,20 @@ def score(generated: Features, reference: Features | None, layers: dict[str, str
         raise PipelineError(f"need at least 2 images on each side, got {n1} and {n2}")
     kw = dict(isc_splits=min(10, n1), samples_shuffle=True, rng_seed=seed, verbose=False,
               kid_subset_size=min(kid_subset_size, n1, n2),  # KID needs subsets no larger than each side
-              prc_neighborhood=min(prc_neighborhood, n1 - 1, n2 - 1))
+              prc_neighborhood=min(prc_neighborhood, n1 - 1, n2 - 1),
+              # precision/recall's distance matrices in blocks of at most PRC_BLOCK entries (~400 MB),
+              # so their memory stays flat in the sample count (one block up to 10k x 10k samples)
+              save_cpu_ram=True, prc_batch_size=max(256, PRC_BLOCK // max(n1, n2)))
     raw: dict[str, Any] = {}
     if isc:
         raw.update(isc_featuresdict_to_metric(generated, layers["isc"], **kw))
-    stats_ref = reference_stats or fid_featuresdict_to_statistics(reference, layers["fid"])
-    raw.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(generated, layers["fid"]), stats_ref, False))
+    stats_gen = fid_featuresdict_to_statistics(generated, layers["fid"])
+    if reference_stats is not None:  # a file's statistics (ADM's are float64): compare in float64
+        stats_gen = {k: np.asarray(v, np.float64) for k, v in stats_gen.items()}
+        stats_ref = {k: np.asarray(reference_stats[k], np.float64) for k in ("mu", "sigma")}
+    else:
+        stats_ref = fid_featuresdict_to_statistics(reference, layers["fid"])
+    raw.update(fid_statistics_to_metric(stats_gen, stats_ref, False))
     if reference is not None:
         raw.update(kid_featuresdict_to_metric(generated, reference, layers["kid"], **kw))
         raw.update(prc_featuresdict_to_metric(generated, reference, layers["prc"], **kw))
@@ -255,7 +264,7 @@ def fidelity_metrics(
     `feature_layers` overrides the extractor's layer per metric ({"fid": "64", ...})."""
     if min(len(generated), len(reference)) < 2:
         raise PipelineError(f"need at least 2 images on each side, got {len(generated)} and {len(reference)}")
-    fz = Featurizer(extractor, weights, batch_size, feature_layers)
+    fz = Featurizer(extractor, weights, batch_size, feature_layers, isc=isc)
     ref = cached_features(fz, cache_root, f"{reference_cache}-{extractor}", lambda: dataset_batches(reference, batch_size))
     if generated_cache:
         gen = cached_features(fz, cache_root, f"{generated_cache}-{extractor}",
@@ -264,3 +273,37 @@ def fidelity_metrics(
         gen = fz.features(dataset_batches(generated, batch_size))
     return score(gen, ref, fz.layers, isc=isc, kid_subset_size=kid_subset_size,
                  prc_neighborhood=prc_neighborhood, seed=seed)
+
+
+def read_reference_stats(path: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """ADM's reference batch (`mu`, `sigma` of Inception pool features; `arr_0`, reference images
+    NHWC uint8; also `mu_s`/`sigma_s`, unused) or MAR's stats file (`mu`, `sigma` only):
+    ({"mu", "sigma"}, arr_0 or None). Read without pickles; a missing key is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"evaluate.reference_stats: {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            missing = [k for k in ("mu", "sigma") if k not in keys]
+            if missing:
+                raise PipelineError(f"{path}: not a reference statistics file: missing {', '.join(missing)} "
+                                    f"(has {', '.join(sorted(keys)) or 'nothing'}; expected mu, sigma and optionally arr_0)")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            images = f["arr_0"] if "arr_0" in keys else None
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: not a readable .npz file ({e})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise PipelineError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3)):
+        raise PipelineError(f"{path}: arr_0 must hold uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+    return {"mu": mu, "sigma": sigma}, images
+
+
+def check_stats_match(stats: dict[str, np.ndarray], features: Features, layer: str, path: str | Path) -> None:
+    """The statistics must be of the feature layer FD is computed on (e.g. Inception's 2048-d pool)."""
+    d = features[layer].shape[1]
+    if len(stats["mu"]) != d:
+        raise PipelineError(f"{path}: statistics of {len(stats['mu'])}-d features, but the extractor's FD layer "
+                            f"{layer!r} has {d} dimensions (ADM's reference statistics need evaluate.extractor: "
+                            "inception)")
