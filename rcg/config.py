@@ -218,7 +218,9 @@ class EncoderConfig:
     seed: int = 0
     out_dir: str = "models/encoder"
     checkpoint_dir: str = "checkpoints/encoder"  # resumable MoCo state (dvc: persist, no cache)
-    metrics_file: str = "metrics/encoder.json"
+    metrics_file: str = "metrics/encoder.json"  # the headline numbers (`dvc metrics show`)
+    details_file: str = "metrics/details/encoder.json"  # everything the stage measured
+    curves_file: str = "metrics/curves/encoder.tsv"  # the training curve (`dvc plots show`)
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "checkpoint": FREE, "checkpoint_format": FREE, "arch": FREE, "stem": FREE,
@@ -234,7 +236,7 @@ class EncoderConfig:
         "blur_prob": PROBABILITY, "blur_sigma": Range(length=2, item=POSITIVE, why="[min, max] pixels"),
         "solarize_prob": PROBABILITY, "amp": FREE, "knn_k": COUNT, "knn_max_train": NON_NEGATIVE,
         "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
-        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH, "details_file": PATH, "curves_file": PATH,
     }
 
 
@@ -307,7 +309,9 @@ class RDMConfig:
     seed: int = 0
     out_dir: str = "models/rdm"
     checkpoint_dir: str = "checkpoints/train_rdm"
-    metrics_file: str = "metrics/rdm.json"
+    metrics_file: str = "metrics/rdm.json"  # the headline numbers (`dvc metrics show`)
+    details_file: str = "metrics/details/rdm.json"  # everything the stage measured: per draw, per class
+    curves_dir: str = "metrics/curves"  # + /rdm.tsv, /rdm_class.tsv: the training curves (`dvc plots show`)
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "arch": FREE, "class_cond": FREE, "timesteps": COUNT, "beta_schedule": FREE,
@@ -320,6 +324,7 @@ class RDMConfig:
         "eta": Range(ge=0, le=1, why="DDIM (0) to DDPM-like (1) noise"), "temperature": POSITIVE,
         "n_eval": Range(ge=2, why="a Frechet distance needs a covariance"), "eval_repeats": COUNT,
         "eval_batch_size": COUNT, "seed": SEED, "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+        "details_file": PATH, "curves_dir": PATH,
     }
 
 
@@ -373,7 +378,9 @@ class GeneratorConfig:
     grid_size: int = 64  # images in each sample grid
     seed: int = 0
     checkpoint_dir: str = "checkpoints/train_generator"  # + /<condition>/checkpoint-last.pt
-    metrics_dir: str = "metrics"  # metrics/generator_<condition>.json
+    metrics_dir: str = "metrics"  # metrics/generator_<condition>.json: the headline numbers
+    details_dir: str = "metrics/details"  # + /generator_<condition>.json: everything the stage measured
+    curves_dir: str = "metrics/curves"  # + /generator_<condition>.tsv: the training curve (`dvc plots show`)
     out_dir: str = "models/generator"  # + /<condition>/generator.{safetensors,json}, samples.png
 
     RANGES: ClassVar[dict[str, Range | None]] = {
@@ -385,7 +392,7 @@ class GeneratorConfig:
         "threads": NON_NEGATIVE, "ckpt_every": COUNT, "log_every": COUNT, "sample_every": NON_NEGATIVE,
         "sampler": FREE, "sample_steps": COUNT, "sample_eta": Range(ge=0, le=1, why="DDIM eta"),
         "sample_clip_x0": NON_NEGATIVE, "grid_size": COUNT, "seed": SEED,
-        "checkpoint_dir": PATH, "metrics_dir": PATH, "out_dir": PATH,
+        "checkpoint_dir": PATH, "metrics_dir": PATH, "details_dir": PATH, "curves_dir": PATH, "out_dir": PATH,
     }
 
 
@@ -413,7 +420,9 @@ class EvalNetConfig:
     seed: int = 0
     out_dir: str = "models/evalnet"
     checkpoint_dir: str = "checkpoints/evalnet"
-    metrics_file: str = "metrics/evalnet.json"
+    metrics_file: str = "metrics/evalnet.json"  # the headline numbers (`dvc metrics show`)
+    details_file: str = "metrics/details/evalnet.json"  # everything the stage measured: per class
+    curves_file: str = "metrics/curves/evalnet.tsv"  # the training curve (`dvc plots show`)
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "width": COUNT, "feature_dim": COUNT, "epochs": POSITIVE,
@@ -422,7 +431,7 @@ class EvalNetConfig:
         "label_smoothing": Range(ge=0, lt=1, why="1 would leave no signal"),
         "ssl_crop_min_scale": Range(gt=0, le=1, why="a share of the image area"), "ssl_temperature": POSITIVE,
         "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
-        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH, "details_file": PATH, "curves_file": PATH,
     }
 
 

@@ -5,7 +5,8 @@ evaluation network all train with `fit`: a stage supplies its model, its optimis
 ready batches and a `loss(model, batch, step)`; the loop does the rest, the same way for all of them:
 torchrun/DDP wrapping, bf16 autocast, gradient clipping, a non-finite-loss check, EMA, one learning-
 rate schedule (`lr_at`), the loss averaged over steps and all-reduced over ranks before it is
-logged, a progress bar, MLflow step metrics, and resumable checkpoints.
+logged, a progress bar, MLflow step metrics, the training curve as a file DVC plots
+(rcg.metrics.plots), and resumable checkpoints.
 
 Resume is exact: a checkpoint holds the model, EMA, optimiser, every RNG stream (torch, numpy,
 python, and the stage's own generators) and the step, and the stage's data iterator is rebuilt at
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rcg.io import PipelineError, atomic_path, weights_only_reason
+from rcg.metrics.plots import Curve, CurveTracker
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +360,7 @@ class _Run:
     """The mutable state of one `fit` call (kept out of `fit` so each piece stays short)."""
 
     def __init__(self, spec: LoopSpec, model: nn.Module, opt: torch.optim.Optimizer, info: DistInfo,
-                 generators: dict[str, torch.Generator] | None) -> None:
+                 generators: dict[str, torch.Generator] | None, curve_file: str | Path | None = None) -> None:
         self.spec, self.model, self.opt, self.info = spec, model, opt, info
         self.generators = generators or {}
         self.ema = EMA(model, spec.ema_decay, warmup=spec.ema_warmup) if spec.ema_decay > 0 else None
@@ -369,16 +371,21 @@ class _Run:
         self.last_loss = float("nan")
         self.rng: dict[str, Any] | None = None
         self.bf16: bool | None = None  # the precision this run trains in (a resumed run keeps its own)
+        self.curve = Curve(curve_file) if curve_file is not None and info.is_main else None
 
     def resume(self) -> None:
-        """Load the checkpoint's tensors (the RNG streams are restored later, see `fit`)."""
+        """Load the checkpoint's tensors (the RNG streams are restored later, see `fit`) and start the
+        curve file at the checkpoint's step (empty without one)."""
         state = self.ckpt.load(self.info.device)
-        if state is None:
-            return
-        if int(state["step"]) > self.spec.steps:
+        if state is not None and int(state["step"]) > self.spec.steps:
             log.warning("%s: %s is at step %d, past the %d steps asked for; starting over",
                         self.spec.name, self.ckpt.path, state["step"], self.spec.steps)
             self.ckpt.seconds_before = 0.0
+            state = None
+        if self.curve is not None:  # the checkpoint's rows (an older version's has none: the curve starts there)
+            rows, step = (state.get("curve", []), int(state["step"])) if state is not None else ([], 0)
+            self.curve.restart(rows, step)
+        if state is None:
             return
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -394,7 +401,8 @@ class _Run:
     def save(self) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "loss_sum": float(self.loss_sum), "loss_count": self.loss_count, "last_loss": self.last_loss,
-                 "rng": rng_state(self.generators), "bf16": self.bf16}
+                 "rng": rng_state(self.generators), "bf16": self.bf16,
+                 "curve": [] if self.curve is None else self.curve.rows}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         self.ckpt.save(state, final=self.step == self.spec.steps)
@@ -439,21 +447,23 @@ def _train_step(run: _Run, model: nn.Module, loss_fn: Loss, batch: Any) -> None:
 
 
 def _log(run: _Run, tracker: Any, bar: Any, extras: Callable[[int], dict[str, float]] | None) -> None:
-    """Every `log_every` steps: the all-reduced mean loss to the bar, the log and MLflow."""
+    """Every `log_every` steps: the all-reduced mean loss to the bar, the log, the curve file and MLflow."""
     run.last_loss = loss = run.mean_loss()
     run.check_finite(loss)
-    spec, p = run.spec, run.spec.metric_prefix
-    metrics = {f"{p}loss": loss, f"{p}lr": run.opt.param_groups[0]["lr"]}
+    spec = run.spec
+    values = {"loss": loss, "lr": run.opt.param_groups[0]["lr"]}
     seconds = run.ckpt.seconds_this_run
     if spec.batch_size and seconds > 0:
-        metrics[f"{p}images_per_s"] = (run.step - run.start) * spec.batch_size / seconds
+        values["images_per_s"] = (run.step - run.start) * spec.batch_size / seconds
     if extras is not None:
-        metrics.update({f"{p}{k}": v for k, v in extras(run.step).items()})
+        values.update(extras(run.step))
     if bar is not None:
-        bar.set_postfix(loss=f"{loss:.4f}", **({"img_s": f"{metrics[f'{p}images_per_s']:.0f}"}
-                                               if f"{p}images_per_s" in metrics else {}))
+        bar.set_postfix(loss=f"{loss:.4f}", **({"img_s": f"{values['images_per_s']:.0f}"}
+                                               if "images_per_s" in values else {}))
+    if run.curve is not None:
+        run.curve.add(run.step, values)
     if tracker is not None:
-        tracker.log_metrics(metrics, step=run.step)
+        tracker.log_metrics({f"{spec.metric_prefix}{k}": v for k, v in values.items()}, step=run.step)
 
 
 def fit(
@@ -476,9 +486,10 @@ def fit(
     (a DataLoader's base seed) is drawn the same way in a fresh and in a resumed run. `generators`
     are the stage's own RNG streams, saved and restored with the global ones. `extras(step)` adds
     values to each log line; `on_step(step, ema_model)` runs after every step on rank 0 (e.g. for
-    sample grids).
+    sample grids). A `CurveTracker` as `tracker` also gets the run's curve file (`Curve`).
     """
-    run = _Run(spec, model, optimizer, info, generators)
+    curve_file, tracker = (tracker.path, tracker.tracker) if isinstance(tracker, CurveTracker) else (None, tracker)
+    run = _Run(spec, model, optimizer, info, generators, curve_file)
     run.resume()
     ddp = wrap_ddp(model, info)
     batches = data(run.step) if run.step < spec.steps else iter(())

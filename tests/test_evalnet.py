@@ -60,7 +60,7 @@ def test_stage_learns_writes_artifacts_and_resumes(in_workspace: Path, caplog: p
     (in_workspace / "params.yaml").write_text(tiny_params(evalnet={"epochs": 6.0}))
     cfg = config.load("params.yaml")
     evalnet_stage.run(cfg)
-    m = read_json("metrics/evalnet.json")
+    m = read_json("metrics/details/evalnet.json")
     # 24 steps on 256 Fashion-MNIST images: far above chance (0.1) on the 256 val images.
     assert m["test_accuracy"] > 0.4, m
     assert m["steps"] == 24 and set(m["per_class_accuracy"]) <= set(read_json("data/shards/manifest.json")["classes"])
@@ -96,7 +96,7 @@ def test_unlabelled_shards_train_a_contrastive_network(in_workspace: Path, monke
     manifest = read_json("data/shards/manifest.json")
     monkeypatch.setattr(evalnet_stage, "read_manifest", lambda d: {**manifest, "classes": []})
     evalnet_stage.run(cfg)
-    m = read_json("metrics/evalnet.json")
+    m = read_json("metrics/details/evalnet.json")
     assert m["kind"] == "contrastive" and m["test_accuracy"] is None and "no class labels" in m["skipped"]["test_accuracy"]
     net, meta = load_evalnet("models/evalnet/evalnet.safetensors")
     assert meta["kind"] == "contrastive" and net.head is None

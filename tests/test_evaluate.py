@@ -216,29 +216,6 @@ def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert "| uncond (no condition) | 10.000 |" in capsys.readouterr().out
 
 
-def test_training_curves_come_from_the_stages_mlflow_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rcg.metrics.plots import mlflow_curves
-    from rcg.tracking import stage_run
-
-    monkeypatch.chdir(tmp_path)
-    cfg = config.resolve(yaml_params(), {"tracking": {"enabled": True, "uri": f"sqlite:///{tmp_path}/mlflow.db"}})
-    for cond, scale in (("rep", 1.0), ("none", 2.0)):
-        with stage_run(cfg, "train_generator") as tracker:
-            tracker.set_tags({"condition": cond})
-            for step in range(1, 6):
-                tracker.log_metrics({"loss": scale / step, "images_per_s": 10.0}, step=step)
-    with stage_run(cfg, "encode") as tracker:  # not a training stage: no curve
-        tracker.log_metrics({"rows": 1.0}, step=0)
-    with stage_run(cfg, "train_generator") as tracker:  # resumed at its end: trains nothing, logs no curve
-        tracker.set_tags({"condition": "rep"})
-    paths = mlflow_curves(cfg.tracking, tmp_path / "plots")
-    # the empty resumed run does not hide the run that trained
-    assert sorted(p.name for p in paths) == ["curves_train_generator_none.png", "curves_train_generator_rep.png"]
-    assert all(p.stat().st_size > 0 for p in paths)
-    cfg.tracking.enabled = False
-    assert mlflow_curves(cfg.tracking, tmp_path / "plots2") == []
-
-
 def yaml_params() -> dict:
     import yaml
 

@@ -187,7 +187,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     meta = json.loads(Path("models/encoder/encoder.json").read_text())
     assert meta["source"] == "mocov3-pretrain" and meta["steps"] == 4
     assert "knn_k" not in meta["training_config"]  # evaluation settings do not define the weights
-    metrics = json.loads(Path("metrics/encoder.json").read_text())
+    metrics = json.loads(Path("metrics/details/encoder.json").read_text())
     assert metrics["resumed_from"] == 2 and metrics["steps"] == 4
     # The clock covers both runs: the first run's time plus this one's (steps 3-4).
     assert metrics["train_seconds_total"] == pytest.approx(
@@ -208,7 +208,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     files = {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()}
     stage.run(tiny_config(shards, **{"encoder.knn_k": 5}))
     assert {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()} == files
-    again = json.loads(Path("metrics/encoder.json").read_text())
+    again = json.loads(Path("metrics/details/encoder.json").read_text())
     assert again["resumed_from"] == 4 and again["images_per_s"] is None
     assert again["train_seconds_total"] == pytest.approx(metrics["train_seconds_total"], abs=0.02)
     assert again["final_loss"] == metrics["final_loss"] and again["knn_k"] == 5
@@ -278,7 +278,7 @@ def test_encoder_stage_under_torchrun(shards, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics/encoder.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/details/encoder.json").read_text())
     assert metrics["steps"] == 4 and metrics["knn_top1"] is not None
 
 

@@ -3,13 +3,18 @@
 The project's dvc.yaml, params.yaml and library are copied into a fresh git + DVC repository; the
 preset is switched with `rcg params --preset tiny`, then `dvc exp run` runs every stage. Every
 `outs` and `metrics` path of every stage must exist afterwards, and a second `dvc status` must find
-nothing stale. Then: a comment edit in the library reruns only the `code` digest stage, and
-`dvc exp run -S train_rdm.lr=...` (no `++`: params.yaml holds every key) reruns the RDM and what
-reads it, with `dvc params diff` showing the value that ran.
+nothing stale. What a user of DVC sees: `dvc plots show` draws each training run's curve
+(metrics/curves/, written with tracking off too) as a line chart against the step, `dvc metrics
+show` of the training stages stays narrow (their headline numbers only), and every model declared
+in dvc.yaml's `artifacts` comes back whole with `dvc artifacts get`. Then: a comment edit in the
+library reruns only the `code` digest stage, and `dvc exp run -S train_rdm.lr=...` (no `++`:
+params.yaml holds every key) reruns the RDM and what reads it, with `dvc params diff` showing the
+value that ran.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -55,10 +60,83 @@ def _expected_outputs(dvc_yaml: dict, params: dict) -> list[str]:
     return paths
 
 
+def _curve_steps(path: Path) -> list[int]:
+    with path.open(newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def _logged_steps(steps: int, log_every: int) -> list[int]:
+    """The steps at which the shared loop logs (rcg.training.fit): every `log_every`, and the last."""
+    return [s for s in range(1, steps + 1) if s % log_every == 0 or s == steps]
+
+
+def _check_curves(repo: Path, dvc: list[str], env: dict[str, str]) -> None:
+    """Every training run's curve holds each log step once, and `dvc plots show` draws each stage's
+    curves as line charts of loss and learning rate against the step."""
+    cfg = config.load(repo / "params.yaml")  # the tiny preset: tracking off, the curves all the same
+    details = {n: json.loads((repo / "metrics" / "details" / f"{n}.json").read_text())
+               for n in ("encoder", "rdm", "generator_rep", "generator_none", "generator_label", "evalnet")}
+    rdm, gen = cfg.train_rdm, cfg.train_generator
+    charts = {  # the charts of dvc.yaml's `plots`: <stage>-loss and <stage>-lr, the curves each draws
+        "encoder": {cfg.encoder.curves_file: _logged_steps(details["encoder"]["steps"], cfg.encoder.log_every)},
+        "rdm": {f"{rdm.curves_dir}/{n}.tsv": _logged_steps(rdm.steps, rdm.log_every) for n in ("rdm", "rdm_class")},
+        "generator": {f"{gen.curves_dir}/generator_{c}.tsv": _logged_steps(details[f"generator_{c}"]["steps"],
+                                                                          gen.log_every)
+                      for c in ("rep", "none", "label")},
+        "evalnet": {cfg.evalnet.curves_file: _logged_steps(details["evalnet"]["steps"], cfg.evalnet.log_every)},
+    }
+    assert details["rdm"]["train_steps"] == rdm.steps
+    for curves in charts.values():
+        for path, steps in curves.items():
+            assert _curve_steps(repo / path) == steps, path
+    shown = json.loads(_run(dvc + ["plots", "show", "--json"], repo, env).stdout)["data"]
+    assert {k for k, r in shown.items() if r[0]["type"] == "vega"} == {f"{c}-{y}" for c in charts for y in ("loss", "lr")}
+    for (stage, curves), y in [(c, y) for c in charts.items() for y in ("loss", "lr")]:
+        spec = shown[f"{stage}-{y}"][0]["content"]
+        assert spec["encoding"]["x"]["field"] == "step" and spec["layer"][0]["encoding"]["y"]["field"] == y
+        assert '"mark": "line"' in json.dumps(spec), spec
+        rows = spec["data"]["values"]
+        assert len(rows) == sum(len(steps) for steps in curves.values()), (stage, y)
+        if len(curves) > 1:  # one line per file (one dash each)
+            assert {r["filename"] for r in rows} == {Path(p).name for p in curves}
+
+
+def _check_metrics_width(repo: Path, dvc: list[str], env: dict[str, str]) -> None:
+    """`dvc metrics show` of the training stages' metrics files: their headline numbers fit a wide terminal."""
+    files = [f"metrics/{n}.json" for n in ("encoder", "rdm", "generator_rep", "generator_none",
+                                           "generator_label", "evalnet")]
+    table = _run(dvc + ["metrics", "show", *files], repo, {**env, "COLUMNS": "200"}).stdout
+    assert max(len(line) for line in table.splitlines()) <= 350, table
+    assert len(table.splitlines()[0].split()) <= 20, table
+
+
+def _check_artifacts(repo: Path, dvc: list[str], env: dict[str, str], out: Path) -> None:
+    """Each model of dvc.yaml's `artifacts`, version-tagged on the commit of its run, comes back whole."""
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "the run"], repo, env)
+    resolved = _resolved_artifacts(repo)
+    assert {a["type"] for a in resolved.values()} == {"model"} and all(a.get("desc") for a in resolved.values())
+    assert set(resolved) == {"encoder", "rdm", "generator-rep", "generator-none", "generator-label", "evalnet"}
+    for name, art in resolved.items():
+        _run(["git", "tag", "-a", f"{name}@v0.0.1", "-m", f"{name} v0.0.1"], repo, env)  # as `gto register` does
+        _run(dvc + ["artifacts", "get", ".", name, "-o", str(out / name)], repo, env)
+        got = {p.relative_to(out / name): p.read_bytes() for p in (out / name).rglob("*") if p.is_file()}
+        src = repo / art["path"]
+        assert got and got == {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()}, name
+
+
+def _resolved_artifacts(repo: Path) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return {name: {"path": a.path, "type": a.type, "desc": a.desc}
+                for name, a in r.artifacts.read()["dvc.yaml"].items()}
+
+
 def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     repo = tmp_path / "project"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "rcg", repo / "rcg", ignore=shutil.ignore_patterns("__pycache__"))
     env = {
@@ -86,6 +164,11 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     assert not missing, f"stage outputs missing after dvc exp run: {missing}"
     status = _run(dvc + ["status"], repo, env).stdout
     assert "changed" not in status, status
+    _check_curves(repo, dvc, env)
+    _check_metrics_width(repo, dvc, env)
+    _run(dvc + ["plots", "show"], repo, env)  # renders to dvc_plots/, which git ignores
+    assert (repo / "dvc_plots" / "index.html").exists()
+    assert "dvc_plots" not in _run(["git", "status", "--porcelain"], repo, env).stdout
 
     # A comment-only edit: only the digest stage is stale, and rerunning it leaves all up to date.
     rdm = repo / "rcg" / "rdm.py"
@@ -106,3 +189,4 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     change = diff["params.yaml"]["train_rdm.lr"]
     assert (change["old"], change["new"]) == (lr, lr / 2)
     assert config.load(repo / "params.yaml").train_rdm.lr == lr / 2
+    _check_artifacts(repo, dvc, env, tmp_path / "fetched")

@@ -37,7 +37,7 @@ def ws(gen_root: Path, tmp_path: Path) -> Path:
 
 
 def _metrics(condition: str) -> dict:
-    return json.loads(Path(f"metrics/generator_{condition}.json").read_text())
+    return json.loads(Path(f"metrics/details/generator_{condition}.json").read_text())
 
 
 @pytest.mark.parametrize("condition", ["rep", "none", "label"])

@@ -89,7 +89,7 @@ def test_every_stage_runs_and_a_generator_comes_out(unlabelled_run: Path) -> Non
     assert (repo / "models/generator/rep/generator.safetensors").exists()
     assert (repo / "models/generator/none/generator.safetensors").exists()
     encoder = _json(repo, "models/encoder/encoder.json")
-    assert len(encoder["spec"]["mean"]) == 3 and _json(repo, "metrics/encoder.json")["normalisation"]["measured"]
+    assert len(encoder["spec"]["mean"]) == 3 and _json(repo, "metrics/details/encoder.json")["normalisation"]["measured"]
     for mode in ("uncond", "rcg", "rcg_cfg", "oracle"):
         row = _json(repo, "metrics/eval.json")["modes"][mode]
         assert np.isfinite(row["fd"]) and "is" not in row, (mode, row)
@@ -109,7 +109,7 @@ def test_what_needs_labels_is_skipped_with_its_reason(unlabelled_run: Path) -> N
     assert (repo / "models/generator/label/skipped.json").exists()
     assert "no class labels" in _json(repo, "metrics/rdm.json")["class_cond"]["skipped"]
     assert not (repo / "models/rdm/rdm_class.safetensors").exists()
-    assert _json(repo, "metrics/evalnet.json")["kind"] == "contrastive"
+    assert _json(repo, "metrics/details/evalnet.json")["kind"] == "contrastive"
     assert _json(repo, "metrics/encoder.json")["knn_top1"] is None
     report = (repo / "report.md").read_text()
     assert "Not measured on these data" in report and "`label`: " in report and "fd (evalnet-ssl)" in report

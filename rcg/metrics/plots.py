@@ -1,73 +1,75 @@
-"""Training curves for plots/: the per-step metrics the training stages logged to MLflow.
+"""Training curves as files DVC plots: one TSV per training run, written by the shared loop.
 
-The stages' metrics files hold end-of-run summaries; the per-step series (loss, lr, ...) live in
-their MLflow runs, so the curves are read back from there: the latest finished run of each
-training stage (one per generator condition). With tracking off there is nothing to plot.
-(Sample grids and interpolation strips use rcg.sampling.save_grid.) Files are written atomically.
+`rcg.training.fit` writes every log step's values (step, loss, lr, images/s and the stage's extras
+such as MoCo's momentum) to the run's curve file, whether MLflow tracking is on or off, and MLflow
+gets the same values. The files are stage outputs (metrics/curves/*.tsv), and dvc.yaml's top-level
+`plots` draws them as line charts against `step`, so `dvc plots show` renders the training curves
+of the workspace and `dvc plots diff <experiment>` overlays experiments. (Sample grids and the
+interpolation strips are images, rcg.sampling.save_grid.)
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
+from typing import Any
 
-from rcg.config import TrackingConfig
 from rcg.io import atomic_path
 
-log = logging.getLogger(__name__)
-
-TRAINING_STAGES = ("encoder", "train_rdm", "train_generator", "evalnet")
-Series = dict[str, list[tuple[float, float]]]
+COLUMNS = ("step", "loss", "lr")  # in every curve, first; then images_per_s and the stage's extras
 
 
-def plot_series(series: Series, title: str, path: str | Path) -> Path:
-    """One panel per series (value against step) in one PNG."""
-    import matplotlib
+class Curve:
+    """One training run's step metrics as a TSV file: the DVC plot of its training curve.
 
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    One row per log step, the whole file rewritten atomically at each one, so a kill never leaves
+    half a row. DVC deletes a stage's outputs before it reruns the stage, so the rows also travel
+    in the loop's checkpoint: a resumed run writes back the rows up to its resume step and appends
+    after them, and the curve of an interrupted run holds every log step exactly once. A curve
+    without rows (a model the stage did not train) is the header alone.
+    """
 
-    fig, axes = plt.subplots(len(series), 1, figsize=(6, 2.2 * len(series)), squeeze=False)
-    for ax, (name, pts) in zip(axes[:, 0], series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
-        ax.set_title(f"{title}: {name}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, float]] = []
+
+    def restart(self, rows: list[dict[str, float]], step: int) -> None:
+        """Start from `rows` up to `step` (a checkpoint's; none for a fresh run) and write the file."""
+        self.rows = [dict(r) for r in rows if r["step"] <= step]
+        self.write()
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        """Append the row of log step `step` and write the file."""
+        self.rows.append({"step": step, **values})
+        self.write()
+
+    def write(self) -> None:
+        columns = list(COLUMNS)
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        lines = ["\t".join(columns), *("\t".join(_cell(row.get(c)) for c in columns) for row in self.rows)]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
 
-def mlflow_curves(tracking: TrackingConfig, out_dir: str | Path) -> list[Path]:
-    """`plots/curves_<stage>[_<condition>].png` for the latest run of every training stage."""
-    if not tracking.enabled:
-        log.info("curves: tracking is off, no training curves to plot")
-        return []
-    from mlflow.tracking import MlflowClient
+def _cell(value: float | None) -> str:
+    """A TSV cell: the step as an integer, values to 7 significant digits, nothing when missing."""
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{value:.7g}"
 
-    client = MlflowClient(tracking_uri=tracking.uri)
-    exps = [e.experiment_id for e in client.search_experiments()
-            if e.name.startswith(f"{tracking.experiment_prefix}-")]
-    written: list[Path] = []
-    for stage in TRAINING_STAGES if exps else ():
-        runs = client.search_runs(
-            exps, filter_string=f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=50,
-        )
-        seen: set[str] = set()
-        for run in runs:
-            cond = run.data.tags.get("condition", "")
-            if cond in seen:
-                continue  # an older run of the same stage and condition
-            series: Series = {}
-            for key in sorted(run.data.metrics):
-                hist = client.get_metric_history(run.info.run_id, key)
-                if len(hist) > 1:
-                    series[key] = sorted((float(m.step), float(m.value)) for m in hist)
-            if series:  # a run resumed at its end logs no curve: fall back to the run that trained
-                seen.add(cond)
-                name = f"{stage}_{cond}" if cond else stage
-                written.append(plot_series(series, name, Path(out_dir) / f"curves_{name}.png"))
-    log.info("curves: %d plots from MLflow (%s)", len(written), tracking.uri)
-    return written
+
+class CurveTracker:
+    """A stage's tracker together with the file its training curve goes to.
+
+    A stage passes it as the `tracker` of its training code (which hands it on to `fit`): `fit`
+    writes the curve file and logs the same step metrics to `tracker`; everything else the training
+    code asks of it (sample grids as artifacts, ...) goes to `tracker` unchanged.
+    """
+
+    def __init__(self, tracker: Any, path: str | Path) -> None:
+        self.tracker, self.path = tracker, Path(path)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("tracker", "path"):  # not set yet (an instance being copied): no endless recursion
+            raise AttributeError(name)
+        return getattr(self.tracker, name)

@@ -4,8 +4,10 @@ With `encoder.checkpoint` set, an official MoCo v3 / DINO / iBOT / DeiT file is 
 and verified. Without one, MoCo v3 (Chen, Xie & He 2021) pretrains the configured ViT on the train
 shards through the shared loop (resumable, runnable under torchrun unchanged).
 
-Either way the stage writes metrics/encoder.json with the kNN check of rcg.metrics.knn (for the
-encoder, a random initialisation of it and raw pixels); labels are used only for that check.
+Either way the stage runs the kNN check of rcg.metrics.knn (for the encoder, a random
+initialisation of it and raw pixels; labels are used only for that check) and writes the whole
+record to metrics/details/encoder.json, its headline (rcg.metrics.headline) to metrics/encoder.json,
+and the pretraining curve to metrics/curves/encoder.tsv (empty for a converted checkpoint).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from rcg.data.loader import channel_stats, read_manifest, shards_id
 from rcg.encoders.checkpoints import load_checkpoint
 from rcg.encoders.moco import pretrain
 from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, load_encoder, save_encoder
-from rcg.io import PipelineError, atomic_dir, write_json
+from rcg.io import PipelineError, atomic_dir
+from rcg.metrics import headline
 from rcg.metrics.knn import knn_report
+from rcg.metrics.plots import Curve, CurveTracker
 from rcg.tracking import stage_run
 from rcg.training import DistInfo, cleanup_distributed, fingerprint, setup_distributed
 
@@ -32,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Encoder-block fields that do not change what pretraining computes (kept out of the resume fingerprint).
 _NOT_TRAINING = {"checkpoint", "checkpoint_format", "knn_k", "knn_max_train", "ckpt_every",
-                 "log_every", "out_dir", "checkpoint_dir", "metrics_file"}
+                 "log_every", "out_dir", "checkpoint_dir", "metrics_file", "details_file", "curves_file"}
 
 
 def spec_from_config(ecfg: EncoderConfig, channels: int,
@@ -100,6 +104,8 @@ def run(cfg: Config, **options: Any) -> None:
                 encoder = load_checkpoint(ecfg.checkpoint, ecfg.checkpoint_format, spec_from_config(ecfg, 3))
                 meta: dict[str, Any] = {"source": ecfg.checkpoint, "format": ecfg.checkpoint_format}
                 facts: dict[str, Any] = {}
+                if info.is_main:
+                    Curve(ecfg.curves_file).write()  # nothing trained here: a curve without rows
             else:
                 _check(ecfg, info)
                 n_train = int(read_manifest(cfg.data.shards_dir)["splits"]["train"]["written"])
@@ -107,7 +113,7 @@ def run(cfg: Config, **options: Any) -> None:
                 if measured is not None:
                     log.info("input normalisation measured on the train shards: mean %s, std %s", *measured)
                 encoder, facts = pretrain(cfg.data, ecfg, spec_from_config(ecfg, cfg.data.channels, measured), n_train,
-                                          training_fingerprint(cfg), info, tracker)
+                                          training_fingerprint(cfg), info, CurveTracker(tracker, ecfg.curves_file))
                 facts["normalisation"] = {"mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
                                           "measured": measured is not None}
                 # Only what defines the weights, so a rerun that resumes at the end writes the same files.
@@ -117,13 +123,13 @@ def run(cfg: Config, **options: Any) -> None:
         if not info.is_main:
             return
         # The folder and its metrics file are one set: swapped in together (rcg.io.atomic_dir).
-        with atomic_dir(ecfg.out_dir, after=[ecfg.metrics_file]) as tmp:
+        with atomic_dir(ecfg.out_dir, after=[ecfg.metrics_file, ecfg.details_file]) as tmp:
             save_encoder(encoder, encoder.spec, tmp, extra=meta)
             _verify(encoder, tmp)
             metrics = {**knn_report(encoder, cfg.data, ecfg.knn_k, ecfg.knn_max_train, ecfg.seed), **facts,
                        "wall_time_s": round(time.perf_counter() - t0, 1)}
         log.info("encoder written to %s (%s)", ecfg.out_dir, meta["source"])
-        write_json(ecfg.metrics_file, metrics)
+        headline.write_metrics(metrics, ecfg.metrics_file, ecfg.details_file, headline.ENCODER)
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(Path(ecfg.out_dir) / "encoder.json")
-        log.info("metrics written to %s", ecfg.metrics_file)
+        log.info("metrics written to %s and %s", ecfg.metrics_file, ecfg.details_file)

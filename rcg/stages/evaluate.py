@@ -17,7 +17,6 @@ from rcg.config import Config
 from rcg.io import atomic_dir, write_json
 from rcg.metrics.evaluation import ModeGenerators, ModeSampler, evaluate_modes
 from rcg.metrics.extractors import INCEPTION
-from rcg.metrics.plots import mlflow_curves
 from rcg.sampling import save_grid
 from rcg.tracking import Tracker, stage_run
 
@@ -39,8 +38,6 @@ def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = Non
     with atomic_dir(plots, after=[ev.metrics_file]) as tmp:  # the figures and the table: one set
         for name, (images, nrow) in out.figures.items():
             tracker.log_artifact(save_grid(images, tmp / f"{name}.png", nrow=nrow), "plots")
-        for path in mlflow_curves(cfg.tracking, tmp):
-            tracker.log_artifact(path, "plots")
     results["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(ev.metrics_file, results)
     tracker.log_metrics({"seconds": results["seconds"]})

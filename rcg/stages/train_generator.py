@@ -2,7 +2,9 @@
 baselines (Table 9a), with the recipe of rcg.generators.training.
 
 Outputs: models/generator/<condition>/generator.{safetensors,json} (EMA weights) and samples.png,
-checkpoints/train_generator/<condition>/checkpoint-last.pt, metrics/generator_<condition>.json.
+checkpoints/train_generator/<condition>/checkpoint-last.pt, metrics/details/generator_<condition>.json
+(the run's record), its headline in metrics/generator_<condition>.json (rcg.metrics.headline), and
+the training curve metrics/curves/generator_<condition>.tsv.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from rcg.config import Config, GeneratorConfig
 from rcg.data.loader import read_manifest, shards_id
 from rcg.generators.training import Inputs, train_generator
 from rcg.io import PipelineError, atomic_dir, file_digest, write_json
+from rcg.metrics import headline
+from rcg.metrics.plots import Curve, CurveTracker
 from rcg.tracking import stage_run
 from rcg.training import cleanup_distributed, fingerprint, setup_distributed
 
@@ -26,7 +30,8 @@ log = logging.getLogger(__name__)
 # Settings that do not change what is learned: kept out of the checkpoint fingerprint, so a run can
 # be extended (more steps) or re-logged without starting over.
 _RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_eta", "sampler",
-             "sample_clip_x0", "grid_size", "threads", "checkpoint_dir", "metrics_dir", "out_dir", "verify_cache")
+             "sample_clip_x0", "grid_size", "threads", "checkpoint_dir", "metrics_dir", "details_dir", "curves_dir",
+             "out_dir", "verify_cache")
 
 
 def resume_fingerprint(cfg: Config, condition: str) -> str:
@@ -39,14 +44,22 @@ def resume_fingerprint(cfg: Config, condition: str) -> str:
     return fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition, inputs)
 
 
+def output_files(gcfg: GeneratorConfig, condition: str) -> tuple[Path, Path, Path]:
+    """The metrics file, the details file and the curve file of one generator."""
+    name = f"generator_{condition}"
+    return (Path(gcfg.metrics_dir) / f"{name}.json", Path(gcfg.details_dir) / f"{name}.json",
+            Path(gcfg.curves_dir) / f"{name}.tsv")
+
+
 def skip(cfg: Config, condition: str, reason: str) -> None:
-    """Record that this generator is not trained, and why, in its model folder and metrics file (so the
+    """Record that this generator is not trained, and why, in its model folder and metrics files (so the
     DAG goes on and evaluate and `rcg report` say why the mode is missing); no stale model is left."""
-    metrics_file = Path(cfg.train_generator.metrics_dir) / f"generator_{condition}.json"
-    with atomic_dir(Path(cfg.train_generator.out_dir) / condition, after=[metrics_file]) as tmp:
+    metrics_file, details_file, curve_file = output_files(cfg.train_generator, condition)
+    with atomic_dir(Path(cfg.train_generator.out_dir) / condition, after=[metrics_file, details_file]) as tmp:
         write_json(tmp / "skipped.json", {"condition": condition, "reason": reason})
     (Path(cfg.train_generator.checkpoint_dir) / condition).mkdir(parents=True, exist_ok=True)  # a DVC output
-    write_json(metrics_file, {"condition": condition, "skipped": reason})
+    Curve(curve_file).write()  # a curve without rows, like the other DVC outputs of the stage
+    headline.write_metrics({"condition": condition, "skipped": reason}, metrics_file, details_file, headline.GENERATOR)
     log.warning("train_generator (%s) skipped: %s", condition, reason)
 
 
@@ -63,18 +76,20 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
     if gcfg.threads > 0:
         torch.set_num_threads(gcfg.threads)
     inputs = Inputs(Path(cfg.encode.out_dir) / "train.parquet", cfg.encoder.out_dir, classes, cfg.encoder.rep_dim)
-    metrics_file = Path(gcfg.metrics_dir) / f"generator_{condition}.json"
+    metrics_file, details_file, curve_file = output_files(gcfg, condition)
     info = setup_distributed()
     try:
         with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
             tracker.set_tags({"condition": condition, "arch": gcfg.arch})
             # The model folder (weights, generator.json, samples.png) and the metrics file are one set:
             # the library writes <out_dir>/<condition>, here a temporary twin swapped in at the end.
-            with atomic_dir(Path(gcfg.out_dir) / condition, after=[metrics_file], enabled=info.is_main) as tmp:
+            with atomic_dir(Path(gcfg.out_dir) / condition, after=[metrics_file, details_file],
+                            enabled=info.is_main) as tmp:
                 metrics = train_generator(dataclasses.replace(gcfg, out_dir=str(tmp.parent)), cfg.data, inputs,
-                                          condition, resume_fingerprint(cfg, condition), info, tracker)
+                                          condition, resume_fingerprint(cfg, condition), info,
+                                          CurveTracker(tracker, curve_file))
             if info.is_main:
-                write_json(metrics_file, metrics)
+                headline.write_metrics(metrics, metrics_file, details_file, headline.GENERATOR)
                 tracker.log_metrics({"train_seconds_total": metrics["train_seconds_total"]}, step=metrics["steps"])
                 tracker.log_artifact(Path(gcfg.out_dir) / condition / "generator.json", "model")
                 log.info("generator (%s) -> %s; %d steps in %.0fs (%s img/s)", condition,

@@ -5,7 +5,9 @@ for the reference's random flips) with the recipe in rcg.rdm.train_rdm, then sco
 
 Outputs: models/rdm/rdm.* (and rdm_class.* when the features carry labels and train_rdm.class_cond),
 checkpoints/train_rdm/{uncond,class}/ (resumable; raising train_rdm.steps continues training),
-metrics/rdm.json (rcg.metrics.rdm: FD of RDM samples against real reps, beside the noise floor).
+metrics/details/rdm.json (rcg.metrics.rdm: FD of RDM samples against real reps, beside the noise
+floor, per draw and per class), its headline in metrics/rdm.json (rcg.metrics.headline), and the
+training curves metrics/curves/{rdm,rdm_class}.tsv (the class RDM's without rows when it is not trained).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from rcg.config import Config, RDMConfig
 from rcg.features import read_features
-from rcg.io import PipelineError, atomic_dir, write_json
+from rcg.io import PipelineError, atomic_dir
+from rcg.metrics import headline
+from rcg.metrics.plots import Curve, CurveTracker
 from rcg.metrics.rdm import score_rdm
 from rcg.rdm import RDMBundle, artifact_name, bundle_from, make_meta, save_rdm, schedule, train_rdm
 from rcg.tracking import Tracker, flatten, stage_run
@@ -51,7 +55,7 @@ def _save(rc: RDMConfig, net: torch.nn.Module, name: str, summary: dict[str, Any
 
 
 def _metrics(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """metrics/rdm.json: the unconditional RDM's figures, the class-conditional one's nested."""
+    """The stage's record: the unconditional RDM's figures, the class-conditional one's nested."""
     result = {k: v for k, v in scores["rdm"].items() if k != "train"}
     train = scores["rdm"]["train"]
     result.update(train_steps=train["steps"], train_seconds=train["train_seconds_total"],
@@ -62,7 +66,8 @@ def _metrics(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(cfg: Config, **options: Any) -> None:
-    """Train the RDM (and the class-conditional RDM), save them, score them into metrics/rdm.json."""
+    """Train the RDM (and the class-conditional RDM), save them, score them into metrics/rdm.json and
+    metrics/details/rdm.json."""
     rc = cfg.train_rdm
     if rc.threads > 0:
         torch.set_num_threads(rc.threads)
@@ -84,12 +89,15 @@ def run(cfg: Config, **options: Any) -> None:
         with stage_run(cfg, "train_rdm", rank=info.rank) as tracker:
             # Both RDMs and their metrics are one set, swapped in once all are written (rcg.io.atomic_dir).
             # Every variant trains first (all ranks), then rank 0 alone scores: no rank waits in DDP.
-            with atomic_dir(rc.out_dir, after=[rc.metrics_file], enabled=info.is_main) as tmp:
+            with atomic_dir(rc.out_dir, after=[rc.metrics_file, rc.details_file], enabled=info.is_main) as tmp:
                 trained = []
+                if info.is_main and not class_cond:  # not trained: a curve without rows
+                    Curve(Path(rc.curves_dir) / f"{artifact_name(True)}.tsv").write()
                 for labels in [None, train[1]] if class_cond else [None]:
-                    net, summary = train_rdm(rc, train[0], labels, num_classes, info, tracker)
+                    name = artifact_name(labels is not None)
+                    curve = CurveTracker(tracker, Path(rc.curves_dir) / f"{name}.tsv")
+                    net, summary = train_rdm(rc, train[0], labels, num_classes, info, curve)
                     if info.is_main:
-                        name = artifact_name(labels is not None)
                         bundle = _save(rc, net, name, summary, len(train[0]), info.device, tmp, fdir / "train.parquet")
                         trained.append((name, bundle, summary))
                 result = _score(rc, trained, train, val, skipped) if info.is_main else {}
@@ -100,7 +108,7 @@ def run(cfg: Config, **options: Any) -> None:
 
 
 def _score(rc: RDMConfig, trained: list, train: tuple, val: tuple | None, class_skipped: str | None) -> dict[str, Any]:
-    """metrics/rdm.json's contents: every trained RDM scored (rcg.metrics.rdm)."""
+    """The stage's record (metrics/details/rdm.json): every trained RDM scored (rcg.metrics.rdm)."""
     scores: dict[str, dict[str, Any]] = {}
     for name, bundle, summary in trained:
         t0 = time.perf_counter()
@@ -118,10 +126,10 @@ def _score(rc: RDMConfig, trained: list, train: tuple, val: tuple | None, class_
 
 
 def _write(rc: RDMConfig, result: dict[str, Any], trained: list, tracker: Tracker) -> None:
-    write_json(rc.metrics_file, result)
+    headline.write_metrics(result, rc.metrics_file, rc.details_file, headline.RDM)
     tracker.log_metrics({k: float(v) for k, v in flatten(result).items()
                          if isinstance(v, (int, float)) and v == v})
-    tracker.log_artifact(rc.metrics_file)
+    tracker.log_artifact(rc.details_file)
     for name, *_ in trained:
         tracker.log_artifact(Path(rc.out_dir) / f"{name}.json", "rdm")
-    log.info("metrics written to %s", rc.metrics_file)
+    log.info("metrics written to %s and %s", rc.metrics_file, rc.details_file)
