@@ -34,7 +34,7 @@ def run(cfg: Config, **options: object) -> None:
     resume_id = fingerprint(ec, cfg.data, len(classes), shards_id(cfg.data.shards_dir))
     info = setup_distributed()
     try:
-        with stage_run(cfg, "evalnet", info.rank) as tracker:
+        with stage_run(cfg, "evalnet", info.rank, resume_key=resume_id) as tracker:
             if classes:
                 net, summary = train_evalnet(ec, cfg.data, len(classes), n_train, resume_id, info, tracker)
                 acc = val_accuracy(net, cfg.data, classes, info.device)
