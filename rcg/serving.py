@@ -399,7 +399,8 @@ def version_description(tags: dict[str, str]) -> str:
     """One paragraph for the registry page, from `version_tags`."""
     if "fd" not in tags:
         return "RCG generator (RDM + representation-conditioned image generator); not evaluated."
-    scores = ", ".join(f"{k} {float(tags[k]):.3g}" for k in ("precision", "recall", "is") if k in tags)
+    scores = ", ".join(f"{label} {float(tags[k]):.3g}" for k, label in (("precision", "precision"),
+                                                                        ("recall", "recall"), ("is", "IS")) if k in tags)
     floor = f"; the floor (real images) is {float(tags['floor_fd']):.3g}" if "floor_fd" in tags else ""
     return (f"RCG generator, mode {tags['served_mode']} (guidance {tags['cfg']}): fd {float(tags['fd']):.4g} "
             f"on {tags['n_samples']} samples, {tags['fd_is']}{floor}; {scores}.")

@@ -304,7 +304,7 @@ def store_problem(uri: str) -> str | None:
 
     try:
         with fast_requests():
-            MlflowClient(uri).search_experiments(max_results=1)
+            MlflowClient(absolute(uri)).search_experiments(max_results=1)
     except Exception as e:
         return failure_reason(e)
     return None
@@ -351,13 +351,21 @@ def configure(cfg: Config) -> str:
     return uri
 
 
+def absolute(uri: str) -> str:
+    """A SQLite URI with its path made absolute: MLflow keeps one store per URI string for the
+    process, so a relative one would keep meaning the folder it was first used in."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def use_store(uri: str) -> None:
     """Point MLflow at `uri` in this process. MLflow also writes the URI into MLFLOW_TRACKING_URI;
     that is put back, so the environment keeps meaning what the user set (`tracking_uri`)."""
     import mlflow
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(absolute(uri))
     if before is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -422,19 +430,22 @@ def _create_parent(client: Any, exp_id: str, cfg: Config, pipeline: PipelineRun,
     return run_id
 
 
-def find_parent(client: Any, exp_id: str, cfg: Config, pipeline: PipelineRun, name: str, commit: str) -> str:
+def find_parent(client: Any, exp_id: str, cfg: Config, pipeline: PipelineRun, name: str, commit: str,
+                key: str = "") -> str:
     """The parent run of `pipeline` that the stage run `name` belongs to, created when missing.
 
-    The latest parent of the identity, unless it already holds a finished `name` (then this is a new
-    pipeline run of the same workspace: a new parent). Stages started side by side may each create
-    one; every stage then keeps the earliest and the others are deleted.
+    The latest parent of the identity, unless it already holds a finished `name` and no unfinished
+    run with the resume `key` (then this is a new pipeline run of the same workspace: a new parent).
+    Stages started side by side may each create one; every stage then keeps the earliest and the
+    others are deleted.
     """
     parents = _parents(client, exp_id, pipeline.identity)
     generation = 0
     if parents:
         latest = parents[0]
-        if not _runs(client, exp_id, _children(latest.info.run_id, f"attributes.run_name = '{name}' "
-                                                                   "and attributes.status = 'FINISHED'"), limit=1):
+        finished = f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'"
+        if (key and _reopen(client, exp_id, latest.info.run_id, key) is not None) or not _runs(
+                client, exp_id, _children(latest.info.run_id, finished), limit=1):
             exp_name = os.environ.get("DVC_EXP_NAME", "")
             if exp_name and latest.data.tags.get("dvc_exp") != exp_name:  # continued by another dvc exp run
                 client.set_tag(latest.info.run_id, "dvc_exp", exp_name)
@@ -463,8 +474,8 @@ def _open_stage_run(cfg: Config, exp_id: str, stage: str, condition: str, resume
     from mlflow import MlflowClient
 
     client, name, commit = MlflowClient(), run_name(stage, condition), git_commit()
-    parent = find_parent(client, exp_id, cfg, pipeline_run(cfg), name, commit)
     key = digest([name, resume_key]) if resume_key is not None else ""
+    parent = find_parent(client, exp_id, cfg, pipeline_run(cfg), name, commit, key)
     old = _reopen(client, exp_id, parent, key) if key else None
     # A run of this stage still marked running was killed: one pipeline run runs a stage once at a time.
     for r in _runs(client, exp_id, _children(parent, f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'")):

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from rcg import config
+from tests.mlflow_view import EVERY_STAGE, check_pipeline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +87,7 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     assert not missing, f"stage outputs missing after dvc exp run: {missing}"
     status = _run(dvc + ["status"], repo, env).stdout
     assert "changed" not in status, status
+    check_pipeline_run(repo, EVERY_STAGE)  # what MLflow shows of it (tests/mlflow_view.py)
 
     # A comment-only edit: only the digest stage is stale, and rerunning it leaves all up to date.
     rdm = repo / "rcg" / "rdm.py"
@@ -106,3 +108,4 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     change = diff["params.yaml"]["train_rdm.lr"]
     assert (change["old"], change["new"]) == (lr, lr / 2)
     assert config.load(repo / "params.yaml").train_rdm.lr == lr / 2
+    check_pipeline_run(repo, {"train_rdm", "evaluate", "promote"})  # a second pipeline run

@@ -41,7 +41,11 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"mode": mode, "what": LABELS[mode], "skipped": why})
     rows.append({"mode": "floor", "what": f"{results['n_samples']} real train images: the best a mode can reach",
                  **results["floor"]})
-    return [{**r, "extractor": results["extractor"]} for r in rows]
+    first = ["mode", "what", "fd", "precision", "recall", "is", "class_accuracy"]
+    columns = [c for c in first if any(c in r for r in rows)]
+    columns += [c for r in rows for c in r if c not in columns and c != "skipped"]
+    columns += ["skipped"] if any("skipped" in r for r in rows) else []
+    return [{**{c: r.get(c) for c in columns}, "extractor": results["extractor"]} for r in rows]
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
