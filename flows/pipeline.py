@@ -25,7 +25,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -319,7 +319,7 @@ def index_batches(n: int, batch: int, info: DistInfo, seed: int, start: int) -> 
 
 
 def train_rdm(rc: RDMConfig, reps: torch.Tensor, labels: torch.Tensor | None, num_classes: int,
-              info: DistInfo, tracker: Tracker | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+              info: DistInfo, tracker: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train one RDM on representations [N, D] (paper section 3.2: the simple diffusion MSE, AdamW,
     EMA with warm-up), class-conditional when `labels` are given (section 4.4); returns its EMA
     network and the loop's summary. Resumes from and writes rc.checkpoint_dir/{uncond,class}."""

@@ -368,57 +368,97 @@ def model_files(cfg: Config) -> dict[str, Path]:
     return files
 
 
+def eval_metrics(table: dict[str, Any]) -> dict[str, float]:
+    """The evaluation table as run metrics: `<mode>.<metric>`, `floor.<metric>`, and `fd` of the
+    served mode (the number `promote` compares)."""
+    rows = {**table.get("modes", {}), "floor": table.get("floor", {})}
+    metrics = {f"{m}.{k}": float(v) for m, row in rows.items() for k, v in row.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    fd = metrics.get(f"{served_mode(table)}.fd")
+    return metrics if fd is None else {**metrics, "fd": fd}
+
+
+def version_tags(table: dict[str, Any]) -> dict[str, str]:
+    """What the registry shows beside a version: how good it is, measured how (metrics/eval.json).
+    `fd` is the served mode's; `fd_is` says what it is (FID only with the Inception extractor)."""
+    if not table:
+        return {"evaluated": "no (no metrics/eval.json when registered)"}
+    mode = served_mode(table)
+    row = table.get("modes", {}).get(mode, {})
+    tags = {"served_mode": mode, "extractor": str(table.get("extractor", "")), "fd_is": str(table.get("fd_is", "")),
+            "n_samples": str(table.get("n_samples", "")), "cfg": str(table.get("cfg", ""))}
+    for key in ("fd", "precision", "recall", "is"):
+        if isinstance(row.get(key), (int, float)):
+            tags[key] = str(float(row[key]))
+    if isinstance(table.get("floor", {}).get("fd"), (int, float)):
+        tags["floor_fd"] = str(float(table["floor"]["fd"]))
+    return tags
+
+
+def version_description(tags: dict[str, str]) -> str:
+    """One paragraph for the registry page, from `version_tags`."""
+    if "fd" not in tags:
+        return "RCG generator (RDM + representation-conditioned image generator); not evaluated."
+    scores = ", ".join(f"{label} {float(tags[k]):.3g}" for k, label in (("precision", "precision"),
+                                                                        ("recall", "recall"), ("is", "IS")) if k in tags)
+    floor = f"; the floor (real images) is {float(tags['floor_fd']):.3g}" if "floor_fd" in tags else ""
+    return (f"RCG generator, mode {tags['served_mode']} (guidance {tags['cfg']}): fd {float(tags['fd']):.4g} "
+            f"on {tags['n_samples']} samples, {tags['fd_is']}{floor}; {scores}.")
+
+
+def _bundle(cfg: Config, files: dict[str, Path], stage: Path) -> dict[str, str]:
+    """Copy what generation needs into `stage` (the rep generator, not the baselines, and the RDMs,
+    the config, the evaluation table); the pyfunc's artifacts."""
+    shutil.copytree(files["generator"], stage / "generator" / "rep")
+    rdm = stage / "rdm"
+    rdm.mkdir()
+    for f in Path(files["rdm"]).glob("rdm*.*"):
+        if f.suffix in (".safetensors", ".json"):
+            shutil.copy2(f, rdm / f.name)
+    (stage / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    artifacts = {"rdm": str(rdm), "generator": str(stage / "generator"), "config": str(stage / "config.json")}
+    if "eval" in files:
+        artifacts["eval"] = str(files["eval"])
+    return artifacts
+
+
 def log_generator(cfg: Config, register: bool = True) -> Any:
     """Log the RCG generator as a pyfunc in the active MLflow run and register it.
 
-    Also logs the evaluation table as run metrics (`<mode>.<metric>`) and `fd` of the served mode,
-    the number `promote` compares. Returns MLflow's ModelInfo (`registered_model_version` is set
-    when registered).
+    Also logs the evaluation table as run metrics (`eval_metrics`). The registered version links to
+    this run and carries `version_tags` (fd, precision, recall, the extractor, ...), its pipeline
+    run (`pipeline_run`) and a description, so the registry says how good it is. Returns MLflow's
+    ModelInfo (`registered_model_version` is set when registered).
     """
     import mlflow
 
     files = model_files(cfg)
     table = read_json(files["eval"]) if "eval" in files else {}
+    if table:
+        mlflow.log_metrics(eval_metrics(table))
+        mlflow.set_tags({"served_mode": served_mode(table)})
     with tempfile.TemporaryDirectory(prefix="rcg-pyfunc-") as tmp:
-        # Only what generation needs: the rep generator (not the baselines) and the RDMs.
-        stage = Path(tmp)
-        shutil.copytree(files["generator"], stage / "generator" / "rep")
-        rdm = stage / "rdm"
-        rdm.mkdir()
-        for f in Path(files["rdm"]).glob("rdm*.*"):
-            if f.suffix in (".safetensors", ".json"):
-                shutil.copy2(f, rdm / f.name)
-        (stage / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        artifacts = {"rdm": str(rdm), "generator": str(stage / "generator"),
-                     "config": str(stage / "config.json")}
-        if "eval" in files:
-            artifacts["eval"] = str(files["eval"])
-        if table:
-            mode = served_mode(table)
-            metrics = {f"{m}.{k}": float(v) for m, row in table.get("modes", {}).items()
-                       for k, v in row.items() if isinstance(v, (int, float))}
-            if f"{mode}.fd" in metrics:
-                metrics["fd"] = metrics[f"{mode}.fd"]
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags({"served_mode": mode})
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=RCGPyfunc(),
-            artifacts=artifacts,
+            artifacts=_bundle(cfg, files, Path(tmp)),
             code_paths=[str(Path(__file__).parent)],  # the model carries the rcg code it was built with
             signature=signature(),
             input_example=pd.DataFrame([{"n": 1, "seed": 0}]),  # shown in the UI; MLflow checks it
             pip_requirements=_requirements(),
             registered_model_name=cfg.tracking.registered_model if register else None,
         )
-    if register and table:
+    if register:
         from mlflow import MlflowClient
 
+        name, version = cfg.tracking.registered_model, str(info.registered_model_version)
+        tags = version_tags(table)
+        run = mlflow.active_run()
+        parent = run.data.tags.get("mlflow.parentRunId", "") if run is not None else ""
         client = MlflowClient()
-        fd = metrics.get("fd")
-        if fd is not None:
-            client.set_model_version_tag(cfg.tracking.registered_model,
-                                         str(info.registered_model_version), "fd", str(fd))
+        for key, value in {**tags, **({"pipeline_run": parent} if parent else {})}.items():
+            client.set_model_version_tag(name, version, key, value)
+        client.update_model_version(name, version, description=version_description(tags))
     return info
 
 

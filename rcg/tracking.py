@@ -1,8 +1,17 @@
-"""MLflow tracking: one run per stage invocation, tagged with the git commit, stage and DVC experiment.
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage invocation.
 
 Stages call `stage_run(cfg, "train_rdm")` as a context manager and log through the returned
 `Tracker`; on non-zero ranks, or with `tracking.enabled: false`, the tracker does nothing, so the
-library code never needs to check.
+library code never needs to check. Tracking records runs; it never changes what a stage computes.
+
+Every stage of one pipeline run (a `dvc repro`, a `dvc exp run`, a Prefect flow run) is a separate
+process, so they meet through an identity they share (`pipeline_run`): `RCG_PIPELINE_RUN` when the
+environment sets it (the Prefect flow passes its flow run id), else the git commit and a hash of the
+resolved config, the same for every stage that reads one params.yaml. The first stage creates the
+parent run, tagged with that identity; the others find it. A stage that already finished under the
+latest parent starts a new one (the same workspace, run again: a new pipeline run). A stage given a
+`resume_key` (its checkpoints' fingerprint) reopens its own unfinished run under the same parent,
+so a resumed stage continues its MLflow run and its loss curve stays whole.
 
 The store is `MLFLOW_TRACKING_URI` when the environment sets it, else `tracking.uri`. A store that
 cannot be reached or written is found within seconds (`preflight`, and the start of each run make
@@ -14,12 +23,16 @@ the start, MLflow's own retries apply, so a server restart during a long run cos
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import re
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +44,16 @@ log = logging.getLogger(__name__)
 # Seconds one MLflow HTTP request may take while a run starts (then MLflow's defaults apply again).
 SETUP_TIMEOUT_S = 5
 
-# Stage -> experiment family: related stages share an MLflow experiment.
-FAMILIES = {
-    "shard": "data",
-    "encoder": "representations",
-    "encode": "representations",
-    "train_rdm": "rdm",
-    "sample_reps": "rdm",
-    "train_generator": "generator",
-    "generate": "generator",
-    "evalnet": "evaluation",
-    "evaluate": "evaluation",
-    "promote": "registry",
-}
+# The one experiment of the pipeline's runs (`<tracking.experiment_prefix>-pipeline`): MLflow nests a
+# stage's run under its pipeline run only within one experiment.
+EXPERIMENT = "pipeline"
+PIPELINE_ENV = "RCG_PIPELINE_RUN"  # the pipeline run's identity, when its orchestrator names one
+# Tags this module sets (MLflow's own: mlflow.parentRunId, mlflow.runName).
+TAG_PIPELINE = "rcg.pipeline"  # parent and stage runs: the pipeline run's identity
+TAG_GENERATION = "rcg.generation"  # parent: 0, 1, ... for the pipeline runs of one identity
+TAG_RESUME = "rcg.resume_key"  # stage runs: stage, condition and checkpoint identity, hashed
+TAG_RESUMED = "rcg.resumed"  # stage runs: how many times the run was reopened
+SAFE_ID = re.compile(r"[^A-Za-z0-9._:@/+-]")  # what may appear in an MLflow search filter's string
 
 
 def git_commit() -> str:
@@ -60,6 +70,49 @@ def git_commit() -> str:
         return "unknown"
 
 
+def digest(obj: Any) -> str:
+    """A short stable hash of plain data (dataclasses included)."""
+    plain = _asdict(obj) or obj
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """Which pipeline run a stage belongs to: the identity its stages share, and how it was found."""
+
+    identity: str  # the parent run's TAG_PIPELINE
+    source: str  # PIPELINE_ENV, or "workspace" (git commit + resolved config)
+    label: str  # what the parent run's name says
+
+
+def pipeline_run(cfg: Config) -> PipelineRun:
+    """The identity every stage of one pipeline run shares (module docstring).
+
+    Without `RCG_PIPELINE_RUN`, the git commit (HEAD, not its dirty flag: the stages themselves
+    change tracked files such as dvc.lock) and the resolved config without its tracking block (so
+    a one-off `--preset` run has one too). DVC_EXP_NAME only names the run: an interrupted
+    `dvc exp run` continued by another `dvc exp run` is one pipeline run under two names.
+    """
+    exp = os.environ.get("DVC_EXP_NAME", "").strip()
+    given = os.environ.get(PIPELINE_ENV, "").strip()
+    if given:
+        return PipelineRun(SAFE_ID.sub("_", given)[:200], PIPELINE_ENV, exp or given)
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head = "nogit"
+    values = {k: v for k, v in cfg.to_dict().items() if k != "tracking"}
+    config_id = digest(values)
+    return PipelineRun(f"{head[:12]}-{config_id}", "workspace",
+                       exp or f"{cfg.preset} @{head[:7]} config {config_id[:8]}")
+
+
+def run_name(stage: str, condition: str = "") -> str:
+    """A stage run's name: the stage and its condition, e.g. `train_generator (rep)`."""
+    return f"{stage} ({condition})" if condition else stage
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: nested config or metrics as dotted keys."""
     out: dict[str, Any] = {}
@@ -74,13 +127,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """Thin logging surface over an active MLflow run (or a no-op when tracking is off).
 
-    A failed call either raises a PipelineError naming the URI (`on_error` "fail") or turns the
-    tracker off with one warning (`on_error` "continue").
+    `run_id` is the stage's run, `parent_id` its pipeline run (module docstring). A failed call
+    either raises a PipelineError naming the URI (`on_error` "fail") or turns the tracker off with
+    one warning (`on_error` "continue").
     """
 
-    def __init__(self, active: bool, uri: str = "", on_error: str = "fail") -> None:
+    def __init__(self, active: bool, uri: str = "", on_error: str = "fail", run_id: str = "",
+                 parent_id: str = "") -> None:
         self.active = active
         self.uri, self.on_error = uri, on_error
+        self.run_id, self.parent_id = run_id, parent_id
         self.started = active  # an MLflow run is open and must be ended
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -111,6 +167,19 @@ class Tracker:
 
             self._call(f"logging {path}", mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """An image file as the run's image `key` at `step` (the run's image view, over training)."""
+        if self.active and Path(path).exists():
+            self._call(f"logging {path} as image {key}", _log_image, path, key, step)
+
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Rows of a table (one dict per row, missing cells empty) as the run's table `name`."""
+        if self.active and rows:
+            import mlflow
+            import pandas as pd
+
+            self._call(f"logging table {name}", mlflow.log_table, pd.DataFrame(rows), artifact_file=name)
+
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
         if self.active:
             import mlflow
@@ -123,8 +192,14 @@ class Tracker:
 
             self._call("setting tags", mlflow.set_tags, tags)
 
+    def log_pipeline(self, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+        """Metrics (and tags) of the pipeline run: what the experiment view compares runs by."""
+        if self.active and self.parent_id:
+            self._call("logging to the pipeline run", _log_to_run, self.parent_id, metrics, tags or {})
+
     def end(self, status: str = "FINISHED") -> None:
-        """End the MLflow run; after a failure (or with the stage failing) quietly and quickly."""
+        """End the MLflow run; after a failure (or with the stage failing) quietly and quickly.
+        The pipeline run takes the stage's status once no other stage of it is running."""
         if not self.started:
             return
         self.started = False
@@ -134,6 +209,27 @@ class Tracker:
             self._call("ending the run", mlflow.end_run, status)
         else:
             _end_quietly(status)
+        if self.parent_id:
+            with contextlib.suppress(Exception), fast_requests():
+                _settle_parent(self.parent_id, status)
+
+
+def _log_image(path: str | Path, key: str, step: int) -> None:
+    import mlflow
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        mlflow.log_image(image, key=key, step=int(step), synchronous=True)
+
+
+def _log_to_run(run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                             tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def failure_reason(e: BaseException) -> str:
@@ -208,7 +304,7 @@ def store_problem(uri: str) -> str | None:
 
     try:
         with fast_requests():
-            MlflowClient(uri).search_experiments(max_results=1)
+            MlflowClient(absolute(uri)).search_experiments(max_results=1)
     except Exception as e:
         return failure_reason(e)
     return None
@@ -247,14 +343,33 @@ def preflight(tc: TrackingConfig) -> TrackingConfig:
 
 def configure(cfg: Config) -> str:
     """Point MLflow at the store in use (creating a local store's folder); returns its URI."""
-    import mlflow
-
     uri = tracking_uri(cfg.tracking)
     problem = local_store_problem(uri)
     if problem is not None:
         raise PipelineError(_unusable(cfg.tracking, uri, problem))
-    mlflow.set_tracking_uri(uri)
+    use_store(uri)
     return uri
+
+
+def absolute(uri: str) -> str:
+    """A SQLite URI with its path made absolute: MLflow keeps one store per URI string for the
+    process, so a relative one would keep meaning the folder it was first used in."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def use_store(uri: str) -> None:
+    """Point MLflow at `uri` in this process. MLflow also writes the URI into MLFLOW_TRACKING_URI;
+    that is put back, so the environment keeps meaning what the user set (`tracking_uri`)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(absolute(uri))
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def ensure_experiment(cfg: Config, name: str) -> str:
@@ -273,8 +388,130 @@ def ensure_experiment(cfg: Config, name: str) -> str:
     return exp_id
 
 
-def _start_run(cfg: Config, stage: str) -> Tracker:
-    """Open the stage's MLflow run (params of its block logged once, standard tags set), failing fast."""
+def _runs(client: Any, exp_id: str, where: str, newest_first: bool = False, limit: int = 1000) -> list[Any]:
+    order = "DESC" if newest_first else "ASC"
+    return client.search_runs([exp_id], filter_string=where, order_by=[f"attributes.start_time {order}"],
+                              max_results=limit)
+
+
+def _children(parent_id: str, more: str = "") -> str:
+    """A search filter for the stage runs of a pipeline run (and `more`)."""
+    return f"tags.mlflow.parentRunId = '{parent_id}'" + (f" and {more}" if more else "")
+
+
+def _parents(client: Any, exp_id: str, identity: str) -> list[Any]:
+    """The parent runs of `identity`: the latest generation first, the earliest of each first."""
+    runs = _runs(client, exp_id, f"tags.`{TAG_PIPELINE}` = '{identity}'")
+    return sorted(runs, key=lambda r: (-_generation(r), r.info.start_time, r.info.run_id))
+
+
+def _generation(run: Any) -> int:
+    return int(run.data.tags.get(TAG_GENERATION, "0"))
+
+
+def _parent_name(pipeline: PipelineRun, generation: int) -> str:
+    return f"pipeline {pipeline.label}" + (f" #{generation + 1}" if generation else "")
+
+
+def _create_parent(client: Any, exp_id: str, cfg: Config, pipeline: PipelineRun, generation: int,
+                   commit: str) -> str:
+    """A new pipeline run: tagged with its identity, the whole resolved config as its params."""
+    from mlflow.entities import Param
+
+    how = ("RCG_PIPELINE_RUN" if pipeline.source == PIPELINE_ENV
+           else "the git commit and the resolved config, shared by the stages of one dvc repro")
+    tags = {TAG_PIPELINE: pipeline.identity, TAG_GENERATION: str(generation), "rcg.pipeline_source": pipeline.source,
+            "git_commit": commit, "preset": cfg.preset, "dvc_exp": os.environ.get("DVC_EXP_NAME", ""),
+            "mlflow.note.content": f"One rcg pipeline run (identity `{pipeline.identity}`, from {how}); "
+                                   "its stages are the nested runs."}
+    run_id = client.create_run(exp_id, tags=tags, run_name=_parent_name(pipeline, generation)).info.run_id
+    values = flatten({k: v for k, v in cfg.to_dict().items() if k != "tracking"})
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in values.items()])
+    return run_id
+
+
+def find_parent(client: Any, exp_id: str, cfg: Config, pipeline: PipelineRun, name: str, commit: str,
+                key: str = "") -> str:
+    """The parent run of `pipeline` that the stage run `name` belongs to, created when missing.
+
+    The latest parent of the identity, unless it already holds a finished `name` and no unfinished
+    run with the resume `key` (then this is a new pipeline run of the same workspace: a new parent).
+    Stages started side by side may each create one; every stage then keeps the earliest and the
+    others are deleted.
+    """
+    parents = _parents(client, exp_id, pipeline.identity)
+    generation = 0
+    if parents:
+        latest = parents[0]
+        finished = f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'"
+        if (key and _reopen(client, exp_id, latest.info.run_id, key) is not None) or not _runs(
+                client, exp_id, _children(latest.info.run_id, finished), limit=1):
+            exp_name = os.environ.get("DVC_EXP_NAME", "")
+            if exp_name and latest.data.tags.get("dvc_exp") != exp_name:  # continued by another dvc exp run
+                client.set_tag(latest.info.run_id, "dvc_exp", exp_name)
+                client.update_run(latest.info.run_id, name=_parent_name(replace(pipeline, label=exp_name),
+                                                                        _generation(latest)))
+            return latest.info.run_id
+        generation = _generation(latest) + 1
+    mine = _create_parent(client, exp_id, cfg, pipeline, generation, commit)
+    same = [r.info.run_id for r in _parents(client, exp_id, pipeline.identity)
+            if _generation(r) == generation]
+    if same and same[0] != mine:
+        client.delete_run(mine)
+        return same[0]
+    return mine
+
+
+def _reopen(client: Any, exp_id: str, parent_id: str, key: str) -> Any:
+    """The stage's unfinished (running when killed, failed, killed) run with `key`, or None."""
+    runs = _runs(client, exp_id, _children(parent_id, f"tags.`{TAG_RESUME}` = '{key}'"), newest_first=True, limit=1)
+    return runs[0] if runs and runs[0].info.status != "FINISHED" else None
+
+
+def _open_stage_run(cfg: Config, exp_id: str, stage: str, condition: str, resume_key: Any) -> tuple[str, str]:
+    """Start (or reopen) the stage's run under its pipeline run; returns (run id, parent run id)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client, name, commit = MlflowClient(), run_name(stage, condition), git_commit()
+    key = digest([name, resume_key]) if resume_key is not None else ""
+    parent = find_parent(client, exp_id, cfg, pipeline_run(cfg), name, commit, key)
+    old = _reopen(client, exp_id, parent, key) if key else None
+    # A run of this stage still marked running was killed: one pipeline run runs a stage once at a time.
+    for r in _runs(client, exp_id, _children(parent, f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'")):
+        if old is None or r.info.run_id != old.info.run_id:
+            client.set_terminated(r.info.run_id, "KILLED")
+    tags = {"git_commit": commit, "stage": stage, "preset": cfg.preset, "dvc_exp": os.environ.get("DVC_EXP_NAME", "")}
+    tags.update({"condition": condition} if condition else {})
+    tags.update({TAG_RESUME: key} if key else {})
+    if old is not None:
+        tags[TAG_RESUMED] = str(int(old.data.tags.get(TAG_RESUMED, "0")) + 1)
+        run = mlflow.start_run(run_id=old.info.run_id, tags=tags)
+        log.info("tracking: %s continues its MLflow run %s (%s)", name, run.info.run_id, old.info.status.lower())
+    else:
+        run = mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags)
+    block = getattr(cfg, stage, None)
+    params = {"preset": cfg.preset, **flatten(_asdict(block), f"{stage}.")}
+    logged = old.data.params if old is not None else {}
+    # MLflow params are strings of at most 6000 chars (lists become their repr), and never change.
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items() if k not in logged})
+    client.update_run(parent, status="RUNNING")
+    return run.info.run_id, parent
+
+
+def _settle_parent(parent_id: str, status: str) -> None:
+    """The pipeline run ends with its last stage: `status` once none of its stages is running."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp_id = client.get_run(parent_id).info.experiment_id
+    if not _runs(client, exp_id, _children(parent_id, "attributes.status = 'RUNNING'"), limit=1):
+        client.set_terminated(parent_id, status)
+
+
+def _start_run(cfg: Config, stage: str, condition: str = "", resume_key: Any = None) -> Tracker:
+    """Open the stage's MLflow run under its pipeline run (params of its block logged once,
+    standard tags set), failing fast."""
     import mlflow
 
     tc = cfg.tracking
@@ -284,23 +521,15 @@ def _start_run(cfg: Config, stage: str) -> Tracker:
         if problem is not None:
             raise PipelineError(problem)
         with fast_requests():
-            mlflow.set_tracking_uri(uri)
-            ensure_experiment(cfg, f"{tc.experiment_prefix}-{FAMILIES.get(stage, stage)}")
-            tags = {"git_commit": git_commit(), "stage": stage, "preset": cfg.preset,
-                    "dvc_exp": os.environ.get("DVC_EXP_NAME", "")}
-            mlflow.start_run(run_name=stage, tags=tags)
-            block = getattr(cfg, stage, None)
-            params = {"preset": cfg.preset}
-            if block is not None:
-                params.update(flatten(_asdict(block), f"{stage}."))
-            # MLflow params are strings of at most 6000 chars; lists become their repr.
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            use_store(uri)
+            exp_id = ensure_experiment(cfg, f"{tc.experiment_prefix}-{EXPERIMENT}")
+            run_id, parent_id = _open_stage_run(cfg, exp_id, stage, condition, resume_key)
     except Exception as e:
         if mlflow.active_run() is not None:
             _end_quietly("FAILED")
         _give_up(tc, uri, failure_reason(e))
         return Tracker(False, uri, tc.on_error)
-    return Tracker(True, uri, tc.on_error)
+    return Tracker(True, uri, tc.on_error, run_id, parent_id)
 
 
 def _end_quietly(status: str) -> None:
@@ -312,18 +541,24 @@ def _end_quietly(status: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: Config, stage: str, rank: int = 0) -> Iterator[Tracker]:
-    """Open an MLflow run for `stage` (rank 0, tracking on) and yield its Tracker; the run ends
-    FINISHED, or FAILED when the stage raises."""
+def stage_run(cfg: Config, stage: str, rank: int = 0, *, condition: str = "",
+              resume_key: Any = None) -> Iterator[Tracker]:
+    """Open an MLflow run for `stage` (rank 0, tracking on) under its pipeline run and yield its
+    Tracker; the run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the stage raises.
+
+    `condition` names the variant (`train_generator (rep)`); `resume_key` (the stage's checkpoint
+    fingerprint, or the values that make it) lets a rerun of an unfinished stage reopen its run
+    instead of starting another; None: every invocation is a new run.
+    """
     if not cfg.tracking.enabled or rank != 0:
         yield Tracker(False)
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    tracker = _start_run(cfg, stage)
+    tracker = _start_run(cfg, stage, condition, resume_key)
     try:
         yield tracker
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
 

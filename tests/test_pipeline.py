@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from rcg import config
+from tests.mlflow_view import EVERY_STAGE, check_pipeline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,7 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     _run(dvc + ["plots", "show"], repo, env)  # renders to dvc_plots/, which git ignores
     assert (repo / "dvc_plots" / "index.html").exists()
     assert "dvc_plots" not in _run(["git", "status", "--porcelain"], repo, env).stdout
+    check_pipeline_run(repo, EVERY_STAGE)  # what MLflow shows of it (tests/mlflow_view.py)
 
     # A comment-only edit: only the digest stage is stale, and rerunning it leaves all up to date.
     rdm = repo / "rcg" / "rdm.py"
@@ -190,3 +192,4 @@ def test_every_stage_end_to_end_with_dvc(tmp_path: Path) -> None:
     assert (change["old"], change["new"]) == (lr, lr / 2)
     assert config.load(repo / "params.yaml").train_rdm.lr == lr / 2
     _check_artifacts(repo, dvc, env, tmp_path / "fetched")
+    check_pipeline_run(repo, {"train_rdm", "evaluate", "promote"})  # a second pipeline run

@@ -151,7 +151,7 @@ def test_registry_round_trip_and_champion_moves_only_on_better_fd(project: confi
 def test_promote_does_nothing_with_tracking_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rcg.stages import promote
 
-    (tmp_path / "params.yaml").write_text(tiny_params())
+    (tmp_path / "params.yaml").write_text(tiny_params(tracking={"enabled": False}))
     monkeypatch.chdir(tmp_path)
     promote.run(config.load("params.yaml"))
     assert json.loads(Path(promote.DECISION_FILE).read_text())["promoted"] is False

@@ -163,7 +163,7 @@ def test_environment_uri_wins_and_is_logged(dead_uri: str, store: str, tmp_path:
             tracker.log_metrics({"written": 3.0})
     assert f"MLFLOW_TRACKING_URI={env_uri} from the environment wins over tracking.uri ({dead_uri})" in caplog.text
     runs = MlflowClient(env_uri).search_runs(
-        [MlflowClient(env_uri).get_experiment_by_name("env-data").experiment_id])
+        [MlflowClient(env_uri).get_experiment_by_name("env-pipeline").experiment_id], "tags.stage = 'shard'")
     assert len(runs) == 1 and runs[0].data.metrics["written"] == 3.0 and runs[0].info.status == "FINISHED"
     assert mlflow.active_run() is None
 
@@ -209,5 +209,6 @@ def test_a_store_lost_during_the_run(on_error: str, store: str, tmp_path: Path, 
     assert len(caplog.records) == (1 if on_error == "continue" else 0)
     assert mlflow.active_run() is None
     client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name(f"lost-{on_error}-rdm").experiment_id])[0]
+    run = client.search_runs([client.get_experiment_by_name(f"lost-{on_error}-pipeline").experiment_id],
+                             "tags.stage = 'train_rdm'")[0]
     assert run.info.status == ("FINISHED" if on_error == "continue" else "FAILED")

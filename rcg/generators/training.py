@@ -102,8 +102,8 @@ def _write_grid(model: nn.Module, diffusion: Diffusion, codec: Codec, cond: dict
                            sampler=settings["sampler"], eta=settings["eta"], seed=gcfg.seed, amp=gcfg.amp,
                            device=device, batch_size=n, progress=False, clip_x0=settings["clip_x0"])
     save_grid(images, path)
-    if tracker is not None:
-        tracker.log_artifact(path, f"samples/step_{step:07d}")
+    if tracker is not None:  # the run's image view shows the grids over training, one per step
+        tracker.log_image(path, "samples", step)
 
 
 @dataclass

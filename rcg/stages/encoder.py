@@ -98,7 +98,7 @@ def run(cfg: Config, **options: Any) -> None:
     t0 = time.perf_counter()
     info = setup_distributed()
     ecfg = cfg.encoder
-    with stage_run(cfg, "encoder", rank=info.rank) as tracker:
+    with stage_run(cfg, "encoder", rank=info.rank, resume_key=None if ecfg.checkpoint else training_fingerprint(cfg)) as tracker:
         try:
             if ecfg.checkpoint:
                 encoder = load_checkpoint(ecfg.checkpoint, ecfg.checkpoint_format, spec_from_config(ecfg, 3))

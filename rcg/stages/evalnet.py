@@ -41,7 +41,7 @@ def run(cfg: Config, **options: object) -> None:
     resume_id = fingerprint(settings, cfg.data, len(classes), shards_id(cfg.data.shards_dir))
     info = setup_distributed()
     try:
-        with stage_run(cfg, "evalnet", info.rank) as tracker:
+        with stage_run(cfg, "evalnet", info.rank, resume_key=resume_id) as tracker:
             curve = CurveTracker(tracker, ec.curves_file)
             if classes:
                 net, summary = train_evalnet(ec, cfg.data, len(classes), n_train, resume_id, info, curve)

@@ -2,8 +2,9 @@
 
 The MLflow registry holds the servable generator (rcg.serving) under aliases (docs/design.md).
 Without `--version`, the current models (models/rdm, models/generator/rep) are logged as a new
-pyfunc version together with the `fd` of metrics/eval.json; then, with or without `--version`,
-`@champion` moves to that version only when its fd is lower than the champion's.
+pyfunc version in a run of the pipeline run, with the evaluation table's numbers as version tags
+(rcg.serving.log_generator); then, with or without `--version`, `@champion` moves to that version
+only when its fd is lower than the champion's.
 Writes metrics/promote.json (the decision) so DVC can run this stage after `evaluate`.
 """
 
@@ -36,9 +37,14 @@ def run(cfg: Config, version: str | None = None, **options: object) -> None:
         with stage_run(cfg, "promote") as tracker:
             info = log_generator(cfg, register=True)
             version = str(info.registered_model_version)
-            tracker.set_tags({"registered_model": name, "registered_version": version})
-        log.info("promote: registered %s version %s (%s)", name, version, info.model_uri)
-    configure(cfg)  # the same store the run above used (stage_run configures it too)
-    decision = promote(MlflowClient(), name, version)
+            log.info("promote: registered %s version %s (%s)", name, version, info.model_uri)
+            decision = promote(MlflowClient(), name, version)
+            tags = {"registered_model": name, "registered_version": version,
+                    "champion": "yes" if decision["promoted"] else "no"}
+            tracker.set_tags(tags)
+            tracker.log_pipeline({}, tags)  # the pipeline run says which version it registered
+    else:
+        configure(cfg)  # the store stage_run would use
+        decision = promote(MlflowClient(), name, version)
     write_json(out, decision)
     log.info("promote: %s; decision in %s", decision["reason"], out)

@@ -79,7 +79,7 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
     metrics_file, details_file, curve_file = output_files(gcfg, condition)
     info = setup_distributed()
     try:
-        with stage_run(cfg, "train_generator", rank=info.rank) as tracker:
+        with stage_run(cfg, "train_generator", rank=info.rank, condition=condition, resume_key=resume_fingerprint(cfg, condition)) as tracker:
             tracker.set_tags({"condition": condition, "arch": gcfg.arch})
             # The model folder (weights, generator.json, samples.png) and the metrics file are one set:
             # the library writes <out_dir>/<condition>, here a temporary twin swapped in at the end.

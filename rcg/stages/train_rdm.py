@@ -86,7 +86,7 @@ def run(cfg: Config, **options: Any) -> None:
         if rc.class_cond and not class_cond:
             skipped = "the features carry no class labels (or only one class): no class-conditional RDM"
             log.info("%s", skipped)
-        with stage_run(cfg, "train_rdm", rank=info.rank) as tracker:
+        with stage_run(cfg, "train_rdm", rank=info.rank, resume_key=(rc, num_classes, len(train[0]))) as tracker:
             # Both RDMs and their metrics are one set, swapped in once all are written (rcg.io.atomic_dir).
             # Every variant trains first (all ranks), then rank 0 alone scores: no rank waits in DDP.
             with atomic_dir(rc.out_dir, after=[rc.metrics_file, rc.details_file], enabled=info.is_main) as tmp:
