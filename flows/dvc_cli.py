@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from flows.stage_log import OutputRelay
-from rcg.tracking import flatten
+from rcg.tracking import PIPELINE_ENV, flatten
 
 # Output that marks a failure as transient: running the same command again may well succeed.
 # Everything else (a Python traceback, a PipelineError, a config error) is deterministic: retrying
@@ -80,12 +80,14 @@ def is_transient(returncode: int, output: str, extra_patterns: Iterable[str] = (
     return any(re.search(p, output) for p in (*TRANSIENT_PATTERNS, *extra_patterns))
 
 
-def dvc_env(exp_name: str | None = None) -> dict[str, str]:
+def dvc_env(exp_name: str | None = None, pipeline_run: str | None = None) -> dict[str, str]:
     """Environment for DVC and the stage commands it runs.
 
     The venv's bin/ goes first on PATH: stage commands call `rcg`, and DVC's experiment queue
     spawns `dvc` by name. DVC_EXP_NAME is what `dvc exp run` sets for its stages; the MLflow tags of
     every stage run (rcg.tracking) read it, so a flow run and its MLflow runs share one name.
+    `pipeline_run` (the flow run's id) becomes RCG_PIPELINE_RUN: the stages' MLflow runs nest under
+    one parent run per flow run.
     """
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -99,6 +101,8 @@ def dvc_env(exp_name: str | None = None) -> dict[str, str]:
         env.setdefault(k, v)
     if exp_name:
         env["DVC_EXP_NAME"] = exp_name
+    if pipeline_run:
+        env[PIPELINE_ENV] = pipeline_run
     return env
 
 

@@ -75,6 +75,7 @@ def dvc_stage(
     exp_name: str | None = None,
     force: bool = False,
     transient_patterns: list[str] | None = None,
+    pipeline_run: str | None = None,
 ) -> State:
     """Run one DVC stage with `dvc repro --single-item`; raise StageFailed on a non-zero exit.
 
@@ -90,7 +91,7 @@ def dvc_stage(
     relay = OutputRelay(lambda level, msg: logger.log(level, "%s", msg))
     t0 = time.perf_counter()
     code, output = dvc_mod.run_logged(
-        args, project_dir, log_path, env=dvc_mod.dvc_env(exp_name), header=stage, relay=relay
+        args, project_dir, log_path, env=dvc_mod.dvc_env(exp_name, pipeline_run), header=stage, relay=relay
     )
     seconds = round(time.perf_counter() - t0, 2)
     if code != 0:
@@ -292,7 +293,8 @@ def rcg_pipeline(
         ensure_gpu_limit(gpu_slots)
 
     futures = _run_stages(stages, gpu, retries, retry_delay,
-                          (str(root), str(log_dir), exp_name, force, transient_patterns))
+                          (str(root), str(log_dir), exp_name, force, transient_patterns,
+                           str(runtime_flow_run.get_id() or run_name)))
     states, errors = _outcomes(futures)
     _publish_results(root, run_name, exp_name, log_dir, _stage_results(stages, futures, gpu, errors))
     if errors:

@@ -2,7 +2,8 @@
 table (`rcg report`'s, rcg/metrics/report.py), what each stage did, and the MLflow runs it made.
 
 The MLflow runs of a pipeline run are found by their tags (rcg/tracking.py): every stage run
-carries `dvc_exp`, the DVC experiment the flow saves the workspace as, and `stage`. Stages that DVC
+carries `dvc_exp`, the DVC experiment the flow saves the workspace as, and `stage`; their parent run
+(one per flow run, the flow run's id as its identity) carries `dvc_exp` too. Stages that DVC
 found up to date did not run now, so their runs belong to the pipeline run that last ran them.
 """
 
@@ -151,7 +152,8 @@ def mlflow_markdown(root: Path, tracking: TrackingConfig, exp_name: str,
     for run, experiment in runs:
         info, rid = run.info, run.info.run_id
         link = f"[{rid}]({web}/#/experiments/{info.experiment_id}/runs/{rid})" if web else f"`{rid}`"
-        lines.append(f"| `{run.data.tags.get('stage', '?')}` | {link} | {info.status} | "
+        stage = f"`{run.data.tags['stage']}`" if "stage" in run.data.tags else "pipeline run (parent)"
+        lines.append(f"| {stage} | {link} | {info.status} | "
                      f"{experiment} |")
     return "\n".join(lines) + earlier
 

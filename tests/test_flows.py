@@ -447,8 +447,15 @@ def test_ui_sees_stage_logs_up_to_date_states_and_evaluation(
     text = _artifact(flow_run_id, "rcg-evaluation")
     assert "| mode | fd (evalnet) |" in text and "| rcg (RDM reps) | 0.500 |" in text, text
     assert "4 stages: 4 ran." in text and "| `train@y` | ran |" in text
-    (mlflow_run,) = _mlflow_run_ids(project, "exp-ui")
-    assert f"`{mlflow_run}`" in text and "| `evaluate` |" in text and "mlflow.db" in text
+    ids = _mlflow_run_ids(project, "exp-ui")
+    assert set(ids) == {"evaluate", "pipeline"}, ids  # the stage's run and its parent, the flow run's
+    mlflow_run = ids["evaluate"]
+    assert f"| `evaluate` | `{mlflow_run}` |" in text and "mlflow.db" in text, text
+    assert f"| pipeline run (parent) | `{ids['pipeline']}` |" in text
+    from mlflow.tracking import MlflowClient  # the parent's identity is the flow run's id
+
+    parent = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}").get_run(ids["pipeline"]).data.tags
+    assert (parent["rcg.pipeline"], parent["rcg.pipeline_source"]) == (str(flow_run_id), "RCG_PIPELINE_RUN")
 
     state = rcg_pipeline(project_dir=str(project), overrides=["evaluate.n_samples=8"],
                          exp_name="exp-ui-2", return_state=True)
@@ -462,12 +469,14 @@ def test_ui_sees_stage_logs_up_to_date_states_and_evaluation(
     assert f"`{mlflow_run}`" not in text and "`exp-ui-2`" in text
 
 
-def _mlflow_run_ids(project: Path, exp_name: str) -> list[str]:
+def _mlflow_run_ids(project: Path, exp_name: str) -> dict[str, str]:
+    """{stage, or "pipeline" for the parent run: run id} of the runs tagged `dvc_exp = exp_name`."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
-    return [r.info.run_id for r in client.search_runs(ids, f"tags.dvc_exp = '{exp_name}'")]
+    return {r.data.tags.get("stage", "pipeline"): r.info.run_id
+            for r in client.search_runs(ids, f"tags.dvc_exp = '{exp_name}'")}
 
 
 @pytest.mark.slow  # DVC's queue starts a celery worker: ~25 s on top of the harness
