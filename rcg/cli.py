@@ -76,6 +76,14 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "Draw --n representations from the RDM (class-conditional with --class) and write them "
         "to a Parquet file.",
     ),
+    "tokenizer": (
+        "tokenizer",
+        "load the official MaskGIT VQGAN, or train a VQ tokenizer on the train shards",
+        "The VQGAN whose codebook ids MAGE generates: with tokenizer.checkpoint set, load the "
+        "official vqgan_jax_strongaug.ckpt strictly (weights-only); otherwise train tokenizer.arch "
+        "on the train shards (resumable). Writes models/tokenizer/ and metrics/tokenizer.json "
+        "(val reconstruction error, Frechet distance of reconstructions, codebook usage).",
+    ),
     "train-generator": (
         "train_generator",
         "train the image generator conditioned on reps, labels or nothing",

@@ -435,6 +435,57 @@ class EvalNetConfig:
     }
 
 
+@dataclass
+class TokenizerConfig:
+    """`rcg tokenizer`: the VQGAN whose codebook ids MAGE generates (paper section 3.3,
+    docs/paper.md#image-generators; rcg.tokenizers).
+
+    With `checkpoint` set, the official MaskGIT VQGAN file (`vqgan_jax_strongaug.ckpt`, arch
+    `maskgit_f16`, RGB) is loaded strictly; otherwise the `arch` is trained on the train shards, since
+    a new domain needs its own codebook. Either way models/tokenizer/ and metrics/tokenizer.json
+    (reconstruction error, Frechet distance of reconstructions, codebook usage on val) are written.
+    """
+
+    checkpoint: str = ""  # official tokenizer file; empty = train `arch` on the train shards
+    # rcg.tokenizers.vqgan.VQ_ARCHS: maskgit_f16 (the official, 16x16 ids at 256 px), vq_fmnist
+    # (7x7 ids at 28 px, 256 codes: measured against larger sizes on 2 CPU cores), vq_tiny (tests)
+    arch: str = "vq_fmnist"
+    steps: int = 1500  # optimiser steps; ~0.2 s each for vq_fmnist at batch 128 on 2 cores
+    batch_size: int = 128  # images per step (one process: codebook restarts are per-process state)
+    lr: float = 2e-3  # peak AdamW lr: a small conv net trained briefly takes a large lr
+    warmup_steps: int = 50  # linear warm-up, then a half cosine to 0
+    weight_decay: float = 0.0  # none on the codebook ever; the convolutions have GroupNorm after them
+    recon_loss: Literal["l2", "l1"] = "l2"  # pixel loss; l2 matches the MSE/PSNR the stage reports
+    beta: float = 0.25  # commitment weight (VQ-VAE, taming's VQGAN)
+    # Codebook usage (rcg.tokenizers.train): k-means of the first batch's encoder outputs as the
+    # initial codebook (0 iterations: random outputs), and dead-code restarts every `restart_every`
+    # steps (0: off) of codes used less than `restart_below` x the average code.
+    kmeans_iters: int = 10
+    restart_every: int = 100
+    restart_below: float = 0.03
+    amp: bool = True  # bf16 autocast where it measures faster here (rcg.precision)
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    eval_images: int = 10000  # val images scored in metrics/tokenizer.json (0: the whole val split)
+    eval_batch_size: int = 500  # images per encode/decode batch when scoring
+    ckpt_every: int = 250  # optimiser steps between resumable checkpoints
+    log_every: int = 50  # optimiser steps between loss logs (progress bar, MLflow)
+    seed: int = 0
+    out_dir: str = "models/tokenizer"
+    checkpoint_dir: str = "checkpoints/tokenizer"  # resumable training state (dvc: persist, no cache)
+    metrics_file: str = "metrics/tokenizer.json"
+
+    RANGES: ClassVar[dict[str, Range | None]] = {
+        "checkpoint": FREE, "arch": Range(nonempty=True, why="a name in rcg.tokenizers.vqgan.VQ_ARCHS"),
+        "steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE, "recon_loss": FREE, "beta": NON_NEGATIVE, "kmeans_iters": NON_NEGATIVE,
+        "restart_every": NON_NEGATIVE, "restart_below": Range(ge=0, le=1, why="a share of the average code's use"),
+        "amp": FREE, "threads": NON_NEGATIVE,
+        "eval_images": Range(ge=2, zero_ok=True, why="0 means the whole val split; the distance needs 2"),
+        "eval_batch_size": COUNT, "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
+        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+    }
+
+
 # The generation modes of docs/design.md (rcg.metrics.evaluation.MODES, which a test compares).
 EVAL_MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
 
@@ -533,6 +584,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     train_rdm: RDMConfig = field(default_factory=RDMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train_generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     evalnet: EvalNetConfig = field(default_factory=EvalNetConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
