@@ -84,4 +84,17 @@ def load_official(path: str | Path, arch: str = OFFICIAL_ARCH, image_size: int =
     return model.freeze()
 
 
-__all__ = ["OFFICIAL_ARCH", "layout_problems", "load_official", "load_state_strict", "read_official"]
+def official_tokenizer(path: str | Path, arch: str, image_size: int, channels: int) -> tuple[VQGAN, dict[str, Any]]:
+    """The official checkpoint at `path` (`tokenizer.checkpoint`) for images of `channels` x
+    `image_size`, and its provenance (file and digest)."""
+    from rcg.io import file_digest
+
+    vq = load_official(path, arch, image_size=image_size, in_channels=3)
+    if channels != vq.in_channels:
+        raise PipelineError(f"tokenizer.checkpoint: {path} tokenizes {vq.in_channels}-channel images, "
+                            f"but data.channels is {channels}")
+    return vq, {"source": "checkpoint", "file": str(path), "sha256_12": file_digest(path)}
+
+
+__all__ = ["OFFICIAL_ARCH", "layout_problems", "load_official", "load_state_strict", "official_tokenizer",
+           "read_official"]

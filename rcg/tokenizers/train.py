@@ -21,6 +21,7 @@ of the trained module, so the loop's checkpoint holds them and a resumed run is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -151,4 +152,33 @@ def train_tokenizer(tc: Any, data_cfg: Any, resume_id: str, info: Any,
     return out.vq.cpu().freeze(), {**trained.summary, "codes_restarted": int(out.restarts)}
 
 
-__all__ = ["VQTraining", "kmeans", "nearest", "pick_rows", "train_tokenizer"]
+# Tokenizer settings that do not change what training computes (kept out of the resume fingerprint
+# and the provenance).
+NOT_TRAINING = {"checkpoint", "steps", "threads", "eval_images", "eval_batch_size", "ckpt_every", "log_every",
+                "out_dir", "checkpoint_dir", "metrics_file"}
+
+
+def training_block(tc: Any) -> dict[str, Any]:
+    """The tokenizer settings (`tc`: the tokenizer config block) that change what training computes."""
+    return {k: v for k, v in dataclasses.asdict(tc).items() if k not in NOT_TRAINING}
+
+
+def trained_tokenizer(tc: Any, data_cfg: Any, tracker: Any = None) -> tuple[VQGAN, dict[str, Any], dict[str, Any]]:
+    """Train (or resume) `tc.arch` on the train shards in one process: the codebook's initialisation
+    and restarts are per-process state that DDP would not keep in step across ranks. Returns the
+    tokenizer, its provenance (only what defines the weights, so a rerun that resumes at the end
+    writes the same files) and the loop's summary."""
+    from rcg.data.loader import shards_id
+    from rcg.training import DistInfo, fingerprint
+
+    shards = shards_id(data_cfg.shards_dir)
+    resume_id = fingerprint(training_block(tc), data_cfg.image_size, data_cfg.channels, shards)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vq, summary = train_tokenizer(tc, data_cfg, resume_id, DistInfo(0, 1, 0, device), tracker)
+    provenance = {"source": "trained", "training_config": training_block(tc), "steps": summary["steps"],
+                  "shards": shards}
+    return vq, provenance, summary
+
+
+__all__ = ["NOT_TRAINING", "VQTraining", "kmeans", "nearest", "pick_rows", "trained_tokenizer", "train_tokenizer",
+           "training_block"]

@@ -269,5 +269,15 @@ def load_tokenizer(model_dir: str | Path, device: torch.device | str = "cpu") ->
     return model.to(device).freeze()
 
 
+def verify_tokenizer(vq: VQGAN, model_dir: str | Path) -> None:
+    """Reload what `save_tokenizer` wrote to `model_dir`; it must tokenize and decode a fixed probe
+    exactly as the in-memory `vq` does."""
+    back = load_tokenizer(model_dir)
+    probe = torch.rand(2, vq.in_channels, vq.image_size, vq.image_size, generator=torch.Generator().manual_seed(0))
+    a, b = vq.cpu().encode(probe), back.encode(probe)
+    if not torch.equal(a, b) or not torch.equal(vq.decode(a), back.decode(b)):
+        raise PipelineError(f"{model_dir}: the reloaded tokenizer does not reproduce the saved one")
+
+
 __all__ = ["VQ_ARCHS", "VQGAN", "Decoder", "Encoder", "Quantizer", "ResBlock", "build_vqgan",
-           "load_tokenizer", "save_tokenizer"]
+           "load_tokenizer", "save_tokenizer", "verify_tokenizer"]
