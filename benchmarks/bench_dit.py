@@ -135,8 +135,7 @@ def _step_timer(model: nn.Module, amp: bool, batch: dict[str, Tensor]):
 def bench_rep_source(batch: int, rounds: int) -> None:
     """Cache lookup vs the default encoder on a batch of 28 px crops (the rep_source default)."""
     from rcg.config import preset_config
-    from rcg.encoders.vit import RepEncoder
-    from rcg.stages.encoder import spec_from_config
+    from rcg.encoders.vit import RepEncoder, spec_from_config
 
     cfg = preset_config("default")
     enc = RepEncoder(spec_from_config(cfg.encoder, cfg.data.channels))

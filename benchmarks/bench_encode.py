@@ -39,9 +39,8 @@ from rcg import config as config_mod
 from rcg import features
 from rcg.data.loader import make_loader, read_manifest
 from rcg.encoders import RepEncoder, load_encoder
-from rcg.encoders.vit import build_vit
+from rcg.encoders.vit import build_vit, spec_from_config
 from rcg.stages import shard
-from rcg.stages.encoder import spec_from_config
 
 
 def main() -> None:

@@ -223,3 +223,12 @@ def write_split(table: pa.Table, expected: int, split: str, path: Path) -> pa.Ta
     table = canonical_order(table)
     write_features(path, [table])
     return table
+
+
+def read_reps(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows (both views) of a features file as in-memory tensors (reps [N, D], labels [N]),
+    copied out of the memory map; a file without rows is an error."""
+    f = read_features(path)
+    if len(f) == 0:
+        raise PipelineError(f"{path}: no representations in this file")
+    return f.reps.clone().contiguous(), f.labels.clone()

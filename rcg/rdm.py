@@ -365,3 +365,19 @@ def train_rdm(rc: RDMConfig, reps: torch.Tensor, labels: torch.Tensor | None, nu
              name, rc.arch, n, dim, batch, info.world_size, rc.steps)
     trained = fit(spec, net, opt, loss, data, info, tracker, generators={"noise": g})
     return trained.ema, trained.summary
+
+
+def save_trained(rc: RDMConfig, net: nn.Module, name: str, summary: dict[str, Any], n_reps: int,
+                 device: torch.device, out_dir: Path, features: Path) -> RDMBundle:
+    """Write a trained RDM (`train_rdm`'s EMA network) to <out_dir>/<name>.* with the sampler settings
+    every later use of it reads (rc.sample_steps, eta, temperature, amp) and its training facts;
+    returns it ready to sample on `device`."""
+    meta = make_meta(
+        net, rc.arch, schedule(rc),
+        {"steps": rc.sample_steps, "eta": rc.eta, "temperature": rc.temperature, "amp": rc.amp},
+        {"trained_steps": summary["steps"], "ema_decay": rc.ema_decay,
+         "features": str(features), "num_train_reps": n_reps},
+    )
+    save_rdm(net.cpu(), meta, out_dir, name)
+    log.info("%s: EMA weights written to %s", name, Path(rc.out_dir) / f"{name}.safetensors")
+    return bundle_from(net.to(device), meta)

@@ -266,7 +266,7 @@ def test_load_strict_accepts_exact_match():
 
 def test_spec_from_config_checks_channels_and_names():
     from rcg.config import EncoderConfig
-    from rcg.stages.encoder import spec_from_config
+    from rcg.encoders.vit import spec_from_config
 
     fmnist = EncoderConfig(mean=[0.286], std=[0.353])
     spec = spec_from_config(fmnist, channels=1)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from rcg import config as config_mod
 from rcg.encoders import load_encoder
 from rcg.encoders.augment import ViewRecipe, augment, two_view_recipes
-from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at
-from rcg.encoders.vit import EncoderSpec, build_vit, preprocess
+from rcg.encoders.moco import MoCoV3, init_patch_embed, momentum_at, training_fingerprint
+from rcg.encoders.vit import EncoderSpec, RepEncoder, build_vit, preprocess
 from rcg.io import PipelineError
 from rcg.metrics.knn import knn_top1
 from rcg.training import Checkpointer, lr_at
@@ -178,7 +178,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
         interrupt_after(m, 2)
         with pytest.raises(Interrupted):
             stage.run(cfg)
-    ckpt = Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()
+    ckpt = Checkpointer("checkpoints/encoder", _fingerprint(cfg)).load()
     assert ckpt is not None and ckpt["step"] == 2 and ckpt["train_seconds"] >= 0.2
     assert not Path("models/encoder/encoder.json").exists()
 
@@ -204,7 +204,7 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
 
     # A finished run is not redone, and rerunning it (say for another knn_k) rewrites the model
     # byte for byte, so DVC sees `encode` as current; the clock and the loss carry over.
-    assert Checkpointer("checkpoints/encoder", stage.training_fingerprint(cfg)).load()["step"] == 4
+    assert Checkpointer("checkpoints/encoder", _fingerprint(cfg)).load()["step"] == 4
     files = {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()}
     stage.run(tiny_config(shards, **{"encoder.knn_k": 5}))
     assert {f.name: f.read_bytes() for f in Path("models/encoder").iterdir()} == files
@@ -214,15 +214,15 @@ def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     assert again["final_loss"] == metrics["final_loss"] and again["knn_k"] == 5
     # A changed setting starts over instead of resuming.
     changed = tiny_config(shards, **{"encoder.temperature": 0.3})
-    assert stage.training_fingerprint(changed) != stage.training_fingerprint(cfg)
-    assert stage.training_fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == stage.training_fingerprint(cfg)
+    assert _fingerprint(changed) != _fingerprint(cfg)
+    assert _fingerprint(tiny_config(shards, **{"encoder.knn_k": 5})) == _fingerprint(cfg)
     # So do other shards: the manifest names the data the checkpoint was trained on.
     resharded = tmp_path / "resharded"
     shutil.copytree(shards, resharded)
     manifest = json.loads((resharded / "manifest.json").read_text())
     manifest["fingerprint"] = "other images"
     (resharded / "manifest.json").write_text(json.dumps(manifest))
-    assert stage.training_fingerprint(tiny_config(resharded)) != stage.training_fingerprint(cfg)
+    assert _fingerprint(tiny_config(resharded)) != _fingerprint(cfg)
 
 
 def test_encoder_stage_is_reproducible(shards, tmp_path, monkeypatch):
@@ -256,7 +256,7 @@ def test_encoder_stage_converts_an_official_checkpoint(shards, tmp_path, monkeyp
     enc = load_encoder("models/encoder")
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
-        want = stage.RepEncoder(spec, vit)(x)
+        want = RepEncoder(spec, vit)(x)
     torch.testing.assert_close(enc(x), want)
     assert json.loads(Path("metrics/encoder.json").read_text())["knn_top1"] is not None
 
@@ -289,3 +289,7 @@ def test_bad_blur_sigma_is_named(shards, tmp_path, monkeypatch, sigma):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match="encoder.blur_sigma"):
         stage.run(tiny_config(shards, **{"encoder.blur_sigma": sigma}))
+
+
+def _fingerprint(cfg: config_mod.Config) -> str:
+    return training_fingerprint(cfg.encoder, cfg.data)

@@ -195,7 +195,7 @@ CASES = [
          "generator.safetensors", _load_generator, r"models/generator/rep: no .* \(run `rcg train-generator` first\)"),
     Case("evalnet", "models/evalnet", "metrics/evalnet.json", "rcg.metrics.evalnet:write_json:1",
          "evalnet.safetensors", _load_evalnet, r"evalnet.safetensors: no evaluation network \(run `rcg evalnet`"),
-    Case("evaluate", "plots", "metrics/eval.json", "rcg.stages.evaluate:save_grid:4",
+    Case("evaluate", "plots", "metrics/eval.json", "rcg.stages.evaluate:save_grid:2",
          "samples_rcg.png", _read_eval, r"metrics/eval.json: not found"),
 ]
 

@@ -198,7 +198,7 @@ def test_train_rdm_stage_end_to_end_and_resume(rdm_workspace: Path) -> None:
     for name in ("rdm", "rdm_class"):
         assert (rdm_workspace / "models" / "rdm" / f"{name}.safetensors").exists()
         assert (rdm_workspace / "models" / "rdm" / f"{name}.json").exists()
-    m = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
+    m = json.loads((rdm_workspace / "metrics" / "details" / "rdm.json").read_text())
     for key in ("fd_train", "fd_val", "fd_floor_train", "fd_floor_val"):
         assert np.isfinite(m[key]) and m[key] > 0, key
     assert m["n_eval"] == cfg.train_rdm.n_eval
@@ -213,14 +213,14 @@ def test_train_rdm_stage_end_to_end_and_resume(rdm_workspace: Path) -> None:
     # raising the step budget resumes from the checkpoint instead of starting over
     cfg2 = config.load("params.yaml", {"train_rdm": {"steps": cfg.train_rdm.steps + 10, "class_cond": False}})
     train_rdm.run(cfg2)
-    m2 = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
+    m2 = json.loads((rdm_workspace / "metrics" / "details" / "rdm.json").read_text())
     assert m2["train_steps"] == cfg.train_rdm.steps + 10
     ckpt = torch.load(rdm_workspace / "checkpoints/train_rdm/uncond/checkpoint-last.pt", weights_only=False)
     assert ckpt["step"] == cfg.train_rdm.steps + 10
     assert "class_cond" not in m2
     # a rerun resumed at its end trains nothing but still reports the training behind the weights
     train_rdm.run(cfg2)
-    m3 = json.loads((rdm_workspace / "metrics" / "rdm.json").read_text())
+    m3 = json.loads((rdm_workspace / "metrics" / "details" / "rdm.json").read_text())
     # the clock stops at the last step, so the checkpoint holds the same total the metrics reported
     assert m3["train_seconds"] == pytest.approx(m2["train_seconds"], abs=0.02) and m2["train_seconds"] > 0
     assert m3["train_final_loss"] == m2["train_final_loss"] and np.isfinite(m3["train_final_loss"])
@@ -470,5 +470,5 @@ def test_cli_under_torchrun_two_processes(rdm_workspace: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert (rdm_workspace / "models/rdm/rdm.safetensors").exists()
     assert (rdm_workspace / "models/rdm/rdm_class.safetensors").exists()
-    m = json.loads((rdm_workspace / "metrics/rdm.json").read_text())
+    m = json.loads((rdm_workspace / "metrics/details/rdm.json").read_text())
     assert m["train_steps"] == 10 and np.isfinite(m["fd_train"])

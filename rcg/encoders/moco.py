@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -24,10 +25,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from rcg.config import DataConfig, EncoderConfig
-from rcg.data.loader import make_loader
+from rcg.data.loader import make_loader, shards_id
 from rcg.encoders.augment import augment, two_view_recipes
 from rcg.encoders.vit import EncoderSpec, RepEncoder, build_mlp, build_vit, cls_token, preprocess
-from rcg.training import DistInfo, LoopSpec, fit, seed_everything
+from rcg.training import DistInfo, LoopSpec, fingerprint, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,22 @@ def momentum_at(step: int, total: int, m0: float) -> float:
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total)))) * (1.0 - m0)
 
 
+# Encoder-block fields that do not change what pretraining computes (kept out of the resume fingerprint).
+NOT_TRAINING = {"checkpoint", "checkpoint_format", "knn_k", "knn_max_train", "ckpt_every",
+                 "log_every", "out_dir", "checkpoint_dir", "metrics_file", "details_file", "curves_file"}
+
+
+def training_block(ecfg: EncoderConfig) -> dict[str, Any]:
+    """The encoder settings that change what MoCo pretraining computes."""
+    return {k: v for k, v in asdict(ecfg).items() if k not in NOT_TRAINING}
+
+
+def training_fingerprint(ecfg: EncoderConfig, data_cfg: DataConfig) -> str:
+    """Hash of everything that changes MoCo pretraining (settings and shards): what a resume
+    checkpoint must match."""
+    return fingerprint(training_block(ecfg), data_cfg.image_size, data_cfg.channels, shards_id(data_cfg.shards_dir))
+
+
 def pretrain(data_cfg: DataConfig, ecfg: EncoderConfig, spec: EncoderSpec, n_train: int, resume_id: str,
              info: DistInfo, tracker: Any = None) -> tuple[RepEncoder, dict[str, Any]]:
     """MoCo v3 pretraining of `spec` on the train shards through the shared loop (resumable; AdamW,
@@ -155,4 +172,5 @@ def pretrain(data_cfg: DataConfig, ecfg: EncoderConfig, spec: EncoderSpec, n_tra
     return RepEncoder(spec, trained.model.base_encoder.cpu()), {**trained.summary, "epochs": ecfg.epochs}
 
 
-__all__ = ["MoCoV3", "concat_all_gather", "init_patch_embed", "momentum_at", "pretrain"]
+__all__ = ["NOT_TRAINING", "MoCoV3", "concat_all_gather", "init_patch_embed", "momentum_at", "pretrain",
+           "training_block", "training_fingerprint"]

@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import nn
 
 from rcg.io import PipelineError, atomic_path, write_json
 from rcg.layers import lookup_arch, sincos_pos_embed_2d
+
+if TYPE_CHECKING:
+    from rcg.config import EncoderConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -288,7 +291,46 @@ def load_encoder(model_dir: str | Path = "models/encoder", device: str | torch.d
     return enc.to(device).freeze()
 
 
+def spec_from_config(ecfg: EncoderConfig, channels: int,
+                     measured: tuple[list[float], list[float]] | None = None) -> EncoderSpec:
+    """The encoder architecture the config describes (a named official size, or the size fields);
+    `measured` is the (mean, std) normalisation to use when encoder.mean/std are empty."""
+    if ecfg.arch:
+        if ecfg.arch not in ENCODER_ARCHS:
+            raise PipelineError(f"encoder.arch: unknown {ecfg.arch!r} (known: {', '.join(sorted(ENCODER_ARCHS))})")
+        return encoder_spec(ecfg.arch, ecfg.rep_dim)
+    mean, std = (ecfg.mean, ecfg.std) if ecfg.mean or ecfg.std or measured is None else measured
+    if len(mean) != channels or len(std) != channels:
+        raise PipelineError(
+            f"encoder.mean/std: need {channels} values for data.channels={channels}, got {mean} / {std} "
+            "(leave both empty to measure them on the train shards)"
+        )
+    if ecfg.img_size % ecfg.patch_size:
+        raise PipelineError(f"encoder.img_size {ecfg.img_size} is not a multiple of patch_size {ecfg.patch_size}")
+    return EncoderSpec(
+        img_size=ecfg.img_size, patch_size=ecfg.patch_size, in_chans=channels,
+        embed_dim=ecfg.embed_dim, depth=ecfg.depth, num_heads=ecfg.num_heads, mlp_ratio=ecfg.mlp_ratio,
+        head="mocov3", head_hidden_dim=ecfg.proj_hidden_dim, rep_dim=ecfg.rep_dim, pos_embed="sincos",
+        mean=tuple(mean), std=tuple(std),
+        stem="patch" if ecfg.checkpoint else ecfg.stem,  # every official format has a patch projection
+    )
+
+
+def verify_encoder(encoder: RepEncoder, model_dir: str | Path) -> None:
+    """Reload what `save_encoder` wrote to `model_dir` and check it reproduces the in-memory encoder
+    (finite representations, equal to 1e-5 on a fixed probe)."""
+    back = load_encoder(model_dir)
+    spec = encoder.spec
+    probe = torch.rand(4, spec.in_chans, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = encoder(probe), back(probe)
+    if not torch.isfinite(a).all():
+        raise PipelineError(f"{model_dir}: encoder produces non-finite representations")
+    if not torch.allclose(a, b, atol=1e-5):
+        raise PipelineError(f"{model_dir}: reloaded encoder does not reproduce the saved one")
+
 __all__ = [
     "DINOHead", "ENCODER_ARCHS", "EncoderSpec", "RepEncoder", "build_mlp", "build_vit", "cls_token",
-    "conv_stem", "encoder_spec", "load_encoder", "preprocess", "read_spec", "save_encoder", "standardize",
+    "conv_stem", "encoder_spec", "load_encoder", "preprocess", "read_spec", "save_encoder", "spec_from_config",
+    "standardize", "verify_encoder",
 ]

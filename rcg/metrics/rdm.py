@@ -12,14 +12,20 @@ For a class-conditional RDM it draws N // K samples per class, as the reference'
 
 from __future__ import annotations
 
+import logging
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from rcg.config import RDMConfig
 from rcg.metrics.frechet import Stats, feature_statistics, frechet_distance
 from rcg.rdm import RDMBundle, sample_reps
+
+log = logging.getLogger(__name__)
 
 
 def _random_rows(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -150,3 +156,35 @@ def score_rdm(
             out[f"fd_per_class_{key[3:]}"] = sum(vals) / len(vals)
     out["per_class"] = per_class
     return out
+
+
+def _record(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The unconditional RDM's figures, the class-conditional one's nested under `class_cond`."""
+    result = {k: v for k, v in scores["rdm"].items() if k != "train"}
+    train = scores["rdm"]["train"]
+    result.update(train_steps=train["steps"], train_seconds=train["train_seconds_total"],
+                  train_final_loss=train["final_loss"], train_precision=train["precision"])
+    if "rdm_class" in scores:
+        result["class_cond"] = scores["rdm_class"]
+    return result
+
+
+def score_trained(rc: RDMConfig, trained: list[tuple[str, RDMBundle, dict[str, Any]]], train: tuple[Tensor, Tensor],
+                  val: tuple[Tensor, Tensor] | None, class_skipped: str | None) -> dict[str, Any]:
+    """The train_rdm stage's record (metrics/details/rdm.json): each trained (name, RDM, training
+    summary) scored by `score_rdm` with rc's evaluation settings; `class_skipped` says why no
+    class-conditional RDM was trained."""
+    scores: dict[str, dict[str, Any]] = {}
+    for name, bundle, summary in trained:
+        t0 = time.perf_counter()
+        log.info("%s: scoring %d samples (%d DDIM steps)", name, min(rc.n_eval, len(train[0])), rc.sample_steps)
+        scores[name] = score_rdm(bundle, train, val,
+                                 n_eval=rc.n_eval, repeats=rc.eval_repeats, seed=rc.seed,
+                                 batch_size=rc.eval_batch_size)
+        scores[name]["train"] = summary
+        scores[name]["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in scores[name].items() if isinstance(v, float)})
+    result = _record(scores)
+    if class_skipped:
+        result["class_cond"] = {"skipped": class_skipped}
+    return result

@@ -121,3 +121,29 @@ def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None
     if "seconds" in results:
         lines.append(f"Evaluate stage wall time: {results['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation table (metrics/eval.json) one row per mode, then the floor; a skipped mode is
+    a row with its reason. The columns say which extractor `fd` is measured with."""
+    rows: list[dict[str, Any]] = []
+    for mode, row in results["modes"].items():
+        rows.append({"mode": mode, "what": LABELS.get(mode, mode), **row})
+    for mode, why in results.get("skipped", {}).items():
+        if mode in LABELS:
+            rows.append({"mode": mode, "what": LABELS[mode], "skipped": why})
+    rows.append({"mode": "floor", "what": f"{results['n_samples']} real train images: the best a mode can reach",
+                 **results["floor"]})
+    first = ["mode", "what", "fd", "precision", "recall", "is", "class_accuracy"]
+    columns = [c for c in first if any(c in r for r in rows)]
+    columns += [c for r in rows for c in r if c not in columns and c != "skipped"]
+    columns += ["skipped"] if any("skipped" in r for r in rows) else []
+    return [{**{c: r.get(c) for c in columns}, "extractor": results["extractor"]} for r in rows]
+
+
+def headline_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The pipeline run's MLflow metrics from an evaluation: `<mode>.fd`, `<mode>.precision`,
+    `<mode>.recall`, and the same for `floor`."""
+    rows = {**results["modes"], "floor": results["floor"]}
+    return {f"{mode}.{k}": float(row[k]) for mode, row in rows.items() for k in ("fd", "precision", "recall")
+            if row.get(k) is not None}

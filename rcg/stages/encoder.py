@@ -14,83 +14,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rcg.config import Config, EncoderConfig
-from rcg.data.loader import channel_stats, read_manifest, shards_id
+from rcg.data.loader import channel_stats, read_manifest
 from rcg.encoders.checkpoints import load_checkpoint
-from rcg.encoders.moco import pretrain
-from rcg.encoders.vit import ENCODER_ARCHS, EncoderSpec, RepEncoder, encoder_spec, load_encoder, save_encoder
+from rcg.encoders.moco import pretrain, training_block, training_fingerprint
+from rcg.encoders.vit import save_encoder, spec_from_config, verify_encoder
 from rcg.io import PipelineError, atomic_dir
 from rcg.metrics import headline
 from rcg.metrics.knn import knn_report
 from rcg.metrics.plots import Curve, CurveTracker
 from rcg.tracking import stage_run
-from rcg.training import DistInfo, cleanup_distributed, fingerprint, setup_distributed
+from rcg.training import DistInfo, cleanup_distributed, setup_distributed
 
 log = logging.getLogger(__name__)
-
-# Encoder-block fields that do not change what pretraining computes (kept out of the resume fingerprint).
-_NOT_TRAINING = {"checkpoint", "checkpoint_format", "knn_k", "knn_max_train", "ckpt_every",
-                 "log_every", "out_dir", "checkpoint_dir", "metrics_file", "details_file", "curves_file"}
-
-
-def spec_from_config(ecfg: EncoderConfig, channels: int,
-                     measured: tuple[list[float], list[float]] | None = None) -> EncoderSpec:
-    """The encoder architecture the config describes (a named official size, or the size fields);
-    `measured` is the (mean, std) normalisation to use when encoder.mean/std are empty."""
-    if ecfg.arch:
-        if ecfg.arch not in ENCODER_ARCHS:
-            raise PipelineError(f"encoder.arch: unknown {ecfg.arch!r} (known: {', '.join(sorted(ENCODER_ARCHS))})")
-        return encoder_spec(ecfg.arch, ecfg.rep_dim)
-    mean, std = (ecfg.mean, ecfg.std) if ecfg.mean or ecfg.std or measured is None else measured
-    if len(mean) != channels or len(std) != channels:
-        raise PipelineError(
-            f"encoder.mean/std: need {channels} values for data.channels={channels}, got {mean} / {std} "
-            "(leave both empty to measure them on the train shards)"
-        )
-    if ecfg.img_size % ecfg.patch_size:
-        raise PipelineError(f"encoder.img_size {ecfg.img_size} is not a multiple of patch_size {ecfg.patch_size}")
-    return EncoderSpec(
-        img_size=ecfg.img_size, patch_size=ecfg.patch_size, in_chans=channels,
-        embed_dim=ecfg.embed_dim, depth=ecfg.depth, num_heads=ecfg.num_heads, mlp_ratio=ecfg.mlp_ratio,
-        head="mocov3", head_hidden_dim=ecfg.proj_hidden_dim, rep_dim=ecfg.rep_dim, pos_embed="sincos",
-        mean=tuple(mean), std=tuple(std),
-        stem="patch" if ecfg.checkpoint else ecfg.stem,  # every official format has a patch projection
-    )
-
-
-def training_block(ecfg: EncoderConfig) -> dict[str, Any]:
-    """The encoder settings that change what MoCo pretraining computes."""
-    return {k: v for k, v in asdict(ecfg).items() if k not in _NOT_TRAINING}
-
-
-def training_fingerprint(cfg: Config) -> str:
-    """Hash of everything that changes MoCo pretraining (settings and shards)."""
-    return fingerprint(training_block(cfg.encoder), cfg.data.image_size, cfg.data.channels,
-                       shards_id(cfg.data.shards_dir))
-
 
 def _check(ecfg: EncoderConfig, info: DistInfo) -> None:
     if ecfg.batch_size % info.world_size:
         raise PipelineError(f"encoder.batch_size {ecfg.batch_size} is not divisible by {info.world_size} ranks")
-
-
-def _verify(encoder: RepEncoder, model_dir: str | Path) -> None:
-    """Reload what was written and check it reproduces the in-memory encoder."""
-    back = load_encoder(model_dir)
-    spec = encoder.spec
-    probe = torch.rand(4, spec.in_chans, spec.img_size, spec.img_size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        a, b = encoder(probe), back(probe)
-    if not torch.isfinite(a).all():
-        raise PipelineError(f"{model_dir}: encoder produces non-finite representations")
-    if not torch.allclose(a, b, atol=1e-5):
-        raise PipelineError(f"{model_dir}: reloaded encoder does not reproduce the saved one")
 
 
 def run(cfg: Config, **options: Any) -> None:
@@ -98,7 +41,7 @@ def run(cfg: Config, **options: Any) -> None:
     t0 = time.perf_counter()
     info = setup_distributed()
     ecfg = cfg.encoder
-    with stage_run(cfg, "encoder", rank=info.rank, resume_key=None if ecfg.checkpoint else training_fingerprint(cfg)) as tracker:
+    with stage_run(cfg, "encoder", rank=info.rank, resume_key=None if ecfg.checkpoint else training_fingerprint(ecfg, cfg.data)) as tracker:
         try:
             if ecfg.checkpoint:
                 encoder = load_checkpoint(ecfg.checkpoint, ecfg.checkpoint_format, spec_from_config(ecfg, 3))
@@ -113,7 +56,7 @@ def run(cfg: Config, **options: Any) -> None:
                 if measured is not None:
                     log.info("input normalisation measured on the train shards: mean %s, std %s", *measured)
                 encoder, facts = pretrain(cfg.data, ecfg, spec_from_config(ecfg, cfg.data.channels, measured), n_train,
-                                          training_fingerprint(cfg), info, CurveTracker(tracker, ecfg.curves_file))
+                                          training_fingerprint(ecfg, cfg.data), info, CurveTracker(tracker, ecfg.curves_file))
                 facts["normalisation"] = {"mean": list(encoder.spec.mean), "std": list(encoder.spec.std),
                                           "measured": measured is not None}
                 # Only what defines the weights, so a rerun that resumes at the end writes the same files.
@@ -125,7 +68,7 @@ def run(cfg: Config, **options: Any) -> None:
         # The folder and its metrics file are one set: swapped in together (rcg.io.atomic_dir).
         with atomic_dir(ecfg.out_dir, after=[ecfg.metrics_file, ecfg.details_file]) as tmp:
             save_encoder(encoder, encoder.spec, tmp, extra=meta)
-            _verify(encoder, tmp)
+            verify_encoder(encoder, tmp)
             metrics = {**knn_report(encoder, cfg.data, ecfg.knn_k, ecfg.knn_max_train, ecfg.seed), **facts,
                        "wall_time_s": round(time.perf_counter() - t0, 1)}
         log.info("encoder written to %s (%s)", ecfg.out_dir, meta["source"])

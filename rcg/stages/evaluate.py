@@ -18,40 +18,11 @@ from rcg.config import Config
 from rcg.io import atomic_dir, write_json
 from rcg.metrics.evaluation import ModeGenerators, ModeSampler, evaluate_modes
 from rcg.metrics.extractors import INCEPTION
+from rcg.metrics.report import headline_metrics, table_rows
 from rcg.sampling import save_grid
 from rcg.tracking import Tracker, stage_run
 
 log = logging.getLogger(__name__)
-
-HEADLINE = ("fd", "precision", "recall")  # per mode and for the floor: the pipeline run's metrics
-TABLE_FILE = "eval_table.json"  # the evaluation table in the evaluate run (mlflow.log_table)
-
-
-def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The evaluation table (metrics/eval.json) one row per mode, then the floor; a skipped mode is
-    a row with its reason. The columns say which extractor `fd` is measured with."""
-    from rcg.metrics.report import LABELS
-
-    rows: list[dict[str, Any]] = []
-    for mode, row in results["modes"].items():
-        rows.append({"mode": mode, "what": LABELS.get(mode, mode), **row})
-    for mode, why in results.get("skipped", {}).items():
-        if mode in LABELS:
-            rows.append({"mode": mode, "what": LABELS[mode], "skipped": why})
-    rows.append({"mode": "floor", "what": f"{results['n_samples']} real train images: the best a mode can reach",
-                 **results["floor"]})
-    first = ["mode", "what", "fd", "precision", "recall", "is", "class_accuracy"]
-    columns = [c for c in first if any(c in r for r in rows)]
-    columns += [c for r in rows for c in r if c not in columns and c != "skipped"]
-    columns += ["skipped"] if any("skipped" in r for r in rows) else []
-    return [{**{c: r.get(c) for c in columns}, "extractor": results["extractor"]} for r in rows]
-
-
-def headline(results: dict[str, Any]) -> dict[str, float]:
-    """`<mode>.fd`, `<mode>.precision`, `<mode>.recall` and the same for `floor`."""
-    rows = {**results["modes"], "floor": results["floor"]}
-    return {f"{mode}.{k}": float(row[k]) for mode, row in rows.items() for k in HEADLINE if row.get(k) is not None}
-
 
 def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = None) -> dict[str, Any]:
     """Score every configured mode with `generators`; write metrics/eval.json and plots/; return the table."""
@@ -66,8 +37,8 @@ def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = Non
     tracker.log_metrics({f"floor.{k}": v for k, v in results["floor"].items()})
     for mode, row in results["modes"].items():
         tracker.log_metrics({f"{mode}.{k}": v for k, v in row.items()})
-    tracker.log_table(table_rows(results), TABLE_FILE)
-    tracker.log_pipeline(headline(results), tags)
+    tracker.log_table(table_rows(results), "eval_table.json")  # MLflow's table view of the run
+    tracker.log_pipeline(headline_metrics(results), tags)  # the pipeline run's own metrics
     plots = Path(ev.plots_dir)
     with atomic_dir(plots, after=[ev.metrics_file]) as tmp:  # the figures and the table: one set
         for name, (images, nrow) in out.figures.items():
