@@ -159,6 +159,20 @@ def shards(tiny_workspace: Path) -> Path:
     return tiny_workspace / "data" / "shards"
 
 
+def test_knn_cap_at_or_above_the_split_reads_each_image_once(shards):
+    """encoder.knn_max_train >= the train split's size: every image once, as without a cap (the
+    shuffled train stream repeats forever and would hand over `limit` crops of the same images)."""
+    from rcg.metrics.knn import labelled_images
+
+    data = tiny_config(shards).data
+    whole_x, whole_y = labelled_images(data, "train")
+    assert len(whole_x) == 256
+    for limit in (256, 512):
+        x, y = labelled_images(data, "train", limit)
+        assert torch.equal(x, whole_x) and torch.equal(y, whole_y), limit
+    assert len(labelled_images(data, "train", 100)[0]) == 100  # below the size: a shuffled sample
+
+
 def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     from rcg.stages import encoder as stage
 
