@@ -3,7 +3,8 @@
 MLflow records models (docs/design.md); the registry holds the servable RCG generator under
 aliases such as `@champion`. The pyfunc bundles what generation needs (method step 4): the RDM
 (`models/rdm/rdm.*`), the class-conditional RDM when it was trained (`rdm_class.*`), the
-representation-conditioned image generator (`models/generator/rep/`), the resolved config, and the
+representation-conditioned image generator (`models/generator/rep/`) with the VAE folder it decodes
+through when it works on VAE latents (the imagenet256 preset's DiT), the resolved config, and the
 evaluation table its `fd` comes from. `load_context` loads `rcg.generation.RCGGenerator` straight
 from the artifact folders (the config is a record), and `predict` calls it as `rcg generate` does:
 RDM sample -> image generator, optional guidance (`cfg`), optional class through the
@@ -293,7 +294,8 @@ class RCGPyfunc(PythonModel):
         from rcg.generation import RCGGenerator
 
         arts = context.artifacts
-        self.generator = RCGGenerator.load(arts["rdm"], Path(arts["generator"]) / "rep")
+        self.generator = _bundled_generator(arts) if "vae" in arts else RCGGenerator.load(
+            arts["rdm"], Path(arts["generator"]) / "rep")
         evaluate = json.loads(Path(arts["config"]).read_text()).get("evaluate", {})  # the run's record
         table = json.loads(Path(arts["eval"]).read_text()) if "eval" in arts else {}
         self.default_cfg = float(table.get("cfg", evaluate.get("cfg", 0.0)) or 0.0)
@@ -323,6 +325,21 @@ class RCGPyfunc(PythonModel):
                 for j in range(r.n)
             ]
         return pd.DataFrame(rows, columns=["request", "index", "class", "seed", "png"])
+
+
+def _bundled_generator(arts: dict[str, str]) -> Any:
+    """RCGGenerator.load of the bundled folders, decoding through the bundled copy of the VAE:
+    generator.json names the folder the generator was trained with, which may be relative to the
+    project or absent where the model is served."""
+    from rcg.generation import ImageGenerator, RCGGenerator, RepGenerator, default_device
+    from rcg.generators import load_generator
+    from rcg.generators.vae import make_codec
+
+    device, gen_dir = default_device(), Path(arts["generator"]) / "rep"
+    model, diffusion, meta = load_generator(gen_dir, device)
+    codec = make_codec({**meta["codec"], "path": arts["vae"]}).to(device)
+    image = ImageGenerator(model, diffusion, codec, meta, device, gen_dir)
+    return RCGGenerator(RepGenerator.load(arts["rdm"], device), image)
 
 
 def signature() -> Any:
@@ -363,6 +380,11 @@ def model_files(cfg: Config) -> dict[str, Path]:
         if not path.exists():
             raise PipelineError(f"{path}: not found (run `{stage}` first)")
     files = {"rdm": rdm_dir, "generator": gen_dir}
+    codec = read_json(gen_dir / "generator.json").get("codec") or {}
+    if codec.get("type") == "vae":  # the generator decodes through this folder: bundled with it
+        files["vae"] = Path(codec["path"])
+        if not files["vae"].is_dir():
+            raise PipelineError(f"{files['vae']}: not found (the VAE folder that {gen_dir}/generator.json names)")
     if Path(cfg.evaluate.metrics_file).exists():
         files["eval"] = Path(cfg.evaluate.metrics_file)
     return files
@@ -407,8 +429,8 @@ def version_description(tags: dict[str, str]) -> str:
 
 
 def _bundle(cfg: Config, files: dict[str, Path], stage: Path) -> dict[str, str]:
-    """Copy what generation needs into `stage` (the rep generator, not the baselines, and the RDMs,
-    the config, the evaluation table); the pyfunc's artifacts."""
+    """Copy what generation needs into `stage` (the rep generator, not the baselines, its VAE folder,
+    the RDMs, the config, the evaluation table); the pyfunc's artifacts."""
     shutil.copytree(files["generator"], stage / "generator" / "rep")
     rdm = stage / "rdm"
     rdm.mkdir()
@@ -417,6 +439,9 @@ def _bundle(cfg: Config, files: dict[str, Path], stage: Path) -> dict[str, str]:
             shutil.copy2(f, rdm / f.name)
     (stage / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     artifacts = {"rdm": str(rdm), "generator": str(stage / "generator"), "config": str(stage / "config.json")}
+    if "vae" in files:
+        shutil.copytree(files["vae"], stage / "vae")
+        artifacts["vae"] = str(stage / "vae")
     if "eval" in files:
         artifacts["eval"] = str(files["eval"])
     return artifacts

@@ -19,6 +19,7 @@ from rcg.metrics.report import format_report
 from rcg.stages import evalnet as evalnet_stage
 from rcg.stages import evaluate as evaluate_stage
 from tests.conftest import tiny_params
+from tests.fakes import adm_reference_npz
 
 MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03}
 
@@ -225,17 +226,10 @@ def yaml_params() -> dict:
 def _val_reference_npz(cfg: config.Config, path: Path, with_images: bool) -> None:
     """An ADM-format reference file made of this workspace's val split: mu/sigma of its evalnet
     features (what ADM's file holds for Inception) and, optionally, the images as arr_0 (NHWC)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
     from rcg.metrics.fidelity import Featurizer
 
-    images = read_real_images(cfg.data, "val")[0]
     fz = Featurizer("evalnet", Path(cfg.evalnet.out_dir) / "evalnet.safetensors", cfg.evaluate.feature_batch_size)
-    stats = fid_features_to_statistics(fz.features([images])[fz.layers["fid"]])
-    arrays = {"mu": stats["mu"], "sigma": stats["sigma"], "mu_s": stats["mu"][:2], "sigma_s": stats["sigma"][:2, :2]}
-    if with_images:
-        arrays["arr_0"] = images.permute(0, 2, 3, 1).numpy()
-    np.savez(path, **arrays)
+    adm_reference_npz(path, read_real_images(cfg.data, "val")[0], fz, with_images)
 
 
 def test_adm_reference_statistics_give_the_val_reference_numbers(workspace: Path) -> None:

@@ -18,6 +18,7 @@ from rcg.metrics.fidelity import (
     to_uint8,
 )
 from rcg.metrics.frechet import frechet_distance
+from tests.fakes import random_inception_weights
 
 
 def _images(n: int, seed: int, size: int = 28) -> torch.Tensor:
@@ -105,28 +106,8 @@ def test_evalnet_extractor_needs_a_weights_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- Inception (standard FID), offline
 
 
-def _random_inception_weights(path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A weights file in the format torch-fidelity's inception-v3-compat loads (a torch.save'd
-    state dict), with random weights: built by constructing the extractor without loading any."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe_mod
-
-    with monkeypatch.context() as m:
-        m.setattr(fe_mod, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
-        m.setattr(fe_mod.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        m.setattr(fe_mod.torch, "load", lambda *a, **k: {})
-        torch.manual_seed(0)
-        net = fe_mod.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
-    for mod in net.modules():  # He init, so activations survive ~90 random layers instead of vanishing
-        if isinstance(mod, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def test_inception_fid_offline_on_a_weights_file_of_the_same_format(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    weights = _random_inception_weights(tmp_path / "inception.pth", monkeypatch)
+def test_inception_fid_offline_on_a_weights_file_of_the_same_format(tmp_path: Path) -> None:
+    weights = random_inception_weights(tmp_path / "inception.pth")
     name, path = extractors.extractor_setup("inception", "unused", str(weights))
     assert name == "inception-v3-compat" and path == weights
     real = _images(4, 4)

@@ -14,6 +14,7 @@ from rcg.generators.unet import UNET_ARCHS, UNet, build_unet
 from rcg.generators.vae import PixelCodec, VAECodec, codec_for, make_codec
 from rcg.io import PipelineError
 from rcg.layers import sincos_pos_embed_2d
+from tests.fakes import tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ARCHS = ["dit_tiny", "unet_tiny"]
@@ -186,18 +187,7 @@ def test_optimised_dit_matches_straightforward_dit() -> None:
 
 @pytest.fixture
 def tiny_vae_dir(tmp_path: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-    )
-    out = tmp_path / "tiny-vae"
-    vae.save_pretrained(out)  # the same folder layout as stabilityai/sd-vae-ft-ema
-    return out
+    return tiny_vae(tmp_path / "tiny-vae")  # the same folder layout as stabilityai/sd-vae-ft-ema
 
 
 def test_vae_codec_loads_diffusers_folder(tiny_vae_dir: Path) -> None:

@@ -159,6 +159,42 @@ def shards(tiny_workspace: Path) -> Path:
     return tiny_workspace / "data" / "shards"
 
 
+def test_knn_cap_at_or_above_the_split_reads_each_image_once(shards):
+    """encoder.knn_max_train >= the train split's size: every image once, as without a cap (the
+    shuffled train stream repeats forever and would hand over `limit` crops of the same images)."""
+    from rcg.metrics.knn import labelled_images
+
+    data = tiny_config(shards).data
+    whole_x, whole_y = labelled_images(data, "train")
+    assert len(whole_x) == 256
+    for limit in (256, 512):
+        x, y = labelled_images(data, "train", limit)
+        assert torch.equal(x, whole_x) and torch.equal(y, whole_y), limit
+    assert len(labelled_images(data, "train", 100)[0]) == 100  # below the size: a shuffled sample
+
+
+def test_a_converted_checkpoint_writes_every_output_of_the_stage(shards, tmp_path, monkeypatch):
+    """With encoder.checkpoint nothing trains, yet every output dvc.yaml declares for the stage
+    exists afterwards (DVC fails the stage otherwise): the empty checkpoints/encoder too."""
+    from rcg.stages import encoder as stage
+    from tests.fakes import official_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    path, spec, src = official_checkpoint("mocov3", tmp_path / "vit-s-300ep.pth.tar")
+    sizes = dict(img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth,
+                 num_heads=spec.num_heads, proj_hidden_dim=spec.head_hidden_dim)
+    cfg = tiny_config(shards, **{"encoder.checkpoint": str(path), "encoder.mean": list(spec.mean),
+                                 "encoder.std": list(spec.std), **{f"encoder.{k}": v for k, v in sizes.items()}})
+    stage.run(cfg)
+    e = cfg.encoder
+    for out in (e.out_dir, e.checkpoint_dir, e.details_file, e.curves_file, e.metrics_file):
+        assert Path(out).exists(), out
+    assert not any(Path(e.checkpoint_dir).iterdir())  # nothing to resume: nothing was trained
+    assert json.loads(Path(e.out_dir, "encoder.json").read_text())["source"] == str(path)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(load_encoder(e.out_dir)(x), src(x))
+
+
 def test_encoder_stage_pretrains_and_resumes(shards, tmp_path, monkeypatch):
     from rcg.stages import encoder as stage
 

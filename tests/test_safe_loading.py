@@ -11,7 +11,6 @@ each kind still load, and Inception gives exactly torch-fidelity's numbers.
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import shutil
 from collections.abc import Iterator
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcg.encoders import EncoderSpec, RepEncoder
 from rcg.io import PipelineError
+from tests.fakes import official_checkpoint, random_inception_weights, tiny_vae
 from tests.generator_workspace import build, chdir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,39 +144,12 @@ def test_a_planted_encoder_checkpoint_is_refused(
     assert "weights-only" in err[-1] and "nothing in it was run" in err[-1]
 
 
-def _official(fmt: str, path: Path) -> tuple[Path, EncoderSpec, RepEncoder]:
-    """A checkpoint of `fmt` in the official layout, with the extras the released files carry
-    (optimizer state, epoch, an argparse Namespace of the training arguments)."""
-    from tests.test_encoders import _prefixed, small_spec, source_encoder
-
-    head = {"mocov3": "mocov3", "dino": "dino", "ibot": "dino", "deit": "linear"}[fmt]
-    spec = small_spec(head=head, **({} if fmt == "mocov3" else {"pos_embed": "learn"}),
-                      **({"rep_dim": 1000} if fmt == "deit" else {}))
-    src = source_encoder(spec, seed=11)
-    sd = src.vit.state_dict()
-    optimizer = {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(3)}},
-                 "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "params": [0]}]}
-    args = argparse.Namespace(arch="vit_base", patch_size=16, lr=1.5e-4, output_dir="/out")
-    if fmt == "mocov3":
-        ckpt = {"epoch": 300, "arch": "vit_base", "state_dict": _prefixed(sd, "module.base_encoder."),
-                "optimizer": optimizer}
-    elif fmt in ("dino", "ibot"):
-        teacher = {(k if k.startswith("head.") else "backbone." + k): v.clone() for k, v in sd.items()}
-        teacher["head.last_layer.weight_g"] = torch.ones(100, 1)
-        ckpt = {"teacher": teacher, "student": teacher, "optimizer": optimizer, "epoch": 100, "args": args,
-                "dino_loss": {"center": torch.zeros(1, 100)}}
-    else:
-        ckpt = {"model": sd, "optimizer": optimizer, "epoch": 300, "args": args, "scaler": {"scale": 65536.0}}
-    torch.save(ckpt, path)
-    return path, spec, src
-
-
 @pytest.mark.parametrize("fmt", ["mocov3", "dino", "ibot", "deit"])
 def test_valid_official_checkpoints_still_load(tmp_path: Path, fmt: str) -> None:
     from rcg.encoders.checkpoints import load_checkpoint
     from tests.test_encoders import images
 
-    path, spec, src = _official(fmt, tmp_path / f"{fmt}.pth")
+    path, spec, src = official_checkpoint(fmt, tmp_path / f"{fmt}.pth")
     enc = load_checkpoint(path, fmt, spec)
     x = images(c=3, h=32)
     torch.testing.assert_close(enc(x), src(x))
@@ -191,10 +163,7 @@ def test_valid_official_checkpoints_still_load(tmp_path: Path, fmt: str) -> None
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """torch-fidelity's Inception layout with random weights (tests/test_fidelity.py's recipe)."""
-    from tests.test_fidelity import _random_inception_weights
-
-    with pytest.MonkeyPatch.context() as mp:
-        return _random_inception_weights(tmp_path_factory.mktemp("inception") / INCEPTION_FILE, mp)
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / INCEPTION_FILE)
 
 
 @pytest.mark.parametrize("layout", ["torch", "pickle"])
@@ -312,23 +281,10 @@ def test_a_planted_fidelity_cache_entry_is_refused(evalnet: Path, tmp_path: Path
 # --------------------------------------------------------------------------------------------------
 
 
-def _tiny_vae(folder: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-    ).save_pretrained(folder)
-    return folder
-
-
 def test_a_vae_folder_with_only_a_pickle_bin_is_refused(
     in_workspace: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    folder = _tiny_vae(in_workspace / "vae")
+    folder = tiny_vae(in_workspace / "vae")
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     marker = in_workspace / "ran"
     plant(folder / "diffusion_pytorch_model.bin", marker)
@@ -343,7 +299,7 @@ def test_a_vae_index_naming_pickle_shards_is_refused_and_safetensors_load(tmp_pa
 
     from rcg.generators.vae import VAECodec, codec_for
 
-    folder = _tiny_vae(tmp_path / "vae")
+    folder = tiny_vae(tmp_path / "vae")
     codec = codec_for(str(folder))  # the safetensors folder loads
     assert isinstance(codec, VAECodec) and codec.latent_shape(3, 32) == (4, 16)
     (folder / "diffusion_pytorch_model.safetensors").unlink()

@@ -148,6 +148,41 @@ def test_registry_round_trip_and_champion_moves_only_on_better_fd(project: confi
     assert client.get_model_version(MODEL, "3").tags["promotion"].startswith("kept: fd 12")
 
 
+def test_a_generator_on_vae_latents_is_served_with_its_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generator.json names the VAE folder by the path it was trained with (the imagenet256 preset's
+    is relative to the project): the registered model carries a copy, so it loads and draws images
+    from another folder, with the project's VAE gone."""
+    import shutil
+
+    import mlflow
+
+    from rcg.serving import decode_images
+    from tests.fakes import tiny_vae
+
+    project = tmp_path / "project"
+    project.mkdir()
+    cfg = _new_project(project, monkeypatch)
+    tiny_vae(project / "vae")  # two blocks: 8 x 8 latents of 16 px images
+    kwargs = dict(input_size=8, in_channels=4, condition="rep", rep_dim=256, num_classes=N_CLASSES, rep_drop_prob=0.1)
+    gen = build_generator("dit_tiny", **kwargs)
+    _perturb(gen)
+    meta = {"arch": "dit_tiny", "kwargs": kwargs, "codec": {"type": "vae", "path": "vae", "scale": 0.18215},
+            "diffusion": {"timesteps": 100, "beta_schedule": "linear", "parameterization": "eps"},
+            "sampling": {"sampler": "ddpm", "steps": 3, "eta": 1.0, "amp": False}}
+    save_generator(Path(cfg.train_generator.out_dir) / "rep", gen, meta)
+    _promote(cfg, fd=10.0)
+    shutil.rmtree(project / "vae")
+    monkeypatch.chdir(tmp_path)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    images = decode_images(model.predict(pd.DataFrame([{"n": 2, "seed": 0}, {"n": 1, "class": 1}])))
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+    # Registering a generator whose VAE folder is missing stops with a line naming the folder.
+    monkeypatch.chdir(project)
+    save_generator(Path(cfg.train_generator.out_dir) / "rep", gen, {**meta, "codec": {"type": "vae", "path": "gone"}})
+    with pytest.raises(PipelineError, match="^gone: not found"):
+        _promote(cfg, fd=9.0)
+
+
 def test_promote_does_nothing_with_tracking_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rcg.stages import promote
 

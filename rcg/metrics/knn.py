@@ -55,10 +55,14 @@ def labelled_images(data_cfg: DataConfig, split: str, limit: int = 0) -> tuple[t
     """All images of a split as uint8 (exact for 8-bit sources) with labels; None if unlabelled.
 
     A capped sample (`limit`) comes from the shuffled stream, since shards may be in class order.
+    A cap at or above the split's size reads the whole split once: the shuffled stream repeats
+    forever, so it would hand over `limit` random crops of the same few images.
     """
-    from rcg.data.loader import make_loader
+    from rcg.data.loader import make_loader, read_manifest
 
     try:
+        if limit and limit >= int(read_manifest(data_cfg.shards_dir)["splits"].get(split, {}).get("written", 0)):
+            limit = 0
         loader = make_loader(data_cfg, split, "train" if limit else "once", batch_size=512)
         images, labels, n = [], [], 0
         for batch in loader:

@@ -47,8 +47,9 @@ def run(cfg: Config, **options: Any) -> None:
                 encoder = load_checkpoint(ecfg.checkpoint, ecfg.checkpoint_format, spec_from_config(ecfg, 3))
                 meta: dict[str, Any] = {"source": ecfg.checkpoint, "format": ecfg.checkpoint_format}
                 facts: dict[str, Any] = {}
-                if info.is_main:
-                    Curve(ecfg.curves_file).write()  # nothing trained here: a curve without rows
+                if info.is_main:  # nothing trained here: a curve without rows, no resume state, yet
+                    Curve(ecfg.curves_file).write()  # both are outputs dvc.yaml declares for the stage
+                    Path(ecfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
             else:
                 _check(ecfg, info)
                 n_train = int(read_manifest(cfg.data.shards_dir)["splits"]["train"]["written"])
