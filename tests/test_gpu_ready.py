@@ -282,17 +282,25 @@ def test_gpu_decoding_feeds_cuda_batches_like_the_cpu_loader(jpeg_shards: DataCo
 
 @pytest.mark.gpu
 def test_fused_adamw_tf32_and_compile_train_on_cuda(tmp_path: Path) -> None:
-    info = setup_distributed(tf32=True, compile=True)
-    assert info.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    spec, model, opt = _toy(tmp_path / "gpu", accum=2)
-    model.to(info.device)
-    opt = adamw(model.parameters(), 1e-2, device=info.device)
-    assert opt.defaults["fused"] is True
-    x, y = (t.to(info.device) for t in _table(6))
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        info = setup_distributed(tf32=True, compile=True)
+        assert info.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        spec, model, _ = _toy(tmp_path / "gpu", accum=2)
+        opt = adamw(model.to(info.device).parameters(), 1e-2, device=info.device)
+        assert opt.defaults["fused"] is True
+        x, y = (t.to(info.device) for t in _table(6))
 
-    def data(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return ((x[m * 4 : m * 4 + 4], y[m * 4 : m * 4 + 4]) for m in itertools.count(start))
+        def data(start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return ((x[m * 4 : m * 4 + 4], y[m * 4 : m * 4 + 4]) for m in itertools.count(start))
 
-    out = fit(spec, model, opt, _mse, data, info)
-    reference = fit(*_toy(tmp_path / "cpu"), _mse, _rows(6, ROWS), CPU).model
-    _close(reference, out.model.cpu(), atol=1e-3)  # TF32 matmuls: close, not equal
+        out = fit(spec, model, opt, _mse, data, info)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    reference = fit(*_toy(tmp_path / "cpu"), _mse, _rows(6, ROWS), CPU)
+    # TF32 and compiled kernels round differently, and Adam turns tiny gradients into full steps:
+    # close, not equal
+    _close(reference.model, out.model.cpu(), atol=0.05)
+    assert out.summary["final_loss"] == pytest.approx(reference.summary["final_loss"], rel=0.1)
+    saved = read_checkpoint(tmp_path / "gpu" / "checkpoint-last.pt")
+    assert list(saved["model"]) == list(reference.model.state_dict())
