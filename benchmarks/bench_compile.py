@@ -6,12 +6,13 @@ stage, in the stage's precision (bf16 autocast unless --fp32). One copy's forwar
 `rcg.training.compiled` (what `fit` does with dist.compile: true), the other eagerly. After warm-up
 (the compiled copy's first steps compile it; that time is printed), the two are timed in turns, A B
 A B ..., `--repeats` times, so load from other jobs hits both alike; the medians and the spread of
-the paired ratios are printed.
+the paired ratios are printed, for wall time and for this process's CPU time (on a shared machine
+the CPU seconds move far less with the neighbours; with --threads 1 they are the step's cost).
 
     .venv/bin/python benchmarks/bench_compile.py [--arch small] [--batch-size 512] [--steps 20] [--repeats 5]
         [--threads 1] [--device cpu|cuda]
 
-The last line is the ratio eager / compiled seconds per step (> 1: compiling pays off here).
+The last line is the median ratio eager / compiled wall seconds per step (> 1: compiling pays off).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, diffusion: Diffusion, batches: list[tuple[torch.Tensor, ...]],
-                bf16: bool, device: torch.device) -> float:
-    """Seconds per step of the loop's step (rcg.training._train_step with one batch, no EMA) over `batches`."""
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, diffusion: Diffusion,
+                batches: list[tuple[torch.Tensor, ...]], bf16: bool, device: torch.device,
+                cpu: list[float] | None = None) -> float:
+    """Wall seconds per step of the loop's step (rcg.training._train_step with one batch, no EMA) over
+    `batches`; CPU seconds per step are appended to `cpu`."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for x0, t, noise in batches:
         opt.zero_grad(set_to_none=True)
         with autocast(device, bf16):
@@ -47,6 +50,8 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, diffusion: Diffusi
         loss.backward()
         opt.step()
     sync(device)
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / len(batches))
     return (time.perf_counter() - t0) / len(batches)
 
 
@@ -81,12 +86,14 @@ def main() -> None:
     train_steps(fast, opts[bare], diffusion, batches[: args.warmup], bf16, device)
     compile_s = time.perf_counter() - t0
     train_steps(eager, opts[eager], diffusion, batches[: args.warmup], bf16, device)
-    a, b = [], []
+    a, b, ca, cb = [], [], [], []
     for r in range(args.repeats):  # A B A B: eager, compiled
-        a.append(train_steps(eager, opts[eager], diffusion, batches, bf16, device))
-        b.append(train_steps(fast, opts[bare], diffusion, batches, bf16, device))
-        print(f"repeat {r}: eager {a[-1] * 1e3:.1f} ms/step, compiled {b[-1] * 1e3:.1f} ms/step")
+        a.append(train_steps(eager, opts[eager], diffusion, batches, bf16, device, ca))
+        b.append(train_steps(fast, opts[bare], diffusion, batches, bf16, device, cb))
+        print(f"repeat {r}: eager {a[-1] * 1e3:.1f} ms/step ({ca[-1] * 1e3:.1f} CPU-ms), compiled "
+              f"{b[-1] * 1e3:.1f} ms/step ({cb[-1] * 1e3:.1f} CPU-ms)", flush=True)
     paired = sorted(x / y for x, y in zip(a, b))
+    paired_cpu = sorted(x / y for x, y in zip(ca, cb))
     n_params = sum(p.numel() for p in eager.parameters())
     print(f"RDM {rc.arch} ({n_params / 1e6:.1f}M params), batch {rc.batch_size}, {args.device}, "
           f"{args.threads} thread(s), {'bf16 autocast' if bf16 else 'fp32'}; first {args.warmup} compiled steps "
@@ -94,6 +101,8 @@ def main() -> None:
     print(f"medians of {args.repeats}: eager {statistics.median(a) * 1e3:.1f} ms/step (range "
           f"{min(a) * 1e3:.1f}-{max(a) * 1e3:.1f}), compiled {statistics.median(b) * 1e3:.1f} ms/step (range "
           f"{min(b) * 1e3:.1f}-{max(b) * 1e3:.1f}); paired ratios min {paired[0]:.3f}, max {paired[-1]:.3f}")
+    print(f"CPU seconds: eager {statistics.median(ca) * 1e3:.1f}, compiled {statistics.median(cb) * 1e3:.1f} "
+          f"CPU-ms/step; ratio median {statistics.median(paired_cpu):.3f} (min {paired_cpu[0]:.3f}, max {paired_cpu[-1]:.3f})")
     print(f"{statistics.median(paired):.3f}")
 
 

@@ -57,7 +57,10 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((peak for part, peak in PEAK_TFLOPS if part in name), None)
 
 
-def dit_case(arch: str, batch: int, device: torch.device) -> tuple[nn.Module, Callable[[], Any], Callable[..., Tensor]]:
+Case = tuple[nn.Module, Callable[[], Any], Callable[..., Tensor]]  # model, batch maker, loss(model, batch, step)
+
+
+def dit_case(arch: str, batch: int, device: torch.device) -> Case:
     """DiT on SD-VAE latents [B, 4, 32, 32], eps-prediction with the reference's linear schedule."""
     model = build_dit(arch, input_size=32, in_channels=4, condition="rep", rep_dim=256).to(device)
     diffusion = Diffusion.from_meta(diffusion_meta("linear", 1000, parameterization="eps"))
@@ -83,7 +86,7 @@ class MageObjective(nn.Module):
         return self.mage.loss(ids, rep=rep)
 
 
-def mage_case(arch: str, batch: int, device: torch.device) -> tuple[nn.Module, Callable[[], Any], Callable[..., Tensor]]:
+def mage_case(arch: str, batch: int, device: torch.device) -> Case:
     """MAGE on token grids [B, tokens] of its codebook (MAGE-B: 16 x 16 ids of 1024 codes)."""
     mage = build_mage(arch, condition="rep", rep_dim=256)
     tokens, codes = mage.num_tokens, mage.codebook_size
@@ -132,7 +135,7 @@ def time_fit(model: nn.Module, batch_fn: Callable[[], Any], loss: Callable[..., 
     return (stamps[-1] - stamps[warmup - 1]) / steps
 
 
-def run_model(name: str, case: tuple[nn.Module, Callable[[], Any], Callable[..., Tensor]], args: argparse.Namespace,
+def run_model(name: str, case: Case, args: argparse.Namespace,
               info: DistInfo, peak: float | None) -> tuple[float, float | None]:
     """Images/s per GPU (median of the repeats) and MFU of one model; prints the details."""
     model, batch_fn, loss = case

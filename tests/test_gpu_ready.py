@@ -40,7 +40,8 @@ def _table(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(x).sum(1, keepdim=True)
 
 
-def _toy(ckpt: Path, accum: int = 1, steps: int = 6, **spec: object) -> tuple[LoopSpec, nn.Module, torch.optim.Optimizer]:
+def _toy(ckpt: Path, accum: int = 1, steps: int = 6,
+         **spec: object) -> tuple[LoopSpec, nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = adamw(model.parameters(), 1e-2, device=torch.device("cpu"))
@@ -145,7 +146,7 @@ def test_two_gloo_ranks_accumulating_match_one_process_with_the_global_batch(tmp
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # inductor compiles the step for minutes on a busy 2-core CPU
+@pytest.mark.slow  # inductor compiles the step: ~20 s on 2 quiet cores, minutes on a busy machine
 def test_compiled_loop_trains_like_eager_and_saves_plain_weights(tmp_path: Path) -> None:
     eager = fit(*_toy(tmp_path / "eager"), _mse, _rows(6, ROWS), CPU)
     spec, model, opt = _toy(tmp_path / "compiled")
