@@ -142,6 +142,13 @@ class DataConfig:
     # A resumed run replays its stream up to here (samples per loader worker, read but not decoded)
     # so that it sees exactly the data of an uninterrupted run; beyond, the stream is reseeded.
     resume_replay_max: int = 2_000_000
+    # Where the training streams (loader mode `train`) decode JPEGs: `cpu` = PIL in the DataLoader
+    # workers; `cuda` = nvjpeg (torchvision.io.decode_jpeg) on the GPU, a batch at a time in the
+    # training process, with the resize and crop there too (rcg.data.gpu_decode), for photographs
+    # when the CPU cores cannot feed the GPU (benchmarks/bench_input.py measures both). PNGs, and
+    # every `once` stream (encode, evaluation), decode on the CPU either way. `cuda` needs a CUDA GPU
+    # (docs/measurements.md#gpu).
+    decode_device: Literal["cpu", "cuda"] = "cpu"
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "shards_dir": PATH,
@@ -150,6 +157,7 @@ class DataConfig:
         "image_size": Range(ge=8, why="the models downsample it; smaller images are skipped when sharding"),
         "channels": Range(choices=(1, 3), why="grayscale or RGB"),
         "num_workers": NON_NEGATIVE, "shuffle_buffer": COUNT, "resume_replay_max": NON_NEGATIVE,
+        "decode_device": FREE,
     }
 
 
@@ -356,7 +364,10 @@ class GeneratorConfig:
     hflip: bool = True  # random horizontal flip (reference: RandomCrop + HFlip)
     # Optimisation (reference DiT: AdamW lr 1e-4 constant, betas (0.9, 0.95), wd 0, EMA 0.9999).
     steps: int = 1000  # unet_fmnist: ~0.8 CPU-s per step at batch 128, ~800 CPU-s (~8 min on 2 quiet cores)
-    batch_size: int = 128  # per process
+    batch_size: int = 128  # per process, per micro-batch
+    # Gradient accumulation: batches per optimiser step, so the global batch is batch_size x processes
+    # x accum_steps (the reference's global batch on fewer or smaller GPUs). 1: one batch per step.
+    accum_steps: int = 1
     lr: float = 1e-3  # a small model learns faster with a larger lr; warm-up keeps it stable
     warmup_steps: int = 100  # linear warm-up, then constant (so extending `steps` can resume)
     weight_decay: float = 0.0  # reference: 0
@@ -386,7 +397,7 @@ class GeneratorConfig:
     RANGES: ClassVar[dict[str, Range | None]] = {
         "arch": FREE, "rep_drop_prob": PROBABILITY, "vae": FREE, "vae_scale": NON_NEGATIVE, "timesteps": COUNT,
         "beta_schedule": FREE, "parameterization": FREE, "rep_source": FREE, "verify_cache": FREE, "hflip": FREE,
-        "steps": COUNT, "batch_size": COUNT, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE,
+        "steps": COUNT, "batch_size": COUNT, "accum_steps": COUNT, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE,
         "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
         "ema_decay": Range(gt=0, lt=1, why="the EMA weights are the model written"), "amp": FREE,
         "threads": NON_NEGATIVE, "ckpt_every": COUNT, "log_every": COUNT, "sample_every": NON_NEGATIVE,
@@ -542,13 +553,20 @@ class EvaluateConfig:
 
 @dataclass
 class DistConfig:
-    """How many processes the training stages run as (torchrun; rcg/launch.py)."""
+    """How the training stages run: processes (torchrun; rcg/launch.py) and GPU settings (rcg.training)."""
 
     # 1: a plain single process; N > 1: the CLI re-executes the stage under
     # `torchrun --standalone --nproc_per_node N`; 0: one process per visible GPU.
     nproc_per_node: int = 1
+    # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions (rcg.training.use_tf32), what the
+    # parts of a step outside bf16 autocast run in. No effect on CPU.
+    tf32: bool = True
+    # torch.compile the model for the training steps (rcg.training.compiled). Off: compiling costs
+    # minutes at start and its gain depends on the model and the device (benchmarks/bench_compile.py,
+    # benchmarks/bench_gpu_train.py --compile; docs/measurements.md#gpu).
+    compile: bool = False
 
-    RANGES: ClassVar[dict[str, Range | None]] = {"nproc_per_node": NON_NEGATIVE}
+    RANGES: ClassVar[dict[str, Range | None]] = {"nproc_per_node": NON_NEGATIVE, "tf32": FREE, "compile": FREE}
 
 
 @dataclass

@@ -41,9 +41,11 @@ def cache_path() -> Path:
 
 
 def machine() -> str:
-    """What the measurement holds for: the device (GPU name, or CPU model and threads) and torch."""
+    """What the measurement holds for: the device (GPU name and TF32, or CPU model and threads) and torch."""
     if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name()
+        # fp32's speed on a GPU depends on TF32 (dist.tf32), so the choice is kept per setting
+        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+        dev = torch.cuda.get_device_name() + (" tf32" if tf32 else "")
     else:
         cpu = platform.processor() or platform.machine()
         try:

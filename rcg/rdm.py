@@ -32,7 +32,7 @@ from rcg.config import RDMConfig
 from rcg.diffusion import Diffusion, ddim_sample, diffusion_meta
 from rcg.io import PipelineError, atomic_path, read_json, write_json
 from rcg.layers import lookup_arch, timestep_embedding, zero_module
-from rcg.training import DistInfo, LoopSpec, autocast, fingerprint, fit
+from rcg.training import DistInfo, LoopSpec, adamw, autocast, fingerprint, fit
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def train_rdm(rc: RDMConfig, reps: torch.Tensor, labels: torch.Tensor | None, nu
     net = build_rdm(rc.arch, dim, num_classes if labels is not None else 0).to(info.device)
     diffusion = Diffusion.from_meta(schedule(rc))
     # fused AdamW: the same update in one kernel (several times faster than the per-tensor loop on CPU)
-    opt = torch.optim.AdamW(net.parameters(), lr=rc.lr, weight_decay=rc.weight_decay, fused=True)
+    opt = adamw(net.parameters(), rc.lr, weight_decay=rc.weight_decay, device=info.device, cpu_fused=True)
     data_id = [n, dim, num_classes, float(reps[:: max(1, n // 1000)].double().sum())]
     spec = LoopSpec(
         name=f"train_rdm ({name})", steps=rc.steps, lr=rc.lr, batch_size=batch, decay="linear",

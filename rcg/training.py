@@ -1,12 +1,13 @@
 """The one training loop every trained model of the pipeline goes through.
 
 The MoCo v3 encoder, the RDM (paper section 3.2), the image generators (section 3.3) and the
-evaluation network all train with `fit`: a stage supplies its model, its optimiser, an iterator of
-ready batches and a `loss(model, batch, step)`; the loop does the rest, the same way for all of them:
-torchrun/DDP wrapping, bf16 autocast, gradient clipping, a non-finite-loss check, EMA, one learning-
-rate schedule (`lr_at`), the loss averaged over steps and all-reduced over ranks before it is
-logged, a progress bar, MLflow step metrics, the training curve as a file DVC plots
-(rcg.metrics.plots), and resumable checkpoints.
+evaluation network all train with `fit`: a stage supplies its model, its optimiser (`adamw`), an
+iterator of ready batches and a `loss(model, batch, step)`; the loop does the rest, the same way for
+all of them: torchrun/DDP wrapping, bf16 autocast, gradient accumulation, gradient clipping, a
+non-finite-loss check, EMA, one learning-rate schedule (`lr_at`), the loss averaged over steps and
+all-reduced over ranks before it is logged, a progress bar, MLflow step metrics, the training curve
+as a file DVC plots (rcg.metrics.plots), and resumable checkpoints. On CUDA it also takes TF32
+matmuls and an optional `torch.compile` of the model (`setup_distributed`); on CPU neither applies.
 
 Resume is exact: a checkpoint holds the model, EMA, optimiser, every RNG stream (torch, numpy,
 python, and the stage's own generators) and the step, and the stage's data iterator is rebuilt at
@@ -55,6 +56,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    compile: bool = False  # `fit` trains through torch.compile(model) (dist.compile)
 
     @property
     def is_main(self) -> bool:
@@ -65,19 +67,35 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed() -> DistInfo:
-    """Initialise torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU)."""
+def setup_distributed(tf32: bool = True, compile: bool = False) -> DistInfo:
+    """Initialise torch.distributed from torchrun's environment (NCCL on GPU, gloo on CPU).
+
+    On CUDA, `tf32` (dist.tf32) lets fp32 matmuls and convolutions use TF32 tensor cores
+    (`use_tf32`); `compile` (dist.compile) makes `fit` train through torch.compile. Neither changes
+    anything on CPU, except that `compile` compiles there too when asked.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
+        use_tf32(tf32)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, local, device, compile)
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 for CUDA fp32 matmuls (cuBLAS) and convolutions (cuDNN): ~10 mantissa bits instead of
+    23, several times the fp32 throughput on Ampere and later GPUs. The parts of a step outside bf16
+    autocast (fp32 runs, the EMA, the optimiser) are what it speeds up. The legacy `allow_tf32` flags
+    are set, not the newer `fp32_precision` ones: torch refuses to read one kind after the other was
+    set, and libraries (diffusers) read the legacy ones. CUDA-only flags: CPU maths is untouched."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def cleanup_distributed() -> None:
@@ -106,6 +124,15 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+def adamw(params: Any, lr: float, *, device: torch.device, betas: tuple[float, float] = (0.9, 0.999),
+          weight_decay: float = 0.01, cpu_fused: bool = False) -> torch.optim.AdamW:
+    """AdamW (the optimiser of every recipe) for parameters on `device`: the fused single-kernel
+    update on CUDA; on CPU the fused one only where the recipe asks (`cpu_fused`, where it measured
+    faster), else torch's default per-tensor loop, so each recipe's CPU run stays what it was."""
+    fused = True if device.type == "cuda" or cpu_fused else None
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -334,6 +361,10 @@ class LoopSpec:
     checkpoint_dir: str | Path
     fingerprint: str  # what a checkpoint must match to be resumed (settings and inputs, not `steps`)
     batch_size: int = 0  # global samples per step, for the images/s figure (0: not reported)
+    # Micro-batches per optimiser step (gradient accumulation): each step averages the gradients of
+    # this many batches of `data`, so per-GPU batch x GPUs x accum_steps is the global batch. 1: one
+    # batch per step, the plain path. A checkpoint resumes only with the accum_steps it was written with.
+    accum_steps: int = 1
     warmup_steps: int = 0
     decay: Decay = "constant"
     decay_frac: float = 0.0  # `linear` decay: the share of steps at the end over which lr falls to 0
@@ -364,7 +395,11 @@ class _Run:
         self.spec, self.model, self.opt, self.info = spec, model, opt, info
         self.generators = generators or {}
         self.ema = EMA(model, spec.ema_decay, warmup=spec.ema_warmup) if spec.ema_decay > 0 else None
-        self.ckpt = Checkpointer(spec.checkpoint_dir, spec.fingerprint)
+        # A step's data position depends on accum_steps, so a checkpoint records it in its fingerprint
+        # (not for 1: checkpoints written before accumulation existed stay resumable).
+        accum = f"/accum{spec.accum_steps}" if spec.accum_steps != 1 else ""
+        self.ckpt = Checkpointer(spec.checkpoint_dir, spec.fingerprint + accum)
+        self.ddp: nn.Module = model  # the DDP wrapper in `fit` (for no_sync), else the model
         self.step = self.start = 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         self.loss_count = 0
@@ -427,21 +462,28 @@ class _Run:
         return value
 
 
-def _train_step(run: _Run, model: nn.Module, loss_fn: Loss, batch: Any) -> None:
-    """One optimiser step: lr, autocast loss, backward, clipping, update, EMA."""
+def _train_step(run: _Run, model: nn.Module, loss_fn: Loss, micro: list[Any]) -> None:
+    """One optimiser step over `micro` (spec.accum_steps batches): lr, autocast loss, backward of
+    each batch's loss / accum_steps (DDP all-reduces the gradients after the last one only), clipping,
+    update, EMA. With one batch this is the plain step, unchanged bit for bit."""
     spec = run.spec
     for group in run.opt.param_groups:
         group["lr"] = lr_at(run.step, spec.steps, spec.lr, spec.warmup_steps, spec.decay, spec.decay_frac)
-    with autocast(run.info.device, bool(run.bf16)):
-        loss = loss_fn(model, batch, run.step)
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    n, losses = len(micro), []
+    for i, batch in enumerate(micro):
+        sync = i == n - 1 or not isinstance(run.ddp, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+            with autocast(run.info.device, bool(run.bf16)):
+                loss = loss_fn(model, batch, run.step)
+            (loss if n == 1 else loss / n).backward()
+        losses.append(loss.detach())
     if spec.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
     run.opt.step()
     if run.ema is not None:
         run.ema.update(run.model)
-    run.loss_sum += loss.detach().double()
+    run.loss_sum += losses[0].double() if n == 1 else torch.stack(losses).double().mean()
     run.loss_count += 1
     run.step += 1
 
@@ -481,18 +523,22 @@ def fit(
 ) -> Trained:
     """Train `model` for `spec.steps` optimiser steps, resuming from its checkpoint if there is one.
 
-    `data(start)` returns an iterator of ready batches from step `start` on (anything the stage's
-    `loss` takes); it is called before the RNG streams are restored, so whatever it draws at start
-    (a DataLoader's base seed) is drawn the same way in a fresh and in a resumed run. `generators`
+    `data(start)` returns an iterator of ready batches from batch `start` on (anything the stage's
+    `loss` takes); each step takes `spec.accum_steps` of them, so a run resumed at step k asks for
+    batch k x accum_steps. It is called before the RNG streams are restored, so whatever it draws at
+    start (a DataLoader's base seed) is drawn the same way in a fresh and in a resumed run. `generators`
     are the stage's own RNG streams, saved and restored with the global ones. `extras(step)` adds
     values to each log line; `on_step(step, ema_model)` runs after every step on rank 0 (e.g. for
-    sample grids). A `CurveTracker` as `tracker` also gets the run's curve file (`Curve`).
+    sample grids). A `CurveTracker` as `tracker` also gets the run's curve file (`Curve`). With
+    `info.compile` the steps run through torch.compile (`compiled`); checkpoints, the EMA and the
+    returned model are the bare module, with its own state-dict names.
     """
     curve_file, tracker = (tracker.path, tracker.tracker) if isinstance(tracker, CurveTracker) else (None, tracker)
     run = _Run(spec, model, optimizer, info, generators, curve_file)
     run.resume()
-    ddp = wrap_ddp(model, info)
-    batches = data(run.step) if run.step < spec.steps else iter(())
+    ddp = run.ddp = wrap_ddp(model, info)
+    step_model = compiled(ddp) if info.compile else ddp
+    batches = data(run.step * spec.accum_steps) if run.step < spec.steps else iter(())
     if run.rng is not None:
         set_rng_state(run.rng, run.generators)
     first = _precision(run, model, loss, batches) if run.step < spec.steps else None
@@ -505,8 +551,9 @@ def fit(
     cpu0 = time.process_time()
     ddp.train()
     while run.step < spec.steps:
-        batch, first = (first if first is not None else next(batches)), None
-        _train_step(run, ddp, loss, batch)
+        micro = [first if first is not None else next(batches)] + [next(batches) for _ in range(spec.accum_steps - 1)]
+        first = None
+        _train_step(run, step_model, loss, micro)
         if bar is not None:
             bar.update(1)
         if run.step % spec.log_every == 0 or run.step == spec.steps:
@@ -520,6 +567,13 @@ def fit(
         bar.close()
     del batches  # stops DataLoader workers before the stage goes on
     return Trained(unwrap(ddp), None if run.ema is None else run.ema.model, _summary(run, cpu0))
+
+
+def compiled(module: nn.Module) -> nn.Module:
+    """`module` wrapped by torch.compile (dist.compile) for the training steps. A wrapper, not an
+    in-place compile: the bare module (checkpoints, EMA, what `fit` returns) keeps its state-dict
+    names and runs eagerly wherever it is used after training."""
+    return torch.compile(module)
 
 
 def _precision(run: _Run, model: nn.Module, loss: Loss, batches: Iterator[Any]) -> Any:

@@ -11,7 +11,9 @@
   keeps the data fresh but not identical, and the log says so.
 
 Batches are dicts: {"key": list[str], "image": float [B, C, H, W] in [0, 1], "label": int64 [B]},
-with label -1 for unlabelled samples.
+with label -1 for unlabelled samples. With `data.decode_device: cuda` the `train` streams decode
+their JPEGs on the GPU (rcg.data.gpu_decode) and their images arrive there; on CUDA the batches are
+in pinned memory either way, so a `.to(device, non_blocking=True)` overlaps the copy with compute.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import webdataset as wds
 
 from rcg.config import DataConfig
+from rcg.data import gpu_decode
 from rcg.data.images import decode, decode_plain_png, resize_crop, to_pixels, to_unit
 from rcg.io import PipelineError, file_digest, read_json
 
@@ -67,14 +70,20 @@ def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
 class _Decode:
     """Shard sample -> {"key", "image", "label"}; a picklable callable for DataLoader workers."""
 
-    def __init__(self, size: int, channels: int, random_crop: bool, transform: Transform | None, seed: int = 0):
+    def __init__(self, size: int, channels: int, random_crop: bool, transform: Transform | None, seed: int = 0,
+                 defer_jpeg: bool = False):
         self.size, self.channels, self.random_crop, self.transform = size, channels, random_crop, transform
-        self.seed = seed
+        self.seed, self.defer_jpeg = seed, defer_jpeg
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         data = sample.get("png", sample.get("jpg"))
         if data is None:
             raise PipelineError(f"{sample.get('__url__')}: sample {sample['__key__']} has no image")
+        cls = sample.get("cls")
+        label = int(cls) if cls is not None else -1
+        if self.defer_jpeg and "png" not in sample:  # decoded on the GPU (rcg.data.gpu_decode)
+            return {"key": sample["__key__"], "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                    "place": sample.get("__place__"), "label": label}
         image = decode_plain_png(data, self.channels, self.size)  # the common case, decoded fast
         if image is None:
             # A crop's randomness is a function of the sample's place in the stream, so a replayed
@@ -83,8 +92,6 @@ class _Decode:
             image = to_pixels(resize_crop(decode(data, self.channels), self.size, rng))
         if self.transform is not None:
             image = self.transform(to_unit(image))
-        cls = sample.get("cls")
-        label = int(cls) if cls is not None else -1
         return {"key": sample["__key__"], "image": image, "label": label}
 
 
@@ -164,11 +171,13 @@ def image_dataset(
     seed: int = 0,
     skip_batches: int = 0,
     batch_size: int = 1,
+    defer_jpeg: bool = False,
 ) -> wds.DataPipeline:
-    """The per-sample WebDataset pipeline for `split` (see the module docstring for the modes)."""
+    """The per-sample WebDataset pipeline for `split` (see the module docstring for the modes);
+    `defer_jpeg` leaves JPEGs compressed for `rcg.data.gpu_decode` (and the transform to it)."""
     urls = shard_urls(data_cfg.shards_dir, split)
-    dec = _Decode(data_cfg.image_size, data_cfg.channels, random_crop=(mode == "train"), transform=transform,
-                  seed=seed)
+    dec = _Decode(data_cfg.image_size, data_cfg.channels, random_crop=(mode == "train"),
+                  transform=None if defer_jpeg else transform, seed=seed, defer_jpeg=defer_jpeg)
     if mode == "once":
         ds = wds.WebDataset(
             urls,
@@ -204,13 +213,15 @@ def make_loader(
     num_workers: int | None = None,
     seed: int = 0,
     skip_batches: int = 0,
+    decode_device: str | None = None,
 ) -> Iterable[dict[str, Any]]:
     """A DataLoader over the shards of `split` yielding dict batches (module docstring).
 
     `seed` picks the `train` stream (shards, shuffle, crops); `skip_batches` starts it where a run
     that already took that many batches left off. Rank and world size are read from
     torch.distributed by WebDataset's node splitter. `drop_last` defaults to True in `train` mode
-    (equal batch shapes for DDP) and False in `once` mode (nothing may be lost).
+    (equal batch shapes for DDP) and False in `once` mode (nothing may be lost). `decode_device`
+    (`cpu` or `cuda`) defaults to data.decode_device in `train` mode and to `cpu` in `once` mode.
     """
     workers = data_cfg.num_workers if num_workers is None else num_workers
     if mode == "train" and skip_batches and replay_limit_exceeded(data_cfg, skip_batches, batch_size):
@@ -218,21 +229,28 @@ def make_loader(
                     "samples per worker; the stream is reseeded, so the data order differs from an "
                     "uninterrupted run", skip_batches)
         seed, skip_batches = seed + skip_batches, 0
-    ds = image_dataset(data_cfg, split, mode, transform, seed, skip_batches, batch_size)
+    decode_device = decode_device or (data_cfg.decode_device if mode == "train" else "cpu")
+    on_gpu = decode_device == "cuda"
+    device = gpu_decode.cuda_device() if on_gpu else None  # a clear error without a GPU, before any work
+    ds = image_dataset(data_cfg, split, mode, transform, seed, skip_batches, batch_size, defer_jpeg=on_gpu)
     drop = (mode == "train") if drop_last is None else drop_last
     # `once` streams draw nothing random, so they get a private generator and leave torch's global
     # RNG alone; a `train` DataLoader draws its base seed from it, as DataLoader does by default.
     generator = torch.Generator().manual_seed(seed) if mode == "once" else None
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=gpu_decode.collate_deferred if on_gpu else _collate,
         drop_last=drop,
         persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: asynchronous copies to the GPU
         generator=generator,
     )
+    if device is None:
+        return loader
+    return gpu_decode.DecodedOn(loader, data_cfg.image_size, data_cfg.channels, seed, mode == "train", device,
+                                transform)
 
 
 def channel_stats(data_cfg: DataConfig, split: str = "train", limit: int = 10000) -> tuple[list[float], list[float]]:

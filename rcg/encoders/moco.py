@@ -28,7 +28,7 @@ from rcg.config import DataConfig, EncoderConfig
 from rcg.data.loader import make_loader, shards_id
 from rcg.encoders.augment import augment, two_view_recipes
 from rcg.encoders.vit import EncoderSpec, RepEncoder, build_mlp, build_vit, cls_token, preprocess
-from rcg.training import DistInfo, LoopSpec, fingerprint, fit, seed_everything
+from rcg.training import DistInfo, LoopSpec, adamw, fingerprint, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ def pretrain(data_cfg: DataConfig, ecfg: EncoderConfig, spec: EncoderSpec, n_tra
     if info.distributed and info.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # MoCo v3 syncs BN (GPU only)
     base_lr = ecfg.lr * ecfg.batch_size / 256  # MoCo v3's linear scaling rule
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=base_lr,
-                            weight_decay=ecfg.weight_decay)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], base_lr, weight_decay=ecfg.weight_decay,
+                device=info.device)
     loop = LoopSpec(
         name="encoder (MoCo v3)", steps=total, lr=base_lr, batch_size=ecfg.batch_size, decay="cosine",
         warmup_steps=min(total, round(ecfg.warmup_epochs * n_train / ecfg.batch_size)), amp=ecfg.amp,

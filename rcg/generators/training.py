@@ -28,7 +28,7 @@ from rcg.features import RepCache
 from rcg.generators import build_generator, save_generator
 from rcg.generators.vae import Codec, codec_for
 from rcg.sampling import sample_images, save_grid
-from rcg.training import DistInfo, LoopSpec, autocast, fit, seed_everything
+from rcg.training import DistInfo, LoopSpec, adamw, autocast, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def setup(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs, condition
                   num_classes=max(len(inputs.classes), 1), rep_drop_prob=gcfg.rep_drop_prob)
     model = build_generator(gcfg.arch, **kwargs).to(device)
     schedule = diffusion_meta(gcfg.beta_schedule, gcfg.timesteps, parameterization=gcfg.parameterization)
-    opt = torch.optim.AdamW(model.parameters(), lr=gcfg.lr, betas=(0.9, 0.95), weight_decay=gcfg.weight_decay)
+    opt = adamw(model.parameters(), gcfg.lr, betas=(0.9, 0.95), weight_decay=gcfg.weight_decay, device=device)
     return Setup(model, codec, Diffusion.from_meta(schedule), schedule, kwargs, opt)
 
 
@@ -163,7 +163,8 @@ def train_generator(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs,
     conditions = Conditions(gcfg, inputs, condition, device, verify=gcfg.verify_cache and info.is_main)
     spec = LoopSpec(
         name=f"train_generator ({condition})", steps=gcfg.steps, lr=gcfg.lr, warmup_steps=gcfg.warmup_steps,
-        batch_size=gcfg.batch_size * info.world_size, grad_clip=gcfg.grad_clip, amp=gcfg.amp,
+        batch_size=gcfg.batch_size * info.world_size * gcfg.accum_steps, accum_steps=gcfg.accum_steps,
+        grad_clip=gcfg.grad_clip, amp=gcfg.amp,
         ema_decay=gcfg.ema_decay, log_every=gcfg.log_every, ckpt_every=gcfg.ckpt_every,
         config_key="train_generator", checkpoint_dir=Path(gcfg.checkpoint_dir) / condition, fingerprint=resume_id,
     )

@@ -211,13 +211,13 @@ def train_evalnet(ec: Any, data_cfg: Any, num_classes: int, n_train: int, resume
     a half cosine, resumable (`resume_id`: what a checkpoint must match), runnable under torchrun.
     `ec` is the evalnet config block; returns the trained network and the loop's summary."""
     from rcg.data.loader import make_loader
-    from rcg.training import LoopSpec, fit, seed_everything
+    from rcg.training import LoopSpec, adamw, fit, seed_everything
 
     total = max(1, math.ceil(ec.epochs * n_train / (ec.batch_size * info.world_size)))
     seed_everything(ec.seed, info.rank)
     model = EvalNet(in_channels=data_cfg.channels, image_size=data_cfg.image_size, num_classes=num_classes,
                     width=ec.width, feature_dim=ec.feature_dim).to(info.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=ec.lr, weight_decay=ec.weight_decay)
+    opt = adamw(model.parameters(), ec.lr, weight_decay=ec.weight_decay, device=info.device)
     spec = LoopSpec(
         name="evalnet", steps=total, lr=ec.lr, warmup_steps=min(100, total // 10), decay="cosine", amp=False,
         batch_size=ec.batch_size * info.world_size, log_every=ec.log_every, ckpt_every=ec.ckpt_every,
@@ -271,14 +271,14 @@ def train_contrastive(ec: Any, data_cfg: Any, n_train: int, resume_id: str, info
     shared loop with the classifier's schedule; returns the network (no head) and the summary."""
     from rcg.data.loader import make_loader
     from rcg.encoders.augment import augment, two_view_recipes
-    from rcg.training import LoopSpec, fit, seed_everything
+    from rcg.training import LoopSpec, adamw, fit, seed_everything
 
     total = max(1, math.ceil(ec.epochs * n_train / (ec.batch_size * info.world_size)))
     seed_everything(ec.seed, info.rank)
     net = EvalNet(in_channels=data_cfg.channels, image_size=data_cfg.image_size, num_classes=0,
                   width=ec.width, feature_dim=ec.feature_dim)
     model = Contrastive(net).to(info.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=ec.lr, weight_decay=ec.weight_decay)
+    opt = adamw(model.parameters(), ec.lr, weight_decay=ec.weight_decay, device=info.device)
     spec = LoopSpec(
         name="evalnet (contrastive)", steps=total, lr=ec.lr, warmup_steps=min(100, total // 10), decay="cosine",
         amp=False, batch_size=ec.batch_size * info.world_size, log_every=ec.log_every, ckpt_every=ec.ckpt_every,

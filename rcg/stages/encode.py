@@ -50,7 +50,7 @@ def _gather_parts(table: pa.Table, out_dir: Path, split: str, rank: int, world: 
 
 def run(cfg: Config, **options: Any) -> None:
     """Encode train and val shards to Parquet and write summary.json."""
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist.tf32)
     out_dir = Path(cfg.encode.out_dir)
     try:
         manifest = read_manifest(cfg.data.shards_dir)

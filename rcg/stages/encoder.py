@@ -39,7 +39,7 @@ def _check(ecfg: EncoderConfig, info: DistInfo) -> None:
 def run(cfg: Config, **options: Any) -> None:
     """Convert or pretrain the encoder, save it, verify it, and write the kNN metrics."""
     t0 = time.perf_counter()
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist.tf32, cfg.dist.compile)
     ecfg = cfg.encoder
     with stage_run(cfg, "encoder", rank=info.rank, resume_key=None if ecfg.checkpoint else training_fingerprint(ecfg, cfg.data)) as tracker:
         try:

@@ -39,7 +39,7 @@ def run(cfg: Config, **options: object) -> None:
     # curve go does not change what is learned (and leaving them out keeps older checkpoints resumable).
     settings = {k: v for k, v in asdict(ec).items() if k not in ("details_file", "curves_file")}
     resume_id = fingerprint(settings, cfg.data, len(classes), shards_id(cfg.data.shards_dir))
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist.tf32, cfg.dist.compile)
     try:
         with stage_run(cfg, "evalnet", info.rank, resume_key=resume_id) as tracker:
             curve = CurveTracker(tracker, ec.curves_file)

@@ -77,7 +77,7 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
         torch.set_num_threads(gcfg.threads)
     inputs = Inputs(Path(cfg.encode.out_dir) / "train.parquet", cfg.encoder.out_dir, classes, cfg.encoder.rep_dim)
     metrics_file, details_file, curve_file = output_files(gcfg, condition)
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist.tf32, cfg.dist.compile)
     try:
         with stage_run(cfg, "train_generator", rank=info.rank, condition=condition, resume_key=resume_fingerprint(cfg, condition)) as tracker:
             tracker.set_tags({"condition": condition, "arch": gcfg.arch})

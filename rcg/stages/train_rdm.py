@@ -37,7 +37,7 @@ def run(cfg: Config, **options: Any) -> None:
     rc = cfg.train_rdm
     if rc.threads > 0:
         torch.set_num_threads(rc.threads)
-    info = setup_distributed()
+    info = setup_distributed(cfg.dist.tf32, cfg.dist.compile)
     try:
         seed_everything(rc.seed, info.rank)
         fdir = Path(cfg.encode.out_dir)

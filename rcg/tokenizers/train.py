@@ -116,7 +116,7 @@ def train_tokenizer(tc: Any, data_cfg: Any, resume_id: str, info: Any,
     `data_cfg` through the shared loop: AdamW, linear warm-up then a half cosine, resumable
     (`resume_id`: what a checkpoint must match). Returns the frozen tokenizer and the loop's summary."""
     from rcg.data.loader import make_loader
-    from rcg.training import LoopSpec, fit, seed_everything
+    from rcg.training import LoopSpec, adamw, fit, seed_everything
 
     seed_everything(tc.seed, info.rank)
     vq = build_vqgan(tc.arch, in_channels=data_cfg.channels, image_size=data_cfg.image_size)
@@ -126,8 +126,8 @@ def train_tokenizer(tc: Any, data_cfg: Any, resume_id: str, info: Any,
     codebook = [vq.quantize.embedding.weight]
     rest = [p for n, p in vq.named_parameters() if not n.startswith("quantize.")]
     # No weight decay on the codebook: it would pull rarely used codes to 0, away from the data.
-    opt = torch.optim.AdamW([{"params": rest, "weight_decay": tc.weight_decay},
-                             {"params": codebook, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.99))
+    opt = adamw([{"params": rest, "weight_decay": tc.weight_decay}, {"params": codebook, "weight_decay": 0.0}],
+                tc.lr, betas=(0.9, 0.99), device=info.device)
     loop = LoopSpec(
         name="tokenizer", steps=tc.steps, lr=tc.lr, batch_size=tc.batch_size, decay="cosine",
         warmup_steps=min(tc.warmup_steps, tc.steps), amp=tc.amp, log_every=tc.log_every, ckpt_every=tc.ckpt_every,
