@@ -220,9 +220,9 @@ def test_mage_presets_are_imagenet256_with_the_reference_mage_recipe(name: str, 
 
 def test_dvc_makes_the_tokenizer_only_for_a_mage_arch(tiny_workspace: Path, tmp_path: Path) -> None:
     """dvc.yaml's design: train_generator always depends on the tokenizer stage's folder, and the
-    stage (which reads train_generator.arch) trains only for a MAGE arch. The stage runs through
-    `dvc repro --single-item` on copied tiny shards; the heavier stages are not run here
-    (tests/test_pipeline.py runs them all)."""
+    stage (which reads train_generator.arch) trains only for a MAGE arch. The tokenizer and the
+    unconditional generator run through `dvc repro --single-item` on copied tiny shards, with empty
+    stand-ins for the outputs they do not read (the whole DAG runs in tests/test_pipeline.py)."""
     import os
     import subprocess
     import sys
@@ -236,7 +236,8 @@ def test_dvc_makes_the_tokenizer_only_for_a_mage_arch(tiny_workspace: Path, tmp_
         shutil.copy(root / name, repo / name)
     shutil.copytree(root / "rcg", repo / "rcg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_workspace / "data" / "shards", repo / "data" / "shards")
-    (repo / "models" / "evalnet").mkdir(parents=True)  # a dep; its metrics use it only when trained
+    for stand_in in ("models/evalnet", "models/encoder", "data/features"):  # deps that are not read here
+        (repo / stand_in).mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(repo), "RCG_PRECISION": "fp32",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
@@ -262,3 +263,8 @@ def test_dvc_makes_the_tokenizer_only_for_a_mage_arch(tiny_workspace: Path, tmp_
     assert (repo / "models/tokenizer/tokenizer.safetensors").exists()
     assert not (repo / "models/tokenizer/skipped.json").exists()
     assert json.loads(run(*dvc, "status", "--json", "tokenizer")) == {}
+    run(*dvc, "repro", "--single-item", "train_generator@none")
+    meta = json.loads((repo / "models/generator/none/generator.json").read_text())
+    assert meta["arch"] == "mage_tiny" and meta["codec"]["type"] == "tokens"
+    run("rcg", "params", "--set", "train_generator.arch=dit_tiny")  # back: both are stale again
+    assert {"tokenizer", "train_generator@none"} <= set(json.loads(run(*dvc, "status", "--json")))
