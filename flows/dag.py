@@ -17,6 +17,7 @@ DEFAULT_GPU_STAGES: tuple[str, ...] = (
     "encoder",
     "encode",
     "train_rdm",
+    "tokenizer",
     "train_generator",
     "evaluate",
 )

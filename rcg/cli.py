@@ -190,6 +190,9 @@ def _add_stage_options(name: str, p: argparse.ArgumentParser) -> None:
                        help="class index for the class-conditional RDM (default: unconditional)")
         p.add_argument("--seed", type=INDEX, default=0)
         p.add_argument("--out", default="data/samples/reps.parquet", help="output Parquet file")
+    elif name == "tokenizer":
+        p.add_argument("--if-needed", action="store_true",
+                       help="only when train_generator.arch is a MAGE arch; otherwise record a skip (dvc.yaml)")
     elif name == "train-generator":
         p.add_argument("--condition", choices=["rep", "none", "label"], default="rep",
                        help="rep: RCG; none: unconditional baseline; label: class-label baseline")

@@ -35,7 +35,7 @@ from rcg.io import PipelineError, atomic_path
 log = logging.getLogger(__name__)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-PRESET_NAMES = ("tiny", "default", "folder", "imagenet256")
+PRESET_NAMES = ("tiny", "default", "folder", "imagenet256", "imagenet256_mage_b", "imagenet256_mage_l")
 
 
 class ConfigError(ValueError, PipelineError):
@@ -343,11 +343,13 @@ class GeneratorConfig:
 
     # Model (rcg.generators.REGISTRY). The default is the small ADM-style U-Net: at the same CPU
     # time it scored better than dit_fmnist for mode rcg, and its samples are not blocky
-    # (docs/measurements.md#generator-choice). The DiT stays the 256 px generator.
+    # (docs/measurements.md#generator-choice). The DiT stays the 256 px diffusion generator; the
+    # MAGE sizes (MAGE-B, MAGE-L, mage_fmnist, mage_tiny) generate the ids of `tokenizer` instead.
     arch: str = "unet_fmnist"
     rep_drop_prob: float = 0.1  # share of reps swapped for the learned fake_latent (reference: 0.1)
     vae: str = ""  # diffusers AutoencoderKL folder for latent space (256 px); empty = pixel space
     vae_scale: float = 0.0  # latent scale; 0 = the VAE config's scaling_factor (SD VAE: 0.18215)
+    tokenizer: str = "models/tokenizer"  # the VQ tokenizer folder a MAGE arch works in (`rcg tokenizer`)
     # Diffusion (rcg.diffusion): ADM's linear 1e-4..0.02 over 1000 steps as the reference DiT.
     timesteps: int = 1000
     beta_schedule: Literal["sqrt_linear", "linear", "cosine"] = "linear"
@@ -370,9 +372,12 @@ class GeneratorConfig:
     accum_steps: int = 1
     lr: float = 1e-3  # a small model learns faster with a larger lr; warm-up keeps it stable
     warmup_steps: int = 100  # linear warm-up, then constant (so extending `steps` can resume)
-    weight_decay: float = 0.0  # reference: 0
+    # After the warm-up: `constant` (the reference DiT) or a half cosine to 0 (the reference MAGE).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Reference DiT: 0. MAGE's 0.05 skips biases and 1-D weights (norms), as timm's add_weight_decay.
+    weight_decay: float = 0.0
     grad_clip: float = 1.0  # max grad norm; 0 disables (the reference DiT does not clip)
-    ema_decay: float = 0.999  # 0.9999 needs far more steps than a CPU run takes
+    ema_decay: float = 0.999  # 0.9999 needs far more steps than a CPU run takes; 0: no EMA (MAGE)
     amp: bool = True  # bf16 autocast: measured faster than fp32 on CPU (AVX512-bf16) and on GPU
     threads: int = 0  # torch CPU threads; 0 = torch's default (1 is faster on a busy shared CPU)
     ckpt_every: int = 250  # optimiser steps between resumable checkpoints (~200 CPU-s of U-Net training)
@@ -380,8 +385,10 @@ class GeneratorConfig:
     sample_every: int = 500  # steps between sample grids (<out_dir>/<condition>/samples.png, MLflow)
     # Sampling (the grids here and `rcg generate`)
     sampler: Literal["ddim", "ddpm"] = "ddim"  # ddpm = ancestral over respaced steps (reference)
-    sample_steps: int = 50
+    sample_steps: int = 50  # MAGE: iterations of parallel decoding (reference: 20)
     sample_eta: float = 0.0  # DDIM eta for images: 0 = deterministic given the noise
+    # MAGE's re-masking temperature (the reference's --temp: 6.0 for MAGE-B, 11.0 for MAGE-L)
+    choice_temperature: float = 6.0
     # Clamp each sampling step's x0 estimate to [-c, c] in pixel space (ADM's clip_denoised; never on
     # VAE latents, whose range is open). Keeps early high-noise errors of a short CPU run from
     # saturating whole images; 0 = off (the reference DiT, latent space).
@@ -395,13 +402,16 @@ class GeneratorConfig:
     out_dir: str = "models/generator"  # + /<condition>/generator.{safetensors,json}, samples.png
 
     RANGES: ClassVar[dict[str, Range | None]] = {
-        "arch": FREE, "rep_drop_prob": PROBABILITY, "vae": FREE, "vae_scale": NON_NEGATIVE, "timesteps": COUNT,
+        "arch": FREE, "rep_drop_prob": PROBABILITY, "vae": FREE, "vae_scale": NON_NEGATIVE, "tokenizer": PATH,
+        "timesteps": COUNT,
         "beta_schedule": FREE, "parameterization": FREE, "rep_source": FREE, "verify_cache": FREE, "hflip": FREE,
         "steps": COUNT, "batch_size": COUNT, "accum_steps": COUNT, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE,
+        "lr_schedule": FREE,
         "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
-        "ema_decay": Range(gt=0, lt=1, why="the EMA weights are the model written"), "amp": FREE,
+        "ema_decay": Range(ge=0, lt=1, why="0 means no EMA; 1 would never move"), "amp": FREE,
         "threads": NON_NEGATIVE, "ckpt_every": COUNT, "log_every": COUNT, "sample_every": NON_NEGATIVE,
         "sampler": FREE, "sample_steps": COUNT, "sample_eta": Range(ge=0, le=1, why="DDIM eta"),
+        "choice_temperature": NON_NEGATIVE,
         "sample_clip_x0": NON_NEGATIVE, "grid_size": COUNT, "seed": SEED,
         "checkpoint_dir": PATH, "metrics_dir": PATH, "details_dir": PATH, "curves_dir": PATH, "out_dir": PATH,
     }

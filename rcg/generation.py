@@ -1,8 +1,9 @@
 """Trained RCG generators, loaded from their model folders (paper section 3).
 
 - `ImageGenerator`: one trained image generator folder (`models/generator/<condition>/`): the
-  network, its diffusion, its codec and the sampler settings saved in `generator.json` (the one
-  source of the image sampler's settings; callers may override the step count and guidance).
+  network, its diffusion (none for MAGE, which decodes tokens iteratively), its codec (pixels, VAE
+  latents or tokenizer ids) and the sampler settings saved in `generator.json` (the one source of
+  the image sampler's settings; callers may override the step count and guidance).
 - `RepGenerator`: the RDM folder (`models/rdm/`): the RDM and, when trained, the class-conditional
   RDM (the paper's class-conditional generation needs only a class-conditional RDM). Its sampler
   settings come from the RDM's own JSON.
@@ -30,7 +31,7 @@ from rcg.generators import load_generator
 from rcg.generators.vae import Codec, make_codec
 from rcg.io import PipelineError
 from rcg.rdm import RDMBundle, artifact_name, load_rdm, sample_reps
-from rcg.sampling import batch_generator, sample_images, saved_sampling
+from rcg.sampling import batch_generator, sample_images, sample_tokens, saved_sampling
 
 RDM_BATCH = 1000  # RDM samples per DDIM batch: the RDM is cheap next to the image generator
 
@@ -53,11 +54,12 @@ def class_tensor(class_ids: Tensor | int | list[int], n: int) -> Tensor:
 class ImageGenerator:
     """A trained image generator (paper section 3): `sample` draws images given its condition."""
 
-    def __init__(self, model: nn.Module, diffusion: Diffusion, codec: Codec, meta: dict[str, Any],
+    def __init__(self, model: nn.Module, diffusion: Diffusion | None, codec: Codec, meta: dict[str, Any],
                  device: torch.device, model_dir: Path | None = None) -> None:
         self.model, self.diffusion, self.codec, self.meta = model, diffusion, codec, meta
         self.device, self.model_dir = device, model_dir
-        self.shape, _ = saved_sampling(meta)  # what the sampler draws: [C, H, W] (latent with a VAE)
+        # What the sampler draws: [C, H, W] (latent with a VAE), or [T] token ids for MAGE
+        self.shape, _ = saved_sampling(meta)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: torch.device | str | None = None) -> ImageGenerator:
@@ -71,12 +73,22 @@ class ImageGenerator:
         """`rep` (RCG), `label` (class-label baseline) or `none` (unconditional baseline)."""
         return str(getattr(self.model, "condition", "none"))
 
+    @property
+    def max_steps(self) -> int:
+        """The most sampling steps that mean anything: the diffusion's timesteps, or for MAGE its
+        token count (every decoding iteration fixes at least one token)."""
+        return int(self.diffusion.num_timesteps if self.diffusion is not None else self.shape[0])
+
     def settings(self, steps: int | None = None) -> dict[str, Any]:
-        """The sampler settings saved in generator.json (sampler, steps, eta, amp, clip_x0)."""
+        """The sampler settings saved in generator.json (diffusion: sampler, steps, eta, amp,
+        clip_x0; MAGE: steps, choice_temperature, amp)."""
         return saved_sampling(self.meta, steps)[1]
 
-    def start_noise(self, n: int, seed: int = 0) -> Tensor:
-        """The starting noise [n, *shape] of `sample(n, seed=seed)` when n fits in one batch."""
+    def start_noise(self, n: int, seed: int = 0) -> Tensor | None:
+        """The starting noise [n, *shape] of `sample(n, seed=seed)` when n fits in one batch; None
+        for MAGE, which starts from all-masked ids (its decoding noise comes from the seed alone)."""
+        if self.diffusion is None:
+            return None
         return torch.randn((n, *self.shape), generator=batch_generator(seed + 1, 0))
 
     def sample(
@@ -99,9 +111,17 @@ class ImageGenerator:
         `rep` [n, D] conditions the `rep` generator, `label` (n ids, or one for all) the `label`
         one; the `none` generator takes neither. `cfg` is the guidance scale w (0: none), `steps`
         overrides the saved step count, `x_T` fixes the starting noise, and `deterministic` samples
-        with DDIM at eta 0 whatever the saved sampler (paper Fig. 7's interpolations).
+        with DDIM at eta 0 whatever the saved sampler (paper Fig. 7's interpolations). A MAGE
+        decodes `steps` iterations with guidance on its logits; given the seed it is deterministic
+        already, and it has no starting noise (`x_T` must be None).
         """
         settings = self.settings(steps)
+        if self.diffusion is None:
+            if x_T is not None:
+                raise PipelineError(f"{self.model_dir or 'this generator'}: MAGE has no starting noise (x_T)")
+            return sample_tokens(self.model, self.codec, n, self._condition(n, rep, label), **settings, cfg_scale=cfg,
+                                 cfg_schedule=cfg_schedule, seed=seed + 1, device=self.device,
+                                 batch_size=batch_size, progress=progress)
         if deterministic:
             settings.update(sampler="ddim", eta=0.0)
         return sample_images(self.model, self.diffusion, self.codec, n, self._condition(n, rep, label),
@@ -235,8 +255,9 @@ class RCGGenerator:
 
         `rep_a`, `rep_b` are one pair [D] (repeated for `rows` rows) or one pair per row [R, D].
         A row keeps one starting noise (`from_reps`' noise for the same seed) and samples with
-        deterministic DDIM, so only the representation changes along it: its first and last
-        images are `from_reps` of its end points. Returns [R * points, C, H, W], row by row.
+        deterministic DDIM (a MAGE: the same decoding noise, drawn from the seed), so only the
+        representation changes along it: its first and last images are `from_reps` of its end
+        points. Returns [R * points, C, H, W], row by row.
         """
         a, b = torch.as_tensor(rep_a).float(), torch.as_tensor(rep_b).float()
         if a.dim() == 1 and b.dim() == 1:

@@ -1,7 +1,8 @@
 """The image generator's sampler (paper section 3): guidance, seeded batches, saved settings, files.
 
-`sample_images` draws images from any generator network in batches; `rcg.generation` wraps it in
-the loaded generator objects every caller uses (`rcg generate`, `rcg evaluate`, the MLflow model).
+`sample_images` draws images from any diffusion generator network in batches, `sample_tokens` from
+a MAGE by its iterative decoding; `rcg.generation` wraps them in the loaded generator objects every
+caller uses (`rcg generate`, `rcg evaluate`, the MLflow model).
 
 Guidance (``cfg_scale`` w > 0) mixes ``cond + w (cond - uncond)`` with the learned ``fake_latent``
 (or null class) as the negative; ``cfg_schedule="linear"`` grows w linearly from ~0 at the first
@@ -114,10 +115,60 @@ def sample_images(
     return torch.cat(out) if out else torch.zeros(0, *shape)
 
 
-def saved_sampling(meta: dict[str, Any], steps: int | None = None) -> tuple[tuple[int, int, int], dict[str, Any]]:
-    """The image shape [C, H, W] and the sampler settings a generator was saved with (its
-    `generator.json`, written by train_generator): sampler, steps (`steps` overrides), eta, amp, clip_x0."""
-    saved, size = meta.get("sampling", {}), meta["kwargs"]["input_size"]
+@torch.no_grad()
+def sample_tokens(
+    model: nn.Module,
+    codec: Codec,
+    n: int,
+    cond: dict[str, Tensor] | None = None,
+    *,
+    steps: int = 20,
+    choice_temperature: float = 6.0,
+    cfg_scale: float = 0.0,
+    cfg_schedule: str = "linear",
+    seed: int = 0,
+    amp: bool = True,
+    device: torch.device | str = "cpu",
+    batch_size: int = 250,
+    progress: bool = True,
+) -> Tensor:
+    """n images [n, C, H, W] in [0, 1] from a MAGE (paper section 3.3): `steps` iterations of its
+    parallel decoding, re-masking temperature `choice_temperature`, guidance `cfg_scale` on the
+    logits (0: none), then the tokenizer's decoder. Batch b draws its decoding noise from
+    `batch_generator(seed, b)`, as `sample_images` draws its starting noise."""
+    device = torch.device(device)
+    cond = cond or {}
+    for k, v in cond.items():
+        if v.shape[0] != n:
+            raise ValueError(f"condition {k!r} has {v.shape[0]} rows, expected {n}")
+    starts = range(0, n, batch_size)
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", unit="batch")
+    out = []
+    for b, i in enumerate(starts):
+        j = min(n, i + batch_size)
+        kw = {k: v[i:j].to(device) for k, v in cond.items()}
+        with autocast(device, amp and device.type in ("cpu", "cuda")):
+            ids = model.generate(j - i, **kw, num_iter=steps, choice_temperature=choice_temperature, cfg=cfg_scale,
+                                 cfg_schedule=cfg_schedule, generator=batch_generator(seed, b))  # (B, T)
+        out.append(codec.decode(ids).cpu())
+    return torch.cat(out)
+
+
+def saved_sampling(meta: dict[str, Any], steps: int | None = None) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """The shape the sampler draws and the sampler settings a generator was saved with (its
+    `generator.json`, written by train_generator), `steps` overriding the saved step count. A
+    diffusion generator draws [C, H, W] (sampler, steps, eta, amp, clip_x0); a MAGE draws [T]
+    token ids (steps = decoding iterations, choice_temperature, amp)."""
+    saved = meta.get("sampling", {})
+    if meta.get("codec", {}).get("type") == "tokens":
+        return (int(meta["kwargs"]["num_tokens"]),), {
+            "steps": int(steps or saved.get("steps", 20)), "amp": bool(saved.get("amp", True)),
+            "choice_temperature": float(saved.get("choice_temperature", 6.0)),
+        }
+    size = meta["kwargs"]["input_size"]
     return (meta["kwargs"]["in_channels"], size, size), {
         "steps": int(steps or saved.get("steps", 50)), "sampler": saved.get("sampler", "ddim"),
         "eta": float(saved.get("eta", 0.0)), "amp": bool(saved.get("amp", True)),

@@ -18,7 +18,8 @@ param, before any image is generated; a refusal is a `RequestError`, HTTP 400 wh
   RDM; refused when the model has none;
 - `cfg` (optional, empty = the evaluated guidance): guidance scale, a finite number in [0, MAX_CFG];
 - `seed` (optional, empty = 0): an integer in [0, MAX_SEED].
-Param `steps` (optional): image sampler steps in [1, the generator's diffusion timesteps].
+Param `steps` (optional): image sampler steps in [1, the generator's diffusion timesteps] (a MAGE
+generator: decoding iterations in [1, its token count]).
 "Empty" is how a DataFrame fills a field that a row leaves out: None, NaN or a blank string.
 Output: one row per image, columns `request`, `index`, `class` (-1: unconditional), `seed`, `png`
 (base64 PNG bytes); `decode_images` turns that back into an array.
@@ -117,7 +118,7 @@ class RequestError(MlflowException, PipelineError):
 @dataclass(frozen=True)
 class Limits:
     """What a request may ask of one served model: its classes (0 = no class-conditional RDM),
-    the image generator's diffusion timesteps (the most sampling steps) and its default guidance."""
+    the image generator's most sampling steps (`ImageGenerator.max_steps`) and its default guidance."""
 
     num_classes: int
     timesteps: int
@@ -302,7 +303,7 @@ class RCGPyfunc(PythonModel):
         self.cfg_schedule = str(evaluate.get("cfg_schedule", "linear"))
         class_rdm = self.generator.reps.class_rdm
         self.limits = Limits(num_classes=0 if class_rdm is None else int(class_rdm.num_classes),
-                             timesteps=int(self.generator.image.diffusion.num_timesteps),
+                             timesteps=self.generator.image.max_steps,
                              default_cfg=self.default_cfg)
 
     # pd.DataFrame is the one input hint MLflow accepts without inferring a schema from it: the

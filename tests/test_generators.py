@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcg.generators import REGISTRY, build_generator, load_generator, save_generator
+from rcg.generators import REGISTRY, arch_kind, build_generator, load_generator, save_generator
 from rcg.generators.dit import DIT_ARCHS, DiT, build_dit
+from rcg.generators.mage import MAGE, MAGE_ARCHS
 from rcg.generators.unet import UNET_ARCHS, UNet, build_unet
 from rcg.generators.vae import PixelCodec, VAECodec, codec_for, make_codec
 from rcg.io import PipelineError
@@ -70,7 +71,12 @@ def test_registry_has_every_dit_size_and_patch() -> None:
 
 
 def test_registry_is_the_union_of_the_family_tables() -> None:
-    assert set(REGISTRY) == set(DIT_ARCHS) | set(UNET_ARCHS) and not set(DIT_ARCHS) & set(UNET_ARCHS)
+    families = (set(DIT_ARCHS), set(UNET_ARCHS), set(MAGE_ARCHS))
+    assert set(REGISTRY) == set.union(*families) and sum(map(len, families)) == len(REGISTRY)
+    assert {arch_kind(a) for a in MAGE_ARCHS} == {"tokens"}
+    assert {arch_kind(a) for a in set(DIT_ARCHS) | set(UNET_ARCHS)} == {"diffusion"}
+    mage = build_generator("mage_tiny", num_tokens=49, codebook_size=32, condition="none")
+    assert isinstance(mage, MAGE) and mage.num_tokens == 49 and mage.codebook_size == 32
     assert DIT_ARCHS["DiT-XL/2"] == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
     unet = build_unet("unet_tiny", input_size=28, in_channels=1, channel_mult=[1, 2], attention_levels=[1])
     assert isinstance(unet, UNet)  # JSON lists for the tuple kwargs are fine

@@ -305,6 +305,7 @@ class MAGE(nn.Module):
         rep: Tensor | None = None,
         label: Tensor | None = None,
         generator: torch.Generator | None = None,
+        forward: nn.Module | None = None,
     ) -> Tensor:
         """MAGE's training loss on token grids ids [N, T] (int64): one mask ratio for the batch,
         ceil(T min_ratio) tokens dropped from the encoder, ceil(T ratio) masked; label-smoothed
@@ -312,6 +313,8 @@ class MAGE(nn.Module):
 
         In training mode `rep_drop_prob` of the samples get the null condition (fake_latent / null
         class). Every random draw but dropout's comes from `generator` (torch's global RNG if None).
+        `forward` is what computes the logits: this model (None) or its DDP wrapper, through which
+        the gradients must flow to be averaged over the ranks.
         """
         n, t = ids.shape
         ratio = self.sample_mask_ratio(generator)
@@ -320,7 +323,8 @@ class MAGE(nn.Module):
         drop = None
         if self.training and self.rep_drop_prob > 0 and self.condition != "none":
             drop = _rand((n,), generator, ids.device) < self.rep_drop_prob  # (N,)
-        logits = self(ids.masked_fill(masked, self.mask_id), rep, label, drop=drop, keep=~dropped)  # (N, T, K)
+        net = self if forward is None else forward
+        logits = net(ids.masked_fill(masked, self.mask_id), rep, label, drop=drop, keep=~dropped)  # (N, T, K)
         return F.cross_entropy(logits[masked].float(), ids[masked], label_smoothing=self.label_smoothing)
 
     # -- generation -----------------------------------------------------------------------------
@@ -351,13 +355,17 @@ class MAGE(nn.Module):
         choice_temperature: float = 6.0,
         cfg: float = 0.0,
         generator: torch.Generator | None = None,
+        cfg_schedule: str = "linear",
     ) -> tuple[Tensor, Tensor]:
         """One iteration of MAGE's parallel decoding (MaskGIT's schedule): sample every unknown
         token, keep the known ones, then re-mask the floor(T cos(pi/2 r)) least confident
         (clamped to [1, unknown - 1]); confidence = log p + temperature (1 - r) Gumbel, known
-        tokens +inf. Returns (sampled ids with every token filled, ids for the next step)."""
+        tokens +inf. Guidance weight cfg r (`linear`, the reference's) or cfg (`constant`).
+        Returns (sampled ids with every token filled, ids for the next step)."""
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {cfg_schedule!r}")
         r = (step + 1) / num_iter
-        logits = self.guided_logits(ids, rep, label, cfg * r)  # (N, T, K)
+        logits = self.guided_logits(ids, rep, label, cfg * r if cfg_schedule == "linear" else cfg)  # (N, T, K)
         sampled = (logits + _gumbel(tuple(logits.shape), generator, ids.device)).argmax(-1)  # (N, T)
         unknown = ids == self.mask_id  # (N, T)
         sampled = torch.where(unknown, sampled, ids)  # (N, T)
@@ -379,9 +387,10 @@ class MAGE(nn.Module):
         choice_temperature: float = 6.0,
         cfg: float = 0.0,
         generator: torch.Generator | None = None,
+        cfg_schedule: str = "linear",
     ) -> Tensor:
         """n token grids [n, T] by `num_iter` steps of iterative decoding from all-masked, with
-        guidance weight cfg (s + 1) / num_iter at step s (docs/paper.md#guidance).
+        guidance weight cfg (s + 1) / num_iter at step s (docs/paper.md#guidance; `constant`: cfg).
 
         Call it in eval mode (dropout off); given `generator` the result is deterministic.
         """
@@ -389,7 +398,8 @@ class MAGE(nn.Module):
         ids = torch.full((n, self.num_tokens), self.mask_id, dtype=torch.long, device=device)  # (n, T)
         sampled = ids
         for step in range(num_iter):
-            sampled, ids = self.decode_step(ids, step, num_iter, rep, label, choice_temperature, cfg, generator)
+            sampled, ids = self.decode_step(ids, step, num_iter, rep, label, choice_temperature, cfg, generator,
+                                            cfg_schedule)
         return sampled  # (n, T): the last step's samples, every token filled
 
 

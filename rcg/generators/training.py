@@ -8,6 +8,12 @@ sees: from the encode stage's cache (exact for flip-only augmentation, checked a
 on the first batch), or from the frozen encoder on every batch (`rep_source: encoder`, for random
 crops). AdamW (betas 0.9, 0.95), warm-up then constant lr, gradient clipping, EMA, bf16 autocast,
 through the shared loop (rcg.training.fit).
+
+A MAGE arch (paper section 3.3, the paper's main generator) trains through the same loop and the
+same conditions on the ids of the frozen tokenizer in `train_generator.tokenizer`
+(rcg.generators.tokens): its loss is MAGE's masked-token cross-entropy, and its recipe (cosine
+lr, weight decay off biases and norms, no EMA) comes from the config (the imagenet256_mage_*
+presets); without EMA the trained weights are the ones written.
 """
 
 from __future__ import annotations
@@ -25,17 +31,23 @@ from rcg.config import DataConfig, GeneratorConfig
 from rcg.data.loader import make_loader
 from rcg.diffusion import Diffusion, diffusion_meta
 from rcg.features import RepCache
-from rcg.generators import build_generator, save_generator
+from rcg.generators import arch_kind, build_generator, save_generator
+from rcg.generators.tokens import TokenCodec, mage_kwargs, weight_decay_groups
 from rcg.generators.vae import Codec, codec_for
-from rcg.sampling import sample_images, save_grid
-from rcg.training import DistInfo, LoopSpec, adamw, autocast, fit, seed_everything
+from rcg.io import PipelineError
+from rcg.sampling import sample_images, sample_tokens, save_grid
+from rcg.training import DistInfo, LoopSpec, adamw, autocast, fit, seed_everything, unwrap
 
 log = logging.getLogger(__name__)
 
 
 def sampling_settings(gcfg: GeneratorConfig, codec: Codec) -> dict[str, Any]:
     """How images are sampled from this generator (saved in generator.json; every later use reads it).
-    The x0 clamp applies in pixel space only: VAE latents have no known range."""
+    The x0 clamp applies in pixel space only: VAE latents have no known range. A MAGE decodes
+    `sample_steps` iterations with its re-masking temperature."""
+    if codec.meta()["type"] == "tokens":
+        return {"sampler": "mage", "steps": gcfg.sample_steps, "choice_temperature": gcfg.choice_temperature,
+                "amp": gcfg.amp}
     clip = float(gcfg.sample_clip_x0) if codec.meta()["type"] == "pixel" else 0.0
     return {"sampler": gcfg.sampler, "steps": gcfg.sample_steps, "eta": gcfg.sample_eta, "amp": gcfg.amp, "clip_x0": clip}
 
@@ -93,33 +105,60 @@ def _grid_conditions(data_cfg: DataConfig, conditions: Conditions, n: int) -> di
     return cond
 
 
-def _write_grid(model: nn.Module, diffusion: Diffusion, codec: Codec, cond: dict[str, Tensor], gcfg: GeneratorConfig,
-                shape: tuple[int, int, int], device: torch.device, path: Path, tracker: Any, step: int) -> None:
-    """A grid of EMA samples with fixed noise (for `rep`: real reps, i.e. oracle conditioning)."""
+@dataclass
+class Setup:
+    """A generator ready to train: network, its codec (pixels, VAE latents or tokenizer ids), its
+    diffusion (None for MAGE), optimiser."""
+
+    model: nn.Module
+    codec: Codec
+    diffusion: Diffusion | None
+    schedule: dict[str, Any] | None  # the diffusion as generator.json records it
+    kwargs: dict[str, Any]  # the constructor arguments generator.json records
+    opt: torch.optim.Optimizer
+
+
+def _write_grid(model: nn.Module, s: Setup, cond: dict[str, Tensor], gcfg: GeneratorConfig, device: torch.device,
+                path: Path, tracker: Any, step: int) -> None:
+    """A grid of samples (EMA weights where there are) with fixed noise (for `rep`: real reps, i.e.
+    oracle conditioning); the model samples in eval mode and is handed back in the mode it came in."""
     n = gcfg.grid_size if not cond else min(gcfg.grid_size, next(iter(cond.values())).shape[0])
-    settings = sampling_settings(gcfg, codec)
-    images = sample_images(model, diffusion, codec, n, cond, shape=shape, steps=settings["steps"],
-                           sampler=settings["sampler"], eta=settings["eta"], seed=gcfg.seed, amp=gcfg.amp,
-                           device=device, batch_size=n, progress=False, clip_x0=settings["clip_x0"])
+    settings, training = sampling_settings(gcfg, s.codec), model.training
+    model.eval()
+    if s.diffusion is None:
+        images = sample_tokens(model, s.codec, n, cond, steps=settings["steps"], seed=gcfg.seed, amp=gcfg.amp,
+                               choice_temperature=settings["choice_temperature"], device=device, batch_size=n,
+                               progress=False)
+    else:
+        shape = (s.kwargs["in_channels"], s.kwargs["input_size"], s.kwargs["input_size"])
+        images = sample_images(model, s.diffusion, s.codec, n, cond, shape=shape, steps=settings["steps"],
+                               sampler=settings["sampler"], eta=settings["eta"], seed=gcfg.seed, amp=gcfg.amp,
+                               device=device, batch_size=n, progress=False, clip_x0=settings["clip_x0"])
+    model.train(training)
     save_grid(images, path)
     if tracker is not None:  # the run's image view shows the grids over training, one per step
         tracker.log_image(path, "samples", step)
 
 
-@dataclass
-class Setup:
-    """A generator ready to train: network, its codec (pixels or VAE latents), diffusion, optimiser."""
-
-    model: nn.Module
-    codec: Codec
-    diffusion: Diffusion
-    schedule: dict[str, Any]  # the diffusion as generator.json records it
-    kwargs: dict[str, Any]  # the constructor arguments generator.json records
-    opt: torch.optim.Optimizer
+def token_setup(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs, condition: str,
+                device: torch.device) -> Setup:
+    """A MAGE of `gcfg.arch` on the ids of the tokenizer folder `gcfg.tokenizer`, with the reference
+    MAGE's AdamW (betas 0.9, 0.95; weight decay off biases and 1-D parameters)."""
+    if gcfg.vae:
+        raise PipelineError(f"train_generator.vae: {gcfg.arch} generates the ids of train_generator.tokenizer, "
+                            "not VAE latents; leave vae empty")
+    codec = TokenCodec(gcfg.tokenizer).to(device)
+    codec.latent_shape(data_cfg.channels, data_cfg.image_size)  # the tokenizer must fit the data
+    kwargs = mage_kwargs(codec, condition, inputs.rep_dim, max(len(inputs.classes), 1), gcfg.rep_drop_prob)
+    model = build_generator(gcfg.arch, **kwargs).to(device)
+    opt = adamw(weight_decay_groups(model, gcfg.weight_decay), gcfg.lr, betas=(0.9, 0.95), device=device)
+    return Setup(model, codec, None, None, kwargs, opt)
 
 
 def setup(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs, condition: str, device: torch.device) -> Setup:
     """Build the generator of `gcfg.arch` for `condition` on `device` (weights drawn from torch's RNG)."""
+    if arch_kind(gcfg.arch) == "tokens":
+        return token_setup(gcfg, data_cfg, inputs, condition, device)
     codec = codec_for(gcfg.vae, gcfg.vae_scale or None).to(device)
     channels, size = codec.latent_shape(data_cfg.channels, data_cfg.image_size)
     kwargs = dict(input_size=size, in_channels=channels, condition=condition, rep_dim=inputs.rep_dim,
@@ -163,29 +202,33 @@ def train_generator(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs,
     conditions = Conditions(gcfg, inputs, condition, device, verify=gcfg.verify_cache and info.is_main)
     spec = LoopSpec(
         name=f"train_generator ({condition})", steps=gcfg.steps, lr=gcfg.lr, warmup_steps=gcfg.warmup_steps,
-        batch_size=gcfg.batch_size * info.world_size * gcfg.accum_steps, accum_steps=gcfg.accum_steps,
-        grad_clip=gcfg.grad_clip, amp=gcfg.amp,
+        decay=gcfg.lr_schedule, batch_size=gcfg.batch_size * info.world_size * gcfg.accum_steps,
+        accum_steps=gcfg.accum_steps, grad_clip=gcfg.grad_clip, amp=gcfg.amp,
         ema_decay=gcfg.ema_decay, log_every=gcfg.log_every, ckpt_every=gcfg.ckpt_every,
         config_key="train_generator", checkpoint_dir=Path(gcfg.checkpoint_dir) / condition, fingerprint=resume_id,
     )
     out_dir = Path(gcfg.out_dir) / condition
-    shape = (s.kwargs["in_channels"], s.kwargs["input_size"], s.kwargs["input_size"])
     grid_cond = _grid_conditions(data_cfg, conditions, gcfg.grid_size) if info.is_main else {}
 
     def grid(step: int, ema: nn.Module | None) -> None:
         if gcfg.sample_every > 0 and step % gcfg.sample_every == 0 and step < gcfg.steps:
-            _write_grid(ema, s.diffusion, s.codec, grid_cond, gcfg, shape, device, out_dir / "samples.png", tracker, step)
+            _write_grid(s.model if ema is None else ema, s, grid_cond, gcfg, device, out_dir / "samples.png",
+                        tracker, step)
 
     def loss(net: nn.Module, b: tuple[Tensor, dict[str, Tensor]], step: int) -> Tensor:
+        if s.diffusion is None:  # MAGE: masked-token cross-entropy, the logits through `net` (DDP)
+            return unwrap(net).loss(b[0], **b[1], forward=net)
         return s.diffusion.training_loss(net, b[0], b[1])
 
     trained = fit(spec, s.model, s.opt, loss, _data(gcfg, data_cfg, s, conditions, device), info, tracker, on_step=grid)
     if info.is_main:
+        final = (trained.ema if trained.ema is not None else trained.model).eval()
         meta = {"arch": gcfg.arch, "kwargs": s.kwargs, "condition": condition, "codec": s.codec.meta(),
                 "diffusion": s.schedule, "classes": inputs.classes, "params": n_params,
                 "step": trained.summary["steps"], "sampling": sampling_settings(gcfg, s.codec),
                 "data": {"image_size": data_cfg.image_size, "channels": data_cfg.channels}}
-        save_generator(out_dir, trained.ema, meta)
-        _write_grid(trained.ema, s.diffusion, s.codec, grid_cond, gcfg, shape, device, out_dir / "samples.png",
-                    tracker, trained.summary["steps"])
+        if s.schedule is None:
+            del meta["diffusion"]
+        save_generator(out_dir, final, meta)
+        _write_grid(final, s, grid_cond, gcfg, device, out_dir / "samples.png", tracker, trained.summary["steps"])
     return {"condition": condition, "arch": gcfg.arch, "params": n_params, **trained.summary}

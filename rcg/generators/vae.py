@@ -7,7 +7,8 @@ VAE is read from a local diffusers folder (``config.json`` + weights, as ``save_
 it; nothing is downloaded). Only safetensors weights are read: a folder with only a pickle
 ``diffusion_pytorch_model.bin`` (which could run code when unpickled) is refused. For
 Fashion-MNIST-sized images the generator works on pixels instead, through the same two-method
-interface (``PixelCodec``).
+interface (``PixelCodec``). MAGE works on the ids of a VQ tokenizer instead
+(``rcg.generators.tokens.TokenCodec``, codec type ``tokens``).
 """
 
 from __future__ import annotations
@@ -130,13 +131,18 @@ class VAECodec:
 
 
 def make_codec(meta: dict[str, Any] | None) -> Codec:
-    """The codec described by generator.json's `codec` entry ({"type": "pixel"} or a VAE folder)."""
+    """The codec described by generator.json's `codec` entry ({"type": "pixel"}, a VAE folder, or a
+    tokenizer folder with the digest of its weights)."""
     meta = meta or {"type": "pixel"}
     if meta.get("type", "pixel") == "pixel":
         return PixelCodec()
     if meta["type"] == "vae":
         return VAECodec(meta["path"], meta.get("scale"))
-    raise PipelineError(f"unknown codec type {meta['type']!r} (expected pixel or vae)")
+    if meta["type"] == "tokens":
+        from rcg.generators.tokens import TokenCodec
+
+        return TokenCodec(meta["path"], meta.get("digest"))
+    raise PipelineError(f"unknown codec type {meta['type']!r} (expected pixel, vae or tokens)")
 
 
 def codec_for(vae_path: str, scale: float | None = None) -> Codec:

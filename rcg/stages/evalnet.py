@@ -38,7 +38,9 @@ def run(cfg: Config, **options: object) -> None:
     # The shards too, so a checkpoint is never resumed on re-sharded data. Where the record and the
     # curve go does not change what is learned (and leaving them out keeps older checkpoints resumable).
     settings = {k: v for k, v in asdict(ec).items() if k not in ("details_file", "curves_file")}
-    resume_id = fingerprint(settings, cfg.data, len(classes), shards_id(cfg.data.shards_dir))
+    # data.decode_device came later: left out at its default so older checkpoints still resume.
+    data = {k: v for k, v in asdict(cfg.data).items() if not (k == "decode_device" and v == "cpu")}
+    resume_id = fingerprint(settings, data, len(classes), shards_id(cfg.data.shards_dir))
     info = setup_distributed(cfg.dist.tf32, cfg.dist.compile)
     try:
         with stage_run(cfg, "evalnet", info.rank, resume_key=resume_id) as tracker:

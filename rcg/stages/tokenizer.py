@@ -7,6 +7,11 @@ Either way the stage writes `tokenizer.safetensors` + `tokenizer.json` (architec
 size, token grid, input size, provenance) and metrics/tokenizer.json: reconstruction error,
 Frechet distance of reconstructions under the evaluation network when models/evalnet exists, and
 codebook usage, all on the val split (rcg.tokenizers.quality).
+
+`--if-needed` (what dvc.yaml runs) makes the tokenizer only for a generator that needs one: when
+`train_generator.arch` is a diffusion arch (the default and tiny presets), it writes in seconds
+a marker (models/tokenizer/skipped.json, metrics/tokenizer.json with the reason) in place of the
+tokenizer, so the DAG, in which train_generator always depends on the tokenizer folder, goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from rcg.config import Config
+from rcg.generators import arch_kind
 from rcg.io import atomic_dir, write_json
 from rcg.tokenizers.official import official_tokenizer
 from rcg.tokenizers.quality import tokenizer_report
@@ -29,8 +35,24 @@ from rcg.tracking import flatten, stage_run
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config, **options: Any) -> None:
-    """Load or train the tokenizer, save and verify it, and score it into metrics/tokenizer.json."""
+def skip(cfg: Config, reason: str) -> None:
+    """Record that no tokenizer is made, and why, as the stage's outputs: the model folder holds only
+    skipped.json (no stale tokenizer is left), the metrics file the reason."""
+    tc = cfg.tokenizer
+    with atomic_dir(tc.out_dir, after=[tc.metrics_file]) as tmp:
+        write_json(tmp / "skipped.json", {"reason": reason})
+    Path(tc.checkpoint_dir).mkdir(parents=True, exist_ok=True)  # a DVC output
+    write_json(tc.metrics_file, {"skipped": reason})
+    log.info("tokenizer skipped: %s", reason)
+
+
+def run(cfg: Config, if_needed: bool = False, **options: Any) -> None:
+    """Load or train the tokenizer, save and verify it, and score it into metrics/tokenizer.json;
+    with `if_needed`, only when train_generator.arch generates tokens (else `skip`)."""
+    if if_needed and arch_kind(cfg.train_generator.arch) != "tokens":
+        skip(cfg, f"train_generator.arch {cfg.train_generator.arch!r} is not a MAGE arch: no generator reads "
+                  "a tokenizer")
+        return
     t0 = time.perf_counter()
     tc, data = cfg.tokenizer, cfg.data
     if tc.threads > 0:

@@ -18,6 +18,8 @@ import torch
 
 from rcg.config import Config, GeneratorConfig
 from rcg.data.loader import read_manifest, shards_id
+from rcg.generators import arch_kind
+from rcg.generators.tokens import tokenizer_digest
 from rcg.generators.training import Inputs, train_generator
 from rcg.io import PipelineError, atomic_dir, file_digest, write_json
 from rcg.metrics import headline
@@ -29,19 +31,29 @@ log = logging.getLogger(__name__)
 
 # Settings that do not change what is learned: kept out of the checkpoint fingerprint, so a run can
 # be extended (more steps) or re-logged without starting over.
+# The tokenizer folder is an input: its weights' digest, not its path, is what a checkpoint must match.
 _RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps", "sample_eta", "sampler",
              "sample_clip_x0", "grid_size", "threads", "checkpoint_dir", "metrics_dir", "details_dir", "curves_dir",
-             "out_dir", "verify_cache")
+             "out_dir", "verify_cache", "tokenizer", "choice_temperature")
+# Keys added after the first checkpoints were written: left out of the fingerprint while they hold
+# their default, so that a checkpoint written before they existed still resumes.
+_ADDED_LATER = ("tokenizer", "choice_temperature", "lr_schedule", "accum_steps")
 
 
 def resume_fingerprint(cfg: Config, condition: str) -> str:
     """What a checkpoint must match to be resumed: the settings that change what is learned, and the
-    inputs (the shards; for `rep` also the encoder whose representations condition the model)."""
-    run_cfg = dataclasses.replace(cfg.train_generator, **{k: getattr(GeneratorConfig(), k) for k in _RUN_ONLY})
+    inputs (the shards; for `rep` also the encoder whose representations condition the model; for
+    a MAGE arch the tokenizer whose ids it learns)."""
+    default = GeneratorConfig()
+    run_cfg = dataclasses.replace(cfg.train_generator, **{k: getattr(default, k) for k in _RUN_ONLY})
+    settings = {k: v for k, v in dataclasses.asdict(run_cfg).items()
+                if k not in _ADDED_LATER or v != getattr(default, k)}
     inputs = [shards_id(cfg.data.shards_dir)]
     if condition == "rep":
         inputs.append(file_digest(Path(cfg.encoder.out_dir) / "encoder.safetensors"))
-    return fingerprint(run_cfg, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition, inputs)
+    if arch_kind(cfg.train_generator.arch) == "tokens":
+        inputs.append(tokenizer_digest(cfg.train_generator.tokenizer))
+    return fingerprint(settings, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition, inputs)
 
 
 def output_files(gcfg: GeneratorConfig, condition: str) -> tuple[Path, Path, Path]:
