@@ -213,7 +213,7 @@ def _publish_results(root: Path, run_name: str, exp_name: str, log_dir: Path,
     except config_mod.ConfigError as e:  # not an rcg params.yaml: no evaluation file, no tracking
         evaluation = mlflow = f"Not available: {e}"
     else:
-        evaluation = run_report.evaluation_markdown(root, cfg.evaluate.metrics_file,
+        evaluation = run_report.evaluation_markdown(root, cfg.evaluate.details_file,
                                                     cfg.evalnet.metrics_file, evaluate)
         mlflow = run_report.mlflow_markdown(root, cfg.tracking, exp_name, skipped=any(
             r.outcome in (dvc_mod.UP_TO_DATE, dvc_mod.RESTORED) for r in results))

@@ -106,12 +106,12 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "evaluate",
         "score every generation mode with torch-fidelity",
         "Generate evaluate.n_samples images per mode and compute Frechet distance, IS, KID, "
-        "precision and recall; writes metrics/eval.json and plots/.",
+        "precision and recall; writes metrics/eval.json (headline), metrics/details/eval.json (the table) and plots/.",
     ),
     "report": (
         "report",
         "print the evaluation table as Markdown beside the paper's numbers",
-        "Read metrics/eval.json and print one row per generation mode.",
+        "Read metrics/details/eval.json and print one row per generation mode.",
     ),
     "promote": (
         "promote",

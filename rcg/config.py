@@ -544,7 +544,8 @@ class EvaluateConfig:
     prc_neighborhood: int = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019's default)
     grid_size: int = 64  # images in each mode's sample grid under plots/
     seed: int = 0
-    metrics_file: str = "metrics/eval.json"
+    metrics_file: str = "metrics/eval.json"  # headline: each mode's fd and the floor (`dvc metrics show`)
+    details_file: str = "metrics/details/eval.json"  # the whole table (what `rcg report` and promote read)
     plots_dir: str = "plots"
     cache_dir: str = "data/fidelity_cache"  # reference features/statistics, reused across runs
 
@@ -557,7 +558,7 @@ class EvaluateConfig:
         "batch_size": COUNT, "feature_batch_size": COUNT, "sample_steps": COUNT, "cfg": NON_NEGATIVE,
         "cfg_schedule": FREE, "kid_subset_size": Range(ge=2, why="KID's unbiased estimate needs pairs"),
         "prc_neighborhood": COUNT, "grid_size": COUNT, "seed": SEED,
-        "metrics_file": PATH, "plots_dir": PATH, "cache_dir": PATH,
+        "metrics_file": PATH, "details_file": PATH, "plots_dir": PATH, "cache_dir": PATH,
     }
 
 

@@ -386,8 +386,8 @@ def model_files(cfg: Config) -> dict[str, Path]:
         files["vae"] = Path(codec["path"])
         if not files["vae"].is_dir():
             raise PipelineError(f"{files['vae']}: not found (the VAE folder that {gen_dir}/generator.json names)")
-    if Path(cfg.evaluate.metrics_file).exists():
-        files["eval"] = Path(cfg.evaluate.metrics_file)
+    if Path(cfg.evaluate.details_file).exists():
+        files["eval"] = Path(cfg.evaluate.details_file)
     return files
 
 
@@ -402,10 +402,10 @@ def eval_metrics(table: dict[str, Any]) -> dict[str, float]:
 
 
 def version_tags(table: dict[str, Any]) -> dict[str, str]:
-    """What the registry shows beside a version: how good it is, measured how (metrics/eval.json).
+    """What the registry shows beside a version: how good it is, measured how (metrics/details/eval.json).
     `fd` is the served mode's; `fd_is` says what it is (FID only with the Inception extractor)."""
     if not table:
-        return {"evaluated": "no (no metrics/eval.json when registered)"}
+        return {"evaluated": "no (no metrics/details/eval.json when registered)"}
     mode = served_mode(table)
     row = table.get("modes", {}).get(mode, {})
     tags = {"served_mode": mode, "extractor": str(table.get("extractor", "")), "fd_is": str(table.get("fd_is", "")),

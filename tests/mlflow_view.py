@@ -59,7 +59,7 @@ def check_pipeline_run(repo: Path, stages: set[str]) -> Any:
     assert parent.info.run_name.startswith("pipeline ") and parent.info.status == "FINISHED"
     assert parent.data.tags["dvc_exp"] and parent.info.run_name == f"pipeline {parent.data.tags['dvc_exp']}"
     assert all(r.info.status == "FINISHED" for r in runs.values()), {n: r.info.status for n, r in runs.items()}
-    table = json.loads((repo / "metrics" / "eval.json").read_text())
+    table = json.loads((repo / "metrics" / "details" / "eval.json").read_text())
     _check_evaluate(client, runs["evaluate"], parent, table)
     for name, run in runs.items():
         if name.startswith("train_generator"):  # tiny: one grid, at the last step (sample_every 0)

@@ -86,7 +86,7 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
                         lambda data_cfg, split, n, *a: (reads.append(split), real_read(data_cfg, split, n, *a))[1])
     res = evaluate_stage.evaluate(cfg, gen)
 
-    assert read_json(ev.metrics_file) == json.loads(json.dumps(res))
+    assert read_json(ev.details_file) == json.loads(json.dumps(res))
     assert res["extractor"] == "evalnet" and "not FID" in res["fd_is"]
     assert res["n_samples"] == ev.n_samples == 32 and res["n_reference"] == 256
     assert set(res["modes"]) == set(ev.modes)
@@ -211,8 +211,8 @@ def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(tiny_params())
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(results))
+    (tmp_path / "metrics" / "details").mkdir(parents=True)
+    (tmp_path / "metrics" / "details" / "eval.json").write_text(json.dumps(results))
     assert cli.main(["report"]) == 0
     assert "| uncond (no condition) | 10.000 |" in capsys.readouterr().out
 

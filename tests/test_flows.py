@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A stand-in for `rcg <stage>`: records start/end times, reads params, logs as rcg's stages do (log
 # records and a tqdm bar), and fails on demand (a file fail_<stage> holding "transient" fails once
 # like a flaky NCCL collective; "deterministic" fails every time with a traceback, like a bug). The
-# evaluate stage writes an eval.json in rcg's format and, when the file mlflow_on exists, logs an
+# evaluate stage writes a details/eval.json in rcg's format and, when the file mlflow_on exists, logs an
 # MLflow run through rcg.tracking, as the real stage does.
 STAGE_PY = '''
 import json, logging, sys, time, pathlib, yaml
@@ -57,10 +57,10 @@ elif sys.argv[1] == "train":
 else:
     n = params["evaluate"]["n_samples"]
     json.dump({"score": n * 2}, open("metrics.json", "w"))
-    pathlib.Path("metrics").mkdir(exist_ok=True)
+    pathlib.Path("metrics/details").mkdir(parents=True, exist_ok=True)
     json.dump({"extractor": "evalnet", "n_samples": n, "sample_steps": 2, "n_reference": 10,
                "fd_is": "a fake evaluation", "modes": {"uncond": {"fd": 3.0}, "rcg": {"fd": n / 4}}},
-              open("metrics/eval.json", "w"))
+              open("metrics/details/eval.json", "w"))
     if pathlib.Path("mlflow_on").exists():
         from rcg import config, tracking
         with tracking.stage_run(config.load("params.yaml"), "evaluate") as tracker:
@@ -89,7 +89,7 @@ stages:
     metrics:
       - metrics.json:
           cache: false
-      - metrics/eval.json:
+      - metrics/details/eval.json:
           cache: false
 """
 
@@ -280,7 +280,7 @@ def test_dag_reads_foreach_and_selects_upstreams(project: Path) -> None:
     stages = read_stages(project)
     assert [s.name for s in stages] == ["prepare", "train@x", "train@y", "evaluate"]
     assert stages[3].upstream == ("train@x", "train@y")
-    assert stages[3].cache_false_outs == ("metrics.json", "metrics/eval.json")
+    assert stages[3].cache_false_outs == ("metrics.json", "metrics/details/eval.json")
     assert [s.name for s in select(stages, ["train@y"])] == ["prepare", "train@y"]
     assert stages[1].is_gpu(["train"]) and not stages[0].is_gpu(["train"])
     with pytest.raises(KeyError, match="nope"):

@@ -243,7 +243,7 @@ def _check_evaluation(repo: Path, cfg: config.Config) -> None:
     number finite; the class modes asked for exactly n / K images of each class."""
     from rcg.metrics import evaluation
 
-    table = json.loads((repo / "metrics" / "eval.json").read_text())
+    table = json.loads((repo / "metrics" / "details" / "eval.json").read_text())
     assert table["extractor"] == "inception-v3-compat" and "FID" in table["fd_is"], table["fd_is"]
     assert table["reference"] == f"reference statistics {Path(REFERENCE_FILE).name}"
     assert table["n_reference"] == REFERENCE_IMAGES  # arr_0's images: what KID and precision/recall used

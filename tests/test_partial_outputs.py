@@ -170,7 +170,7 @@ def _load_evalnet() -> object:
 def _read_eval() -> object:
     from rcg.io import read_json
 
-    return read_json("metrics/eval.json")
+    return read_json("metrics/details/eval.json")
 
 
 @dataclass
@@ -182,6 +182,12 @@ class Case:
     first: str  # an output already in the temporary folder when the interrupt lands
     reader: Callable[[], object]  # what the next stage loads
     refusal: str  # how the reader refuses when there is no set
+    details: str | None = None  # a second file written after the folder (evaluate's whole table)
+
+    @property
+    def files(self) -> list[str]:
+        """The files beside the folder that describe it."""
+        return [f for f in (self.metrics, self.details) if f]
 
 
 CASES = [
@@ -196,7 +202,7 @@ CASES = [
     Case("evalnet", "models/evalnet", "metrics/evalnet.json", "rcg.metrics.evalnet:write_json:1",
          "evalnet.safetensors", _load_evalnet, r"evalnet.safetensors: no evaluation network \(run `rcg evalnet`"),
     Case("evaluate", "plots", "metrics/eval.json", "rcg.stages.evaluate:save_grid:2",
-         "samples_rcg.png", _read_eval, r"metrics/eval.json: not found"),
+         "samples_rcg.png", _read_eval, r"metrics/details/eval.json: not found", "metrics/details/eval.json"),
 ]
 
 
@@ -235,7 +241,7 @@ def _run(case: Case) -> None:
 def _snapshot(case: Case) -> dict[str, tuple[int, str]]:
     """Every file of the set: (inode, sha256). A rewritten file has a new inode (atomic rename)."""
     files = [p for p in sorted(Path(case.out).rglob("*")) if p.is_file()]
-    files += [Path(case.metrics)] if case.metrics and Path(case.metrics).exists() else []
+    files += [Path(f) for f in case.files if Path(f).exists()]
     return {str(p): (p.stat().st_ino, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files}
 
 
@@ -268,21 +274,21 @@ def test_an_interrupted_stage_leaves_the_old_set_or_none_and_a_rerun_writes_the_
         new = _snapshot(case)
         assert new.keys() == old.keys() and _leftovers(case) == []
         # (the metrics file is deleted before it is written again: its inode number may come back)
-        assert all(new[f][0] != old[f][0] for f in new if f != case.metrics), "the folder was not rewritten"
-        assert {f: v[1] for f, v in new.items() if f != case.metrics} == {
-            f: v[1] for f, v in old.items() if f != case.metrics}
+        assert all(new[f][0] != old[f][0] for f in new if f not in case.files), "the folder was not rewritten"
+        assert {f: v[1] for f, v in new.items() if f not in case.files} == {
+            f: v[1] for f, v in old.items() if f not in case.files}
         case.reader()
 
         # A first run (or one under `dvc repro`, which deletes the outputs first) leaves nothing.
         shutil.rmtree(case.out)
-        if case.metrics:
-            Path(case.metrics).unlink()
+        for f in case.files:
+            Path(f).unlink()
         with monkeypatch.context() as m:
             _interrupt(m, case)
             with pytest.raises(Interrupted):
                 _run(case)
         assert not Path(case.out).exists() and _leftovers(case) == []
-        assert not (case.metrics and Path(case.metrics).exists())
+        assert not any(Path(f).exists() for f in case.files)
         with pytest.raises((PipelineError, FileNotFoundError), match=case.refusal):
             case.reader()
 

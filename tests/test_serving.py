@@ -61,7 +61,7 @@ def _make_models(cfg: config.Config, class_rdm: bool = True) -> None:
 
 
 def _eval_table(cfg: config.Config, fd: float) -> None:
-    write_json(cfg.evaluate.metrics_file, {
+    write_json(cfg.evaluate.details_file, {
         "cfg": 1.0, "modes": {"rcg": {"fd": fd + 1.0, "is": 2.0}, "rcg_cfg": {"fd": fd, "is": 2.5}}})
 
 
@@ -99,7 +99,7 @@ def test_registry_round_trip_and_champion_moves_only_on_better_fd(project: confi
 
     from rcg.serving import decode_images
 
-    no_eval = _promote(project, fd=None)  # no metrics/eval.json yet: registered, never champion
+    no_eval = _promote(project, fd=None)  # no metrics/details/eval.json yet: registered, never champion
     assert no_eval["version"] == "1" and not no_eval["promoted"] and "no fd" in no_eval["reason"]
 
     first = _promote(project, fd=10.0)

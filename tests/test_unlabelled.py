@@ -91,7 +91,7 @@ def test_every_stage_runs_and_a_generator_comes_out(unlabelled_run: Path) -> Non
     encoder = _json(repo, "models/encoder/encoder.json")
     assert len(encoder["spec"]["mean"]) == 3 and _json(repo, "metrics/details/encoder.json")["normalisation"]["measured"]
     for mode in ("uncond", "rcg", "rcg_cfg", "oracle"):
-        row = _json(repo, "metrics/eval.json")["modes"][mode]
+        row = _json(repo, "metrics/details/eval.json")["modes"][mode]
         assert np.isfinite(row["fd"]) and "is" not in row, (mode, row)
     for name in ("samples_rcg", "samples_uncond", "interpolation"):
         assert (repo / "plots" / f"{name}.png").stat().st_size > 0
@@ -101,7 +101,7 @@ def test_every_stage_runs_and_a_generator_comes_out(unlabelled_run: Path) -> Non
 
 def test_what_needs_labels_is_skipped_with_its_reason(unlabelled_run: Path) -> None:
     repo = unlabelled_run
-    ev = _json(repo, "metrics/eval.json")
+    ev = _json(repo, "metrics/details/eval.json")
     assert ev["extractor"] == "evalnet-ssl" and "without labels" in ev["fd_is"] and "not FID" in ev["fd_is"]
     assert set(ev["skipped"]) == {"label", "rcg_class", "is"} and not set(ev["skipped"]) & set(ev["modes"])
     assert "no class labels" in ev["skipped"]["label"]

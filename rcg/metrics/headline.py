@@ -25,6 +25,12 @@ GENERATOR = ("steps", "final_loss", "train_seconds_total", "images_per_s", "skip
 EVALNET = ("test_accuracy", "steps", "train_seconds_total", "skipped")
 
 
+def evaluation_keys(record: dict[str, Any]) -> list[str]:
+    """The headline of the evaluation table: each mode's fd, the floor's, the stage's time; IS,
+    precision, recall, KID and per-class values stay in the details file."""
+    return [*(f"modes.{m}.fd" for m in record.get("modes", {})), "floor.fd", "seconds"]
+
+
 def headline(record: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     """The `keys` of `record` it has, in that order; `a.b` is key `b` of the mapping at `a`, kept nested."""
     out: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 The protocol (modes, floor, class accuracy, figures) is rcg.metrics.evaluation's (paper section
 4); this stage loads the trained generators from their folders, runs it, and writes
-metrics/eval.json and plots/ (sample grids, Fig. 7's interpolation strips, training curves), all
+metrics/eval.json (the headline), metrics/details/eval.json (the table) and plots/ (sample grids, Fig. 7's interpolation strips, training curves), all
 logged to MLflow: the table as a table (`eval_table.json`), the figures as images, and the headline
 numbers (each mode's fd, precision, recall, and the floor's) as metrics of the pipeline run.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from rcg.config import Config
-from rcg.io import atomic_dir, write_json
+from rcg.io import atomic_dir
 from rcg.metrics.evaluation import ModeGenerators, ModeSampler, evaluate_modes
 from rcg.metrics.extractors import INCEPTION
+from rcg.metrics.headline import evaluation_keys, write_metrics
 from rcg.metrics.report import headline_metrics, table_rows
 from rcg.sampling import save_grid
 from rcg.tracking import Tracker, stage_run
@@ -25,7 +26,7 @@ from rcg.tracking import Tracker, stage_run
 log = logging.getLogger(__name__)
 
 def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Score every configured mode with `generators`; write metrics/eval.json and plots/; return the table."""
+    """Score every configured mode with `generators`; write the metrics files and plots/; return the table."""
     ev, tracker = cfg.evaluate, tracker or Tracker(False)
     t0 = time.perf_counter()
     out = evaluate_modes(generators, ev, cfg.data, evalnet_weights=Path(cfg.evalnet.out_dir) / "evalnet.safetensors",
@@ -40,16 +41,16 @@ def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = Non
     tracker.log_table(table_rows(results), "eval_table.json")  # MLflow's table view of the run
     tracker.log_pipeline(headline_metrics(results), tags)  # the pipeline run's own metrics
     plots = Path(ev.plots_dir)
-    with atomic_dir(plots, after=[ev.metrics_file]) as tmp:  # the figures and the table: one set
+    with atomic_dir(plots, after=[ev.metrics_file, ev.details_file]) as tmp:  # the figures and the table: one set
         for name, (images, nrow) in out.figures.items():
             tracker.log_artifact(save_grid(images, tmp / f"{name}.png", nrow=nrow), "plots")
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(ev.metrics_file, results)
+    write_metrics(results, ev.metrics_file, ev.details_file, evaluation_keys(results))
     for name in out.figures:  # as images too: the run's image view shows them
         tracker.log_image(plots / f"{name}.png", name, step=0)
     tracker.log_metrics({"seconds": results["seconds"]})
-    tracker.log_artifact(ev.metrics_file)
-    log.info("evaluate: wrote %s and %s/ in %.0f s", ev.metrics_file, plots, results["seconds"])
+    tracker.log_artifact(ev.details_file)
+    log.info("evaluate: wrote %s, %s and %s/ in %.0f s", ev.metrics_file, ev.details_file, plots, results["seconds"])
     return results
 
 
