@@ -288,6 +288,11 @@ def validate_request(model_input: Any, params: dict[str, Any] | None,
     return requests, steps
 
 
+# Codecs that decode through a folder of their own (generator.json's codec type -> artifact name):
+# a latent DiT's VAE, a MAGE's tokenizer; the registered model carries a copy.
+CODEC_FOLDERS = {"vae": "vae", "tokens": "tokenizer"}
+
+
 class RCGPyfunc(PythonModel):
     """MLflow pyfunc around rcg.generation.RCGGenerator: RDM samples -> images (paper section 3)."""
 
@@ -295,7 +300,8 @@ class RCGPyfunc(PythonModel):
         from rcg.generation import RCGGenerator
 
         arts = context.artifacts
-        self.generator = _bundled_generator(arts) if "vae" in arts else RCGGenerator.load(
+        folder = next((k for k in CODEC_FOLDERS.values() if k in arts), None)
+        self.generator = _bundled_generator(arts, folder) if folder else RCGGenerator.load(
             arts["rdm"], Path(arts["generator"]) / "rep")
         evaluate = json.loads(Path(arts["config"]).read_text()).get("evaluate", {})  # the run's record
         table = json.loads(Path(arts["eval"]).read_text()) if "eval" in arts else {}
@@ -328,17 +334,17 @@ class RCGPyfunc(PythonModel):
         return pd.DataFrame(rows, columns=["request", "index", "class", "seed", "png"])
 
 
-def _bundled_generator(arts: dict[str, str]) -> Any:
-    """RCGGenerator.load of the bundled folders, decoding through the bundled copy of the VAE:
-    generator.json names the folder the generator was trained with, which may be relative to the
-    project or absent where the model is served."""
+def _bundled_generator(arts: dict[str, str], folder: str) -> Any:
+    """RCGGenerator.load of the bundled folders, decoding through the bundled copy (artifact
+    `folder`) of the VAE or tokenizer: generator.json names the folder the generator was trained
+    with, which may be relative to the project or absent where the model is served."""
     from rcg.generation import ImageGenerator, RCGGenerator, RepGenerator, default_device
     from rcg.generators import load_generator
     from rcg.generators.vae import make_codec
 
     device, gen_dir = default_device(), Path(arts["generator"]) / "rep"
     model, diffusion, meta = load_generator(gen_dir, device)
-    codec = make_codec({**meta["codec"], "path": arts["vae"]}).to(device)
+    codec = make_codec({**meta["codec"], "path": arts[folder]}).to(device)
     image = ImageGenerator(model, diffusion, codec, meta, device, gen_dir)
     return RCGGenerator(RepGenerator.load(arts["rdm"], device), image)
 
@@ -382,10 +388,11 @@ def model_files(cfg: Config) -> dict[str, Path]:
             raise PipelineError(f"{path}: not found (run `{stage}` first)")
     files = {"rdm": rdm_dir, "generator": gen_dir}
     codec = read_json(gen_dir / "generator.json").get("codec") or {}
-    if codec.get("type") == "vae":  # the generator decodes through this folder: bundled with it
-        files["vae"] = Path(codec["path"])
-        if not files["vae"].is_dir():
-            raise PipelineError(f"{files['vae']}: not found (the VAE folder that {gen_dir}/generator.json names)")
+    if codec.get("type") in CODEC_FOLDERS:  # the generator decodes through this folder: bundled with it
+        key = CODEC_FOLDERS[codec["type"]]
+        files[key] = Path(codec["path"])
+        if not files[key].is_dir():
+            raise PipelineError(f"{files[key]}: not found (the {key} folder that {gen_dir}/generator.json names)")
     if Path(cfg.evaluate.details_file).exists():
         files["eval"] = Path(cfg.evaluate.details_file)
     return files
@@ -440,9 +447,10 @@ def _bundle(cfg: Config, files: dict[str, Path], stage: Path) -> dict[str, str]:
             shutil.copy2(f, rdm / f.name)
     (stage / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     artifacts = {"rdm": str(rdm), "generator": str(stage / "generator"), "config": str(stage / "config.json")}
-    if "vae" in files:
-        shutil.copytree(files["vae"], stage / "vae")
-        artifacts["vae"] = str(stage / "vae")
+    for key in CODEC_FOLDERS.values():
+        if key in files:
+            shutil.copytree(files[key], stage / key)
+            artifacts[key] = str(stage / key)
     if "eval" in files:
         artifacts["eval"] = str(files["eval"])
     return artifacts

@@ -117,9 +117,6 @@ def test_rcg_generate_draws_images_with_a_mage(project: config.Config) -> None:
     assert len(list(Path("outputs/cls").glob("0000*.png"))) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=PipelineError,
-                   reason="rcg.serving bundles a generator's VAE folder but not a MAGE's tokenizer folder: the "
-                          "registered model decodes through the project's models/tokenizer, missing elsewhere")
 def test_the_registered_mage_carries_its_tokenizer(project: config.Config, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """generator.json names the tokenizer by the project's relative path: the registered model must
