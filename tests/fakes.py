@@ -6,12 +6,16 @@ released one, at a size that loads and runs in seconds on a CPU:
 - `official_checkpoint`: an official SSL encoder checkpoint (MoCo v3 `.pth.tar`, DINO, iBOT, DeiT);
 - `random_inception_weights`: torch-fidelity's Inception-v3 weights file;
 - `tiny_vae`: a diffusers AutoencoderKL folder (what `save_pretrained` writes for the SD VAE);
-- `adm_reference_npz`: ADM's reference statistics `.npz` (mu/sigma of the FID features, arr_0 images).
+- `adm_reference_npz`: ADM's reference statistics `.npz` (mu/sigma of the FID features, arr_0 images);
+- `official_vqgan`: MAGE's MaskGIT VQGAN checkpoint (`vqgan_jax_strongaug.ckpt`), whose layout
+  (`vqgan_layout`) is written out here from the network's description, independently of
+  rcg.tokenizers, so that a test comparing the two can fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +106,73 @@ def adm_reference_npz(path: Path, images: torch.Tensor, featurizer: Any, with_im
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
+
+
+# The size of vqgan_jax_strongaug.ckpt (MaskGIT's VQGAN: width 128, multipliers 1, 1, 2, 2, 4, two
+# residual blocks per level, 256-d codes, 1024 of them), as `vqgan_layout` keyword arguments.
+MASKGIT_VQGAN = dict(in_ch=3, ch=128, mult=(1, 1, 2, 2, 4), blocks=2, z=256, codes=1024)
+
+
+def _vqgan_block(prefix: str, c_in: int, c_out: int) -> dict[str, tuple[int, ...]]:
+    keys = {f"{prefix}.norm1.weight": (c_in,), f"{prefix}.norm1.bias": (c_in,),
+            f"{prefix}.conv1.weight": (c_out, c_in, 3, 3),
+            f"{prefix}.norm2.weight": (c_out,), f"{prefix}.norm2.bias": (c_out,),
+            f"{prefix}.conv2.weight": (c_out, c_out, 3, 3)}
+    if c_in != c_out:
+        keys[f"{prefix}.nin_shortcut.weight"] = (c_out, c_out, 1, 1)  # acts on h, so out x out
+    return keys
+
+
+def vqgan_layout(in_ch: int, ch: int, mult: tuple[int, ...], blocks: int, z: int,
+                 codes: int) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a MaskGIT VQGAN state dict (the layout of vqgan_jax_strongaug.ckpt at
+    `MASKGIT_VQGAN`; smaller sizes of the same network with other arguments)."""
+    w = [ch * m for m in mult]
+    out: dict[str, tuple[int, ...]] = {"encoder.conv_in.weight": (ch, in_ch, 3, 3)}
+    c = ch
+    for i, wi in enumerate(w):
+        for j in range(blocks):
+            out |= _vqgan_block(f"encoder.down.{i}.block.{j}", c, wi)
+            c = wi
+    out |= _vqgan_block("encoder.mid.block_1", c, c) | _vqgan_block("encoder.mid.block_2", c, c)
+    out |= {"encoder.norm_out.weight": (c,), "encoder.norm_out.bias": (c,),
+            "encoder.conv_out.weight": (z, c, 1, 1), "encoder.conv_out.bias": (z,),
+            "decoder.conv_in.weight": (c, z, 3, 3), "decoder.conv_in.bias": (c,)}
+    out |= _vqgan_block("decoder.mid.block_1", c, c) | _vqgan_block("decoder.mid.block_2", c, c)
+    for i in reversed(range(len(w))):
+        for j in range(blocks):
+            out |= _vqgan_block(f"decoder.up.{i}.block.{j}", c, w[i])
+            c = w[i]
+        if i > 0:
+            out |= {f"decoder.up.{i}.upsample.conv.weight": (c, c, 3, 3), f"decoder.up.{i}.upsample.conv.bias": (c,)}
+    out |= {"decoder.norm_out.weight": (c,), "decoder.norm_out.bias": (c,),
+            "decoder.conv_out.weight": (in_ch, c, 3, 3), "decoder.conv_out.bias": (in_ch,),
+            "quantize.embedding.weight": (codes, z)}
+    return out
+
+
+def random_vqgan_state(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of `layout`: convolutions scaled by fan-in, norms around (1, 0), codes N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in layout.items():
+        t = torch.randn(shape, generator=g)
+        if len(shape) == 4:
+            t /= math.sqrt(shape[1] * shape[2] * shape[3])
+        elif k.endswith("norm1.weight") or k.endswith("norm2.weight") or k.endswith("norm_out.weight"):
+            t = 1.0 + 0.1 * t
+        elif not k.startswith("quantize."):
+            t = 0.1 * t
+        state[k] = t
+    return state
+
+
+def official_vqgan(path: Path, seed: int = 0, wrapped: bool = False,
+                   size: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """An official-layout VQGAN checkpoint at `path` with random weights, saved with torch.save as
+    the released file is (a bare state dict; `wrapped`: under `state_dict`, as some copies are);
+    `size`: `vqgan_layout` arguments (default `MASKGIT_VQGAN`, ~218 MB). Returns the state saved."""
+    state = random_vqgan_state(vqgan_layout(**(size or MASKGIT_VQGAN)), seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state} if wrapped else state, path)
+    return state

@@ -2,16 +2,23 @@
 
 A user of the paper's setting (rcg/presets/imagenet256.yaml) points `shard.folder` at ImageNet,
 puts the files the preset names beside the project (the official MoCo v3 checkpoint, the SD VAE
-saved with `save_pretrained`, ADM's reference statistics, torch-fidelity's Inception weights) and
-runs `dvc exp run`. This test does exactly that with a miniature ImageNet (3 classes with wnid
-names, JPEGs of varied sizes cropped from scikit-image's photographs, train/<wnid>/ and
-val/<wnid>/) and files of the real layouts with random weights (tests/fakes.py), keeping every
-choice of the preset that makes it the ImageNet path and shrinking only sizes, steps and counts
-(`OVERRIDES`). Every stage runs, through DVC, in one process each, offline: conversion of the
-checkpoint, encoding, the RDMs, the DiT on VAE latents for the three conditions, evaluation with
-Inception against the reference file, registration in MLflow. The registered model is then loaded
-the way a server loads it (from another folder) and draws images. No GPU is needed, and nothing is
-downloaded (the caches torch and Hugging Face would download into stay empty).
+saved with `save_pretrained`, ADM's reference statistics, torch-fidelity's Inception weights, and
+for MAGE the MaskGIT VQGAN) and runs `dvc exp run`. This test does exactly that with a miniature
+ImageNet (3 classes with wnid names, train/<wnid>/ and val/<wnid>/, photographs of 256-400 px a side
+cropped and rescaled from scikit-image's, as ImageNet's are larger than the training size: JPEGs,
+and every third file a PNG, one of them grayscale and one with an alpha channel) and files of the
+real layouts with random weights (tests/fakes.py), keeping every choice of the preset that makes it
+the ImageNet path and shrinking only sizes, steps and counts (`OVERRIDES`), with one exception: the
+training stages run as 2 torchrun processes (gloo), as on a GPU node, not as one. Every stage runs,
+through DVC, offline: conversion of the checkpoint, encoding, the RDMs, the DiT on VAE latents for
+the three conditions, evaluation with Inception against the reference file, registration in
+MLflow. The registered model is then loaded the way a server loads it (from another folder) and
+draws images. No GPU is needed, and nothing is downloaded (the caches torch and Hugging Face would
+download into stay empty).
+
+The slow test then switches the same project to the imagenet256_mage_b preset (MAGE on the
+official VQGAN's ids, shrunk to `mage_tiny`), as a user would with `rcg params --preset`: only the
+tokenizer, the generators, evaluation and promotion rerun.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +43,7 @@ from skimage import data as skdata
 
 from rcg import config
 from rcg.encoders import RepEncoder
-from tests.fakes import adm_reference_npz, official_checkpoint, random_inception_weights, tiny_vae
+from tests.fakes import adm_reference_npz, official_checkpoint, official_vqgan, random_inception_weights, tiny_vae
 from tests.mlflow_view import EVERY_STAGE, check_pipeline_run, store
 from tests.test_pipeline import _expected_outputs
 
@@ -44,7 +52,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # crops of one photograph, so the classes differ as classes do and the class modes mean something.
 CLASSES = {"n01440764": "astronaut", "n01443537": "coffee", "n01484850": "chelsea"}
 TRAIN_PER_CLASS, VAL_PER_CLASS, REFERENCE_IMAGES = 12, 3, 12
-IMAGE_SIZE = 64  # a multiple of the SD VAE's factor 8: the DiT sees 8 x 8 latents
+IMAGE_SIZE = 64  # a multiple of the SD VAE's factor 8 (8 x 8 latents) and the VQGAN's 16 (4 x 4 ids)
+SOURCE_SIDES = (256, 400)  # the photographs' width and height range in px: never below the preset's 256
+PNG_EVERY = 3  # every third file of a class is a PNG, the others JPEGs
+# PNGs of other modes than RGB (file index in its class): grayscale, and RGBA, which the shard stage
+# converts (alpha over white); both reach the models as RGB.
+ODD_PNGS = {("n01443537", PNG_EVERY - 1): "L", ("n01484850", PNG_EVERY - 1): "RGBA"}
+NPROC = 2  # torchrun processes per training stage (dist.nproc_per_node)
+# The training stages (rcg.cli.TRAINING_COMMANDS): their command, and how often one pipeline runs it.
+TRAINING = {"encoder": ("encoder", 1), "train_rdm": ("train-rdm", 1), "evalnet": ("evalnet", 1),
+            "train_generator": ("train-generator", 3)}
 N_SAMPLES = 6  # per mode: a multiple of the 3 classes, as class_balance uniform requires
 # Where the files the preset names go, relative to the project: the preset's own paths, except the
 # encoder's (ViT-S, MoCo v3's smallest released size, instead of ViT-B) and Inception's (the preset
@@ -53,6 +70,7 @@ ENCODER_FILE = "pretrained_enc_ckpts/mocov3/vit-s-300ep.pth.tar"
 VAE_DIR = "models/vae/sd-vae-ft-ema"
 REFERENCE_FILE = "fid_stats/VIRTUAL_imagenet256_labeled.npz"
 INCEPTION_FILE = "pretrained/weights-inception-2015-12-05-6726825d.pth"
+VQGAN_FILE = "vqgan_jax_strongaug.ckpt"  # the MAGE presets' tokenizer.checkpoint
 
 OVERRIDES = [
     # Data: 64 px, decoded in the stage's own process (no loader workers, one shard writer: 2 cores).
@@ -64,13 +82,22 @@ OVERRIDES = [
     # timesteps, constant lr, fp32, 250 DDIM steps at eta 1) stays.
     "train_rdm.arch=tiny", "train_rdm.steps=6", "train_rdm.n_eval=16",
     # The generators: the tiny DiT on the same SD-VAE latents (eps, crops encoded on the fly, DDPM
-    # sampling stay), two steps of four images, a 2-step grid.
+    # sampling stay), two steps of four images, a 2-step grid of four.
     "train_generator.arch=dit_tiny", "train_generator.steps=2", "train_generator.batch_size=4",
-    "train_generator.sample_steps=2",
+    "train_generator.sample_steps=2", "train_generator.grid_size=4",
     # Evaluation: Inception (weights from this file) against ADM's statistics stays; six samples per
     # mode (a multiple of the classes, as class_balance uniform needs) drawn in 2 steps.
     f"evaluate.inception_weights={INCEPTION_FILE}", f"evaluate.n_samples={N_SAMPLES}", "evaluate.sample_steps=2",
+    # Every training stage as 2 gloo processes under torchrun (rcg.launch), as on a node of GPUs
+    # (the preset's 0 means one per GPU: one here). dist is one block for all training stages.
+    f"dist.nproc_per_node={NPROC}",
 ]
+# The imagenet256_mage_b preset with OVERRIDES (the DiT's budget; 2 decoding iterations), and MAGE-B
+# shrunk to the tiny MAGE: its sequence length and codebook come from the VQGAN (4 x 4 of 1024 at 64 px).
+MAGE_OVERRIDES = ["train_generator.arch=mage_tiny"]
+# What the switch to MAGE reruns; every other stage is up to date (its params and inputs unchanged).
+MAGE_STAGES = {"tokenizer", "train_generator@rep", "train_generator@none", "train_generator@label", "evaluate",
+               "promote"}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -80,34 +107,48 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
 
 
 def _crops(photo: np.ndarray, n: int, rng: np.random.Generator) -> list[Image.Image]:
-    """`n` random crops of `photo`, each resized to its own size of 80-120 px a side (ImageNet's
-    photographs come in every size; the loader crops them square)."""
+    """`n` random crops of `photo`, each rescaled to its own width and height in `SOURCE_SIDES`
+    (ImageNet's photographs come in every size and aspect; the loader resizes and crops them square)."""
     h, w = photo.shape[:2]
     out = []
     for _ in range(n):
         side = int(rng.integers(min(h, w) // 3, min(h, w) * 4 // 5))
         y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-        size = (int(rng.integers(80, 121)), int(rng.integers(80, 121)))
+        lo, hi = SOURCE_SIDES
+        size = (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1)))
         out.append(Image.fromarray(photo[y : y + side, x : x + side]).resize(size, Image.BICUBIC))
     return out
 
 
+def _save(img: Image.Image, path: Path, mode: str | None) -> None:
+    """A JPEG as ImageNet's (quality 90), or a PNG of `mode` (RGB, L, or RGBA with a gradient alpha)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".JPEG":
+        img.save(path, "JPEG", quality=90)
+    elif mode == "RGBA":
+        alpha = np.linspace(64, 255, img.width, dtype=np.uint8)[None].repeat(img.height, 0)
+        Image.fromarray(np.dstack([np.asarray(img), alpha]), "RGBA").save(path, "PNG")
+    else:
+        img.convert(mode or "RGB").save(path, "PNG")
+
+
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A miniature ImageNet in the real layout: train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_*.JPEG."""
+    """A miniature ImageNet in the real layout: train/<wnid>/<wnid>_<n>.JPEG,
+    val/<wnid>/ILSVRC2012_val_*.JPEG, every `PNG_EVERY`-th file a .png instead."""
     root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
     val_id = 0
     for wnid, photo in CLASSES.items():
         crops = _crops(getattr(skdata, photo)(), TRAIN_PER_CLASS + VAL_PER_CLASS, rng)
         for i, img in enumerate(crops):
+            ext = "png" if i % PNG_EVERY == PNG_EVERY - 1 else "JPEG"
             if i < TRAIN_PER_CLASS:
-                path = root / "train" / wnid / f"{wnid}_{1000 + i}.JPEG"
+                path = root / "train" / wnid / f"{wnid}_{1000 + i}.{ext}"
             else:
                 val_id += 1
-                path = root / "val" / wnid / f"ILSVRC2012_val_{val_id:08d}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img.save(path, "JPEG", quality=90)
+                path = root / "val" / wnid / f"ILSVRC2012_val_{val_id:08d}.{ext}"
+            _save(img, path, ODD_PNGS.get((wnid, i)))
     return root
 
 
@@ -150,22 +191,36 @@ def _finite(row: dict, keys: tuple[str, ...]) -> bool:
     return all(isinstance(row.get(k), float) and math.isfinite(row[k]) for k in keys)
 
 
-def test_imagenet_preset_runs_every_stage_end_to_end(
-    imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = tmp_path / "project"
+@pytest.fixture(scope="module")
+def dit_run(imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The project with the imagenet256 preset after one `dvc exp run` of every stage: its folder,
+    the environment the stages ran in, what DVC and the stages printed, and the encoder the MoCo v3
+    checkpoint holds."""
+    tmp = tmp_path_factory.mktemp("imagenet-project")
+    repo = tmp / "project"
     # Empty caches: Inception must come from the configured file, the VAE from its folder.
-    torch_home, hf_home = tmp_path / "torch-home", tmp_path / "hf-home"
+    homes = (tmp / "torch-home", tmp / "hf-home")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo), "TORCH_HOME": str(torch_home), "HF_HOME": str(hf_home),
+        "PYTHONPATH": str(repo), "TORCH_HOME": str(homes[0]), "HF_HOME": str(homes[1]),
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
     }
     _project(repo, imagenet, env)
-    source_encoder = _external_files(repo)
-    ran = _run([sys.executable, "-m", "dvc", "exp", "run"], repo, env).stdout
+    encoder = _external_files(repo)
+    r = _run([sys.executable, "-m", "dvc", "exp", "run"], repo, env)
+    return SimpleNamespace(repo=repo, imagenet=imagenet, env=env, ran=r.stdout, log=r.stdout + r.stderr, homes=homes,
+                           encoder=encoder)
 
+
+def _ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_imagenet_preset_runs_every_stage_end_to_end(
+    dit_run: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo, env, ran = dit_run.repo, dit_run.env, dit_run.ran
     cfg = config.load(repo / "params.yaml")
     assert cfg.preset == "imagenet256"
     # What stays of the paper's setting (the preset's values, not overridden).
@@ -182,17 +237,18 @@ def test_imagenet_preset_runs_every_stage_end_to_end(
     dvc_yaml = yaml.safe_load((repo / "dvc.yaml").read_text())
     every = {f"{name}@{item}" if "foreach" in st else name
              for name, st in dvc_yaml["stages"].items() for item in st.get("foreach", [None])}
-    assert set(re.findall(r"Running stage '([^']+)'", ran)) == every, ran
+    assert _ran_stages(ran) == every, ran
     missing = [p for p in _expected_outputs(dvc_yaml, yaml.safe_load((repo / "params.yaml").read_text()))
                if not (repo / p).exists()]
     assert not missing, f"stage outputs missing after dvc exp run: {missing}"
     status = _run([sys.executable, "-m", "dvc", "status"], repo, env).stdout
     assert "changed" not in status, status
-    for home in (torch_home, hf_home):
+    for home in dit_run.homes:
         assert not home.exists() or not any(home.rglob("*")), f"something was downloaded into {home}"
 
-    _check_shards(repo)
-    _check_encoder(repo, source_encoder)
+    _check_shards(repo, dit_run.imagenet)
+    _check_world_size(dit_run.log)
+    _check_encoder(repo, dit_run.encoder)
     _check_generators(repo)
     _check_evaluation(repo, cfg)
     check_pipeline_run(repo, EVERY_STAGE)  # what MLflow shows of the run (tests/mlflow_view.py)
@@ -200,13 +256,51 @@ def test_imagenet_preset_runs_every_stage_end_to_end(
     _check_served_model(repo)
 
 
-def _check_shards(repo: Path) -> None:
-    """The manifest counts the miniature ImageNet's images per split and names its classes."""
+def _check_shards(repo: Path, imagenet: Path) -> None:
+    """The manifest counts every file of the miniature ImageNet per split, JPEGs and PNGs, and names
+    its classes; the shards hold the JPEGs and plain PNGs byte for byte, and the RGBA PNG converted
+    to an 8-bit PNG (the one conversion, with its reason)."""
     manifest = json.loads((repo / "data" / "shards" / "manifest.json").read_text())
     assert manifest["classes"] == sorted(CLASSES)
-    assert manifest["splits"]["train"]["written"] == TRAIN_PER_CLASS * len(CLASSES)
-    assert manifest["splits"]["val"]["written"] == VAL_PER_CLASS * len(CLASSES)
-    assert manifest["splits"]["train"]["skipped"] == 0 and manifest["splits"]["val"]["skipped"] == 0
+    rgba = [f"{wnid}/{wnid}_{1000 + i}" for (wnid, i), mode in ODD_PNGS.items() if mode == "RGBA"]
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        paths = sorted((imagenet / split).rglob("*.*"))
+        pngs = [p for p in paths if p.suffix == ".png"]
+        assert len(paths) == per_class * len(CLASSES) and 0 < len(pngs) < len(paths)
+        info = manifest["splits"][split]
+        assert (info["written"], info["skipped"]) == (len(paths), 0), (split, info)
+        members = _shard_members(repo / "data" / "shards" / split)
+        assert sorted(members) == sorted((f"{p.parent.name}/{p.stem}", "png" if p in pngs else "jpg") for p in paths)
+        for (key, ext), data in members.items():  # the files' own bytes, but for the converted one
+            source = imagenet / split / f"{key}.{'png' if ext == 'png' else 'JPEG'}"
+            assert (data == source.read_bytes()) == (key not in rgba), key
+    assert [(c["split"], c["key"]) for c in manifest["converted"]] == [("train", k) for k in rgba]
+    assert all("alpha" in c["reason"] for c in manifest["converted"]), manifest["converted"]
+
+
+def _check_world_size(log: str, stages: tuple[str, ...] = tuple(TRAINING)) -> None:
+    """Each run of a training stage of `stages` re-executed itself under torchrun with `NPROC`
+    processes (rcg.launch), and each process finished the stage; the RDM split its global batch
+    over them."""
+    for stage in stages:
+        command, runs = TRAINING[stage]
+        launched = re.findall(rf"relaunching under torchrun with (\d+) processes: .* -m rcg\.cli {command}\b", log)
+        assert launched == [str(NPROC)] * runs, (stage, launched)
+        assert len(re.findall(rf" rcg: {command}: done in", log)) == NPROC * runs, (stage, log[-3000:])
+    if "train_rdm" in stages:
+        assert re.search(rf"rdm: \w+, \d+ reps of dim 256, global batch \d+ on {NPROC} rank\(s\)", log), log[-3000:]
+
+
+def _shard_members(split_dir: Path) -> dict[tuple[str, str], bytes]:
+    """(key, extension) -> bytes of every image in the split's tar shards."""
+    out = {}
+    for shard in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                if ext in ("jpg", "png"):
+                    out[(key, ext)] = tar.extractfile(m).read()
+    return out
 
 
 def _check_encoder(repo: Path, source: RepEncoder) -> None:
@@ -280,3 +374,48 @@ def _check_served_model(repo: Path) -> None:
     images = decode_images(out)
     assert images.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
     assert list(out["class"]) == [-1, -1, 2]
+
+
+@pytest.mark.slow  # the official VQGAN (54.5M weights) on a CPU: about 2 CPU-minutes after the DiT run
+def test_mage_preset_on_the_official_vqgan_reruns_only_the_generator_side(dit_run: SimpleNamespace) -> None:
+    """The same project switched to the imagenet256_mage_b preset, as a user would (`rcg params
+    --preset`, the same overrides, MAGE-B shrunk), with the official VQGAN file where the preset
+    looks for it: the tokenizer stage converts it, MAGE trains on its ids for each condition (still
+    2 processes each), evaluation scores FID against ADM's file, promote registers a version. Every
+    stage upstream of them is up to date and does not run."""
+    from rcg.tokenizers import load_tokenizer
+
+    repo, env = dit_run.repo, dit_run.env
+    dvc = [sys.executable, "-m", "dvc"]
+    state = official_vqgan(repo / VQGAN_FILE)
+    sets = [a for kv in [f"shard.folder={dit_run.imagenet}", *OVERRIDES, *MAGE_OVERRIDES] for a in ("--set", kv)]
+    _run(["rcg", "params", "--preset", "imagenet256_mage_b", *sets], repo, env)
+    cfg = config.load(repo / "params.yaml")
+    assert (cfg.preset, cfg.tokenizer.checkpoint, cfg.tokenizer.arch, cfg.train_generator.tokenizer) == (
+        "imagenet256_mage_b", VQGAN_FILE, "maskgit_f16", "models/tokenizer")
+    changed = set(json.loads(_run(dvc + ["params", "diff", "--json"], repo, env).stdout)["params.yaml"])
+    assert changed and all(k.startswith("train_generator.") for k in changed), changed  # the generator's recipe
+
+    r = _run(dvc + ["exp", "run"], repo, env)
+    assert _ran_stages(r.stdout) == MAGE_STAGES, r.stdout
+    kept = set(re.findall(r"Stage '([^']+)' didn't change, skipping", r.stdout))
+    assert kept == {"code", "shard", "encoder", "encode", "train_rdm", "evalnet"}, r.stdout
+    assert json.loads(_run(dvc + ["status", "--json"], repo, env).stdout) == {}
+    _check_world_size(r.stdout + r.stderr, ("train_generator",))
+
+    # The tokenizer is the checkpoint's weights, unchanged, at the data's size: 4 x 4 ids of 1024 codes.
+    vq = load_tokenizer(repo / "models" / "tokenizer")
+    assert vq.meta["arch"] == "maskgit_f16" and vq.meta["provenance"]["source"] == "checkpoint"
+    assert vq.meta["provenance"]["file"] == VQGAN_FILE
+    assert all(torch.equal(v, state[k]) for k, v in vq.state_dict().items())
+    tok = json.loads((repo / "metrics" / "tokenizer.json").read_text())
+    assert (tok["token_grid"], tok["codebook_size"], tok["input_size"]) == ([4, 4], 1024, IMAGE_SIZE), tok
+    assert tok["val_images"] == VAL_PER_CLASS * len(CLASSES) and math.isfinite(tok["mse"])
+    for condition in ("rep", "none", "label"):
+        meta = json.loads((repo / "models" / "generator" / condition / "generator.json").read_text())
+        assert meta["arch"] == "mage_tiny" and meta["codec"]["type"] == "tokens", meta
+        assert (meta["kwargs"]["num_tokens"], meta["kwargs"]["codebook_size"]) == (16, 1024)
+        assert meta["sampling"]["sampler"] == "mage" and meta["sampling"]["choice_temperature"] == 6.0
+    _check_evaluation(repo, cfg)  # FID against ADM's file, every mode finite, the class modes balanced
+    check_pipeline_run(repo, {"tokenizer", "train_generator (rep)", "train_generator (none)",
+                              "train_generator (label)", "evaluate", "promote"})

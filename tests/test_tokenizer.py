@@ -1,11 +1,12 @@
 """The VQGAN tokenizer MAGE generates in (rcg.tokenizers, `rcg tokenizer`).
 
-The official checkpoint's layout is written out here independently of rcg.tokenizers (key names and
-shapes from the MaskGIT VQGAN's description), and so is a functional forward pass over such a state
-dict (convolutions, group norms, nearest-code lookup). A checkpoint of that layout with random
-weights, saved with torch.save as the official file is, must load strictly and tokenize and decode
-exactly as the independent forward does: a wrong block order, a shortcut taken from the wrong
-tensor or a missing bias would show. Then: loading errors name every bad key and the file, a
+The official checkpoint's layout is written out independently of rcg.tokenizers (key names and
+shapes from the MaskGIT VQGAN's description, in tests/fakes.py, which the ImageNet path test
+shares), and so is, here, a functional forward pass over such a state dict (convolutions, group
+norms, nearest-code lookup). A checkpoint of that layout with random weights, saved with
+torch.save as the official file is, must load strictly and tokenize and decode exactly as the
+independent forward does: a wrong block order, a shortcut taken from the wrong tensor or a
+missing bias would show. Then: loading errors name every bad key and the file, a
 crafted pickle is refused unrun, training lowers the reconstruction error with the codebook in use,
 an interrupted training resumes bit-identical, and the stage writes its files and metrics.
 """
@@ -25,69 +26,19 @@ from rcg import config
 from rcg.io import PipelineError
 from rcg.tokenizers import build_vqgan, load_tokenizer
 from rcg.tokenizers.official import load_official
+from tests.fakes import MASKGIT_VQGAN as MASKGIT
+from tests.fakes import random_vqgan_state as random_state
+from tests.fakes import vqgan_layout as official_layout
 from tests.interrupt import Interrupted, interrupt_after
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MASKGIT = dict(in_ch=3, ch=128, mult=(1, 1, 2, 2, 4), blocks=2, z=256, codes=1024)
 TINY = dict(in_ch=1, ch=16, mult=(1, 1, 2), blocks=1, z=16, codes=32)  # vq_tiny's layout
 
 
 # --------------------------------------------------------------------------------------------------
 # The official layout and forward pass, written independently of rcg.tokenizers
 # --------------------------------------------------------------------------------------------------
-
-
-def _resblock(prefix: str, c_in: int, c_out: int) -> dict[str, tuple[int, ...]]:
-    keys = {f"{prefix}.norm1.weight": (c_in,), f"{prefix}.norm1.bias": (c_in,),
-            f"{prefix}.conv1.weight": (c_out, c_in, 3, 3),
-            f"{prefix}.norm2.weight": (c_out,), f"{prefix}.norm2.bias": (c_out,),
-            f"{prefix}.conv2.weight": (c_out, c_out, 3, 3)}
-    if c_in != c_out:
-        keys[f"{prefix}.nin_shortcut.weight"] = (c_out, c_out, 1, 1)  # acts on h, so out x out
-    return keys
-
-
-def official_layout(in_ch: int, ch: int, mult: tuple[int, ...], blocks: int, z: int, codes: int) -> dict[str, tuple]:
-    """Key -> shape of a MaskGIT VQGAN state dict (the layout of vqgan_jax_strongaug.ckpt)."""
-    w = [ch * m for m in mult]
-    out: dict[str, tuple] = {"encoder.conv_in.weight": (ch, in_ch, 3, 3)}
-    c = ch
-    for i, wi in enumerate(w):
-        for j in range(blocks):
-            out |= _resblock(f"encoder.down.{i}.block.{j}", c, wi)
-            c = wi
-    out |= _resblock("encoder.mid.block_1", c, c) | _resblock("encoder.mid.block_2", c, c)
-    out |= {"encoder.norm_out.weight": (c,), "encoder.norm_out.bias": (c,),
-            "encoder.conv_out.weight": (z, c, 1, 1), "encoder.conv_out.bias": (z,),
-            "decoder.conv_in.weight": (c, z, 3, 3), "decoder.conv_in.bias": (c,)}
-    out |= _resblock("decoder.mid.block_1", c, c) | _resblock("decoder.mid.block_2", c, c)
-    for i in reversed(range(len(w))):
-        for j in range(blocks):
-            out |= _resblock(f"decoder.up.{i}.block.{j}", c, w[i])
-            c = w[i]
-        if i > 0:
-            out |= {f"decoder.up.{i}.upsample.conv.weight": (c, c, 3, 3), f"decoder.up.{i}.upsample.conv.bias": (c,)}
-    out |= {"decoder.norm_out.weight": (c,), "decoder.norm_out.bias": (c,),
-            "decoder.conv_out.weight": (in_ch, c, 3, 3), "decoder.conv_out.bias": (in_ch,),
-            "quantize.embedding.weight": (codes, z)}
-    return out
-
-
-def random_state(layout: dict[str, tuple], seed: int = 0) -> dict[str, Tensor]:
-    """Random weights of `layout`: convolutions scaled by fan-in, norms around (1, 0), codes N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, shape in layout.items():
-        t = torch.randn(shape, generator=g)
-        if len(shape) == 4:
-            t /= math.sqrt(shape[1] * shape[2] * shape[3])
-        elif k.endswith("norm1.weight") or k.endswith("norm2.weight") or k.endswith("norm_out.weight"):
-            t = 1.0 + 0.1 * t
-        elif not k.startswith("quantize."):
-            t = 0.1 * t
-        state[k] = t
-    return state
 
 
 def _block(s: dict[str, Tensor], p: str, x: Tensor, groups: int) -> Tensor:
