@@ -70,6 +70,8 @@ OVERRIDES = [
     # Evaluation: Inception (weights from this file) against ADM's statistics stays; six samples per
     # mode (a multiple of the classes, as class_balance uniform needs) drawn in 2 steps.
     f"evaluate.inception_weights={INCEPTION_FILE}", f"evaluate.n_samples={N_SAMPLES}", "evaluate.sample_steps=2",
+    # CAS: two steps of each classifier on the six samples of a class mode.
+    "evaluate.cas_steps=2", "evaluate.cas_batch_size=4",
 ]
 
 
@@ -251,9 +253,12 @@ def _check_evaluation(repo: Path, cfg: config.Config) -> None:
     assert table["n_samples"] == N_SAMPLES and set(table["modes"]) == set(config.EVAL_MODES)
     for name, row in [*table["modes"].items(), ("floor", table["floor"])]:
         assert _finite(row, ("fd", "is", "kid", "precision", "recall")), (name, row)
-    assert set(table["class_accuracy"]) == {"label", "rcg_class"}
-    for acc in table["class_accuracy"].values():  # every class asked for, equally often (the overall
-        assert set(acc["per_class"]) == set(CLASSES)  # accuracy is then the mean of the per-class ones)
+    assert set(table["class_accuracy"]) == {"label", "rcg_class", "cluster"}  # cluster: its majority classes
+    assert set(table["cas"]["modes"]) == {"label", "rcg_class", "cluster"}
+    # The class modes: every class asked for, equally often (the overall accuracy is then the mean of
+    # the per-class ones).
+    for acc in (table["class_accuracy"][m] for m in evaluation.CLASS_MODES):
+        assert set(acc["per_class"]) == set(CLASSES)
         assert acc["overall"] == pytest.approx(sum(acc["per_class"].values()) / len(CLASSES))
     # The class ids those modes were given: the stage's own choice, on this project's shards.
     manifest = json.loads((repo / "data" / "shards" / "manifest.json").read_text())
