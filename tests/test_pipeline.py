@@ -111,8 +111,9 @@ def _check_metrics_width(repo: Path, dvc: list[str], env: dict[str, str]) -> Non
     table = _run(dvc + ["metrics", "show", *files], repo, {**env, "COLUMNS": "200"}).stdout
     assert max(len(line) for line in table.splitlines()) <= 550, table
     assert len(table.splitlines()[0].split()) <= 30, table
-    alone = _run(dvc + ["metrics", "show", "metrics/eval.json"], repo, {**env, "COLUMNS": "200"}).stdout
-    assert max(len(line) for line in alone.splitlines()) <= 200, alone
+    # The evaluation's headline alone: the nine modes' fd, the floor's and the time (220 characters).
+    alone = _run(dvc + ["metrics", "show", "metrics/eval.json"], repo, {**env, "COLUMNS": "240"}).stdout
+    assert max(len(line) for line in alone.splitlines()) <= 240, alone
 
 
 def _check_artifacts(repo: Path, dvc: list[str], env: dict[str, str], out: Path) -> None:
