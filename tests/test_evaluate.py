@@ -333,6 +333,7 @@ def test_seeds_give_each_mode_a_mean_and_spread_of_fd(workspace: Path) -> None:
     text = format_report(res)
     assert "mean ± std over 2 seeds" in text
     assert f"| uncond (no condition) | {res['modes']['uncond']['fd_mean']:.3f} ± " in text
+    assert f"rcg fd <= label fd (- vs {res['modes']['label']['fd_mean']:.3f};" in text  # claims: the means too
 
 
 def test_cas_is_high_for_real_images_of_their_class_and_chance_for_noise(in_workspace: Path) -> None:
