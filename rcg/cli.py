@@ -86,9 +86,11 @@ STAGES: dict[str, tuple[str, str, str]] = {
     ),
     "train-generator": (
         "train_generator",
-        "train the image generator conditioned on reps, labels or nothing",
-        "Train the pixel generator with --condition rep (RCG), none (unconditional baseline) or "
-        "label (class-label baseline); resumable checkpoints in models/generator/<condition>/.",
+        "train the image generator conditioned on reps, labels, clusters or nothing",
+        "Train the pixel generator with --condition rep (RCG), none (unconditional baseline), "
+        "label (class-label baseline), cluster (k-means cluster labels of the train reps) or "
+        "contrastive (reps drawn by the contrastive posterior); resumable checkpoints in "
+        "models/generator/<condition>/.",
     ),
     "generate": (
         "generate",
@@ -194,8 +196,9 @@ def _add_stage_options(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--if-needed", action="store_true",
                        help="only when train_generator.arch is a MAGE arch; otherwise record a skip (dvc.yaml)")
     elif name == "train-generator":
-        p.add_argument("--condition", choices=["rep", "none", "label"], default="rep",
-                       help="rep: RCG; none: unconditional baseline; label: class-label baseline")
+        p.add_argument("--condition", choices=["rep", "none", "label", "cluster", "contrastive"], default="rep",
+                       help="rep: RCG; none: unconditional baseline; label: class-label baseline; cluster: "
+                            "k-means cluster-label baseline; contrastive: RCG through the contrastive posterior")
     elif name == "generate":
         p.add_argument("--n", type=COUNT, default=64, help="how many images")
         p.add_argument("--class", dest="class_id", type=INDEX, default=None,

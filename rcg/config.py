@@ -347,6 +347,20 @@ class GeneratorConfig:
     # MAGE sizes (MAGE-B, MAGE-L, mage_fmnist, mage_tiny) generate the ids of `tokenizer` instead.
     arch: str = "unet_fmnist"
     rep_drop_prob: float = 0.1  # share of reps swapped for the learned fake_latent (reference: 0.1)
+    # Condition `cluster` (paper Table 9a's k-means cluster labels; rcg.clusters): k, the number of
+    # clusters of the train representations; 0 = the number of classes when the shards have labels,
+    # else round(sqrt(n / 100)) (rcg.clusters.default_k says why). Lloyd iterations of k-means, a fixed
+    # count (it stops earlier only at a fixed point), after k-means++ seeding from `seed`.
+    clusters: int = 0
+    cluster_iters: int = 50
+    # The contrastive posterior (rcg.priors): each training image is conditioned on one of
+    # `posterior_bank` hypersphere samples drawn by softmax(cos(its rep, sample) / temperature), not on
+    # its own rep. `none` keeps the rep generator as the paper trains it; the `contrastive` condition
+    # always trains with it. With 256-d reps and a bank of 1024, temperature 0.03 carries about 2 nats
+    # of the image (log(bank) - H(softmax)), a 10-class label's 2.3: 0.1 carries 0.2, 0.01 5.7.
+    rep_posterior: Literal["none", "contrastive"] = "none"
+    posterior_temperature: float = 0.03
+    posterior_bank: int = 1024
     vae: str = ""  # diffusers AutoencoderKL folder for latent space (256 px); empty = pixel space
     vae_scale: float = 0.0  # latent scale; 0 = the VAE config's scaling_factor (SD VAE: 0.18215)
     tokenizer: str = "models/tokenizer"  # the VQ tokenizer folder a MAGE arch works in (`rcg tokenizer`)
@@ -403,6 +417,9 @@ class GeneratorConfig:
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "arch": FREE, "rep_drop_prob": PROBABILITY, "vae": FREE, "vae_scale": NON_NEGATIVE, "tokenizer": PATH,
+        "clusters": Range(ge=2, zero_ok=True, why="0 chooses k from the data; one cluster is no condition"),
+        "cluster_iters": NON_NEGATIVE, "rep_posterior": FREE, "posterior_temperature": POSITIVE,
+        "posterior_bank": Range(ge=2, why="a choice needs at least two samples"),
         "timesteps": COUNT,
         "beta_schedule": FREE, "parameterization": FREE, "rep_source": FREE, "verify_cache": FREE, "hflip": FREE,
         "steps": COUNT, "batch_size": COUNT, "accum_steps": COUNT, "lr": POSITIVE, "warmup_steps": NON_NEGATIVE,
@@ -508,7 +525,7 @@ class TokenizerConfig:
 
 
 # The generation modes of docs/design.md (rcg.metrics.evaluation.MODES, which a test compares).
-EVAL_MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
+EVAL_MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle", "cluster", "hypersphere", "contrastive")
 
 
 @dataclass
@@ -517,9 +534,7 @@ class EvaluateConfig:
 
     extractor: Literal["evalnet", "inception"] = "evalnet"  # no Inception weights offline
     inception_weights: str = ""  # local Inception weights file; empty: torch's hub cache, else error
-    modes: list[str] = field(
-        default_factory=lambda: ["uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle"]
-    )  # every generation mode of docs/design.md
+    modes: list[str] = field(default_factory=lambda: list(EVAL_MODES))  # every generation mode of docs/design.md
     n_samples: int = 2000  # generated images per mode (and real train images for the floor);
     # sampling dominates the stage (~450 s per 2k images on 2 cores); the paper uses 50k
     n_reference: int = 0  # real val images in the reference statistics (0: the whole val split)
@@ -544,6 +559,18 @@ class EvaluateConfig:
     prc_neighborhood: int = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019's default)
     grid_size: int = 64  # images in each mode's sample grid under plots/
     seed: int = 0
+    # One scored draw of every mode per entry, with seed `seed + entry` (its images, class or cluster
+    # ids and oracle reps): the rows keep the first draw's numbers, and with more than one entry add
+    # fd_mean, fd_std and fd_seed_<entry>. [0]: one draw, the table as before.
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # Classification Accuracy Score (Ravuri & Vinyals 2019): the evaluation classifier's architecture
+    # trained on the first `cas_samples` generated images of each class-conditional mode (label,
+    # rcg_class, cluster; at most n_samples; 0: off) with their asked-for classes, tested on the real
+    # val split; beside it the same training on as many real train images. ~1 min per mode on 2 cores.
+    cas_samples: int = 2000
+    cas_steps: int = 500  # optimiser steps of each CAS classifier (AdamW, cosine decay)
+    cas_batch_size: int = 128
+    cas_lr: float = 2e-3  # the evaluation classifier's own lr (evalnet.lr)
     metrics_file: str = "metrics/eval.json"  # headline: each mode's fd and the floor (`dvc metrics show`)
     details_file: str = "metrics/details/eval.json"  # the whole table (what `rcg report` and promote read)
     plots_dir: str = "plots"
@@ -558,6 +585,9 @@ class EvaluateConfig:
         "batch_size": COUNT, "feature_batch_size": COUNT, "sample_steps": COUNT, "cfg": NON_NEGATIVE,
         "cfg_schedule": FREE, "kid_subset_size": Range(ge=2, why="KID's unbiased estimate needs pairs"),
         "prc_neighborhood": COUNT, "grid_size": COUNT, "seed": SEED,
+        "seeds": Range(nonempty=True, unique=True, item=SEED),
+        "cas_samples": Range(ge=2, zero_ok=True, why="0 turns CAS off; a classifier needs examples"),
+        "cas_steps": COUNT, "cas_batch_size": Range(ge=2, why="the classifier has BatchNorm"), "cas_lr": POSITIVE,
         "metrics_file": PATH, "details_file": PATH, "plots_dir": PATH, "cache_dir": PATH,
     }
 

@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 # The stage runs of a whole tiny pipeline run (dvc.yaml's tracked stages; `code` opens no run).
 EVERY_STAGE = {"shard", "encoder", "encode", "train_rdm", "train_generator (rep)", "train_generator (none)",
-               "train_generator (label)", "evalnet", "evaluate", "promote"}
+               "train_generator (label)", "train_generator (cluster)", "train_generator (contrastive)", "evalnet",
+               "evaluate", "promote"}
 
 
 def store(repo: Path) -> MlflowClient:

@@ -21,14 +21,18 @@ from rcg.stages import evaluate as evaluate_stage
 from tests.conftest import tiny_params
 from tests.fakes import adm_reference_npz
 
-MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03}
+MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03, "cluster": 0.1,
+              "hypersphere": 0.3, "contrastive": 0.35}
+# The stand-in's clustering: 5 clusters, uneven, each showing one class (its majority class).
+CLUSTERS = {"k": 5, "counts": [50, 5, 10, 20, 15], "majority_class": [1, 3, 5, 7, 9]}
 
 
 class StandIn:
     """Plays rcg.metrics.evaluation.ModeGenerators: real train images plus mode-dependent noise.
 
     `label` returns images of the asked-for class, `rcg_class` of the *next* class (so its class
-    accuracy must come out low), `rcg` with guidance is cleaner than without.
+    accuracy must come out low), `cluster` of its cluster's majority class, `rcg` with guidance is
+    cleaner than without.
     """
 
     def __init__(self, cfg: config.Config) -> None:
@@ -43,7 +47,10 @@ class StandIn:
         g = torch.Generator().manual_seed(seed)
         if class_ids is not None:
             k = int(self.labels.max()) + 1
-            want = class_ids if mode == "label" else (class_ids + 1) % k
+            if mode == "cluster":
+                want = torch.tensor(CLUSTERS["majority_class"])[class_ids]
+            else:
+                want = class_ids if mode == "label" else (class_ids + 1) % k
             idx = torch.stack([torch.nonzero(self.labels == c)[int(torch.randint(100, ()))
                                % int((self.labels == c).sum())][0] for c in want])
         else:
@@ -51,6 +58,9 @@ class StandIn:
         x = self.images[idx].float() / 255.0
         sigma = MODE_NOISE[mode] * (0.5 if cfg > 0 else 1.0)
         return (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+    def cluster_meta(self) -> dict:
+        return CLUSTERS
 
     def interpolate(self, rep_a, rep_b, points=8, *, seed=0, steps=None, batch_size=250) -> torch.Tensor:
         self.strips.append(dict(rep_a=rep_a, rep_b=rep_b, points=points, seed=seed, steps=steps))
@@ -97,11 +107,21 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     assert fd["oracle"] < fd["uncond"] and res["floor"]["fd"] < fd["uncond"]
     assert fd["rcg_cfg"] < fd["rcg"]  # the stand-in's guidance halves the noise
 
-    # Class-conditional quality: `label` samples show the asked-for class, `rcg_class` the next one.
+    # Class-conditional quality: `label` samples show the asked-for class, `rcg_class` the next one,
+    # `cluster` its cluster's majority class (what its accuracy is measured against).
     acc = res["class_accuracy"]
-    assert set(acc) == {"label", "rcg_class"} and len(acc["label"]["per_class"]) == 10
+    assert set(acc) == {"label", "rcg_class", "cluster"} and len(acc["label"]["per_class"]) == 10
     assert acc["label"]["overall"] > acc["rcg_class"]["overall"] + 0.2
+    assert acc["cluster"]["overall"] > acc["rcg_class"]["overall"] + 0.2
+    assert len(acc["cluster"]["per_class"]) == 5  # the five majority classes, each asked for
     assert res["modes"]["label"]["class_accuracy"] == acc["label"]["overall"]
+    # CAS: a classifier trained on each class mode's images, tested on the real val split; the
+    # mislabelled rcg_class images teach the wrong classes.
+    cas = res["cas"]
+    assert set(cas["modes"]) == {"label", "rcg_class", "cluster"} and cas["images"] == ev.n_samples
+    assert cas["real_evalnet"] == read_json(cfg.evalnet.metrics_file)["test_accuracy"]
+    assert res["modes"]["label"]["cas"] == cas["modes"]["label"] > cas["modes"]["rcg_class"] + 0.1
+    assert "cas" not in res["modes"]["rcg"] and "fd_mean" not in res["modes"]["rcg"] and res["seeds"] == [0]
 
     # What the generator was asked for.
     calls = {c["mode"] if c["cfg_scale"] == 0 else "rcg_cfg": c for c in gen.calls if c["n"] == ev.n_samples}
@@ -109,8 +129,11 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     assert calls["rcg"]["cfg_scale"] == 0.0 and calls["uncond"]["class_ids"] is None
     assert all(c["steps"] == ev.sample_steps for c in gen.calls)
     assert torch.equal(calls["label"]["class_ids"], calls["rcg_class"]["class_ids"])
-    # Real train frequencies: 55 of 100 train labels are class 3 -> round(0.55 * 32) = 18 asks.
+    # Real train frequencies: 55 of 100 train labels are class 3 -> round(0.55 * 32) = 18 asks;
+    # clusters with their train frequencies (largest remainder): 32 x [0.5, 0.05, 0.1, 0.2, 0.15].
     assert int((calls["label"]["class_ids"] == 3).sum()) == 18
+    assert torch.bincount(calls["cluster"]["class_ids"], minlength=5).tolist() == [16, 2, 3, 6, 5]
+    assert calls["hypersphere"]["class_ids"] is None and calls["contrastive"]["reps"] is None
     val_reps = _read_val_reps()
     assert all(any(torch.equal(r, v) for v in val_reps) for r in calls["oracle"]["reps"])
 
@@ -137,6 +160,14 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     for mode in ev.modes:
         assert f"| {mode} (" in text
     assert "FID |" not in text.split("\n\n")[2]  # the column is fd under evalnet, never FID
+    assert "| cluster (k-means cluster labels) |" in text and "6.60 / 121.9" in text
+    assert "Paper Table 9a (MAGE-B, ImageNet 256x256, FID): oracle 4.37, rcg 5.07, label 5.83, cluster 6.60" in text
+    assert "different measure on different data" in text and "CAS (Ravuri & Vinyals 2019)" in text
+    # ... and the MLflow table: one row per mode, CAS among the columns.
+    from rcg.metrics.report import table_rows
+
+    rows = {r["mode"]: r for r in table_rows(res)}
+    assert set(rows) == {*ev.modes, "floor"} and rows["label"]["cas"] == cas["modes"]["label"]
 
 
 def _read_val_reps() -> torch.Tensor:
@@ -279,3 +310,52 @@ def test_uniform_classes_and_samples_written_for_other_evaluators(workspace: Pat
     cfg.evaluate.n_samples = 31
     with pytest.raises(PipelineError, match="not a multiple of the 10 classes"):
         evaluate_stage.evaluate(cfg, StandIn(cfg))
+
+
+def test_seeds_give_each_mode_a_mean_and_spread_of_fd(workspace: Path) -> None:
+    """evaluate.seeds: one draw per seed (its images, class ids), the rows keep the first draw's
+    numbers and add fd_seed_<s>, fd_mean and fd_std; the report shows mean +- std."""
+    cfg = config.load("params.yaml")
+    cfg.evaluate.modes, cfg.evaluate.seeds, cfg.evaluate.cas_samples = ["uncond", "label"], [0, 2], 0
+    gen = StandIn(cfg)
+    res = evaluate_stage.evaluate(cfg, gen)
+    assert res["seeds"] == [0, 2] and "cas" not in res and "cas" not in res["skipped"]
+    for row in res["modes"].values():
+        assert row["fd_seed_0"] == row["fd"] and row["fd_seed_2"] != row["fd"]
+        assert row["fd_mean"] == pytest.approx((row["fd_seed_0"] + row["fd_seed_2"]) / 2)
+        assert row["fd_std"] == pytest.approx(abs(row["fd_seed_0"] - row["fd_seed_2"]) / 2 ** 0.5)
+    first = {c["mode"]: c for c in gen.calls if c["seed"] == 0}
+    second = {c["mode"]: c for c in gen.calls if c["seed"] == 2}
+    assert set(first) == set(second) == {"uncond", "label"}
+    assert torch.equal(torch.bincount(first["label"]["class_ids"]), torch.bincount(second["label"]["class_ids"]))
+    assert not torch.equal(first["label"]["class_ids"], second["label"]["class_ids"])  # the draw's own order
+    assert read_json(cfg.evaluate.metrics_file)["modes"]["label"] == {"fd": res["modes"]["label"]["fd"]}
+    text = format_report(res)
+    assert "mean ± std over 2 seeds" in text
+    assert f"| uncond (no condition) | {res['modes']['uncond']['fd_mean']:.3f} ± " in text
+    assert f"rcg fd <= label fd (- vs {res['modes']['label']['fd_mean']:.3f};" in text  # claims: the means too
+
+
+def test_cas_is_high_for_real_images_of_their_class_and_chance_for_noise(in_workspace: Path) -> None:
+    """CAS (rcg.metrics.cas): a classifier of the evaluation network's architecture trained on images
+    that are real train images of their class scores well on the val split (exactly as its real-data
+    baseline, the same images); trained on noise, it scores near chance (10 classes)."""
+    import dataclasses
+
+    from rcg.data.loader import read_manifest
+    from rcg.metrics.cas import cas_table, real_train_set
+    from rcg.metrics.evalnet import EvalNet, save_evalnet
+
+    cfg = config.load("params.yaml")
+    classes = read_manifest(cfg.data.shards_dir)["classes"]
+    save_evalnet(EvalNet(1, 28, len(classes), width=8, feature_dim=16), cfg.evalnet.out_dir,
+                 extra={"classes": classes, "test_accuracy": 0.9})
+    images, labels = real_train_set(cfg.data, 256)
+    assert images.dtype == torch.uint8 and images.shape == (256, 1, 28, 28) and len(labels) == 256
+    noise = torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ev = dataclasses.replace(cfg.evaluate, cas_steps=150, cas_batch_size=32)
+    table = cas_table({"label": (images, labels), "noise": (noise, labels)}, ev, cfg.data,
+                      Path(cfg.evalnet.out_dir) / "evalnet.safetensors", classes)
+    assert table["modes"]["label"] > 0.5 and table["modes"]["noise"] < 0.25
+    assert table["real_same_budget"] == table["modes"]["label"] and table["real_evalnet"] == 0.9
+    assert table["images"] == 256 and table["steps"] == 150

@@ -91,13 +91,15 @@ OVERRIDES = [
     # Every training stage as 2 gloo processes under torchrun (rcg.launch), as on a node of GPUs
     # (the preset's 0 means one per GPU: one here). dist is one block for all training stages.
     f"dist.nproc_per_node={NPROC}",
+    # CAS: two steps of each classifier on the six samples of a class mode.
+    "evaluate.cas_steps=2", "evaluate.cas_batch_size=4",
 ]
 # The imagenet256_mage_b preset with OVERRIDES (the DiT's budget; 2 decoding iterations), and MAGE-B
 # shrunk to the tiny MAGE: its sequence length and codebook come from the VQGAN (4 x 4 of 1024 at 64 px).
 MAGE_OVERRIDES = ["train_generator.arch=mage_tiny"]
 # What the switch to MAGE reruns; every other stage is up to date (its params and inputs unchanged).
-MAGE_STAGES = {"tokenizer", "train_generator@rep", "train_generator@none", "train_generator@label", "evaluate",
-               "promote"}
+MAGE_STAGES = {"tokenizer", "evaluate", "promote",
+               *(f"train_generator@{c}" for c in ("rep", "none", "label", "cluster", "contrastive"))}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -345,9 +347,12 @@ def _check_evaluation(repo: Path, cfg: config.Config) -> None:
     assert table["n_samples"] == N_SAMPLES and set(table["modes"]) == set(config.EVAL_MODES)
     for name, row in [*table["modes"].items(), ("floor", table["floor"])]:
         assert _finite(row, ("fd", "is", "kid", "precision", "recall")), (name, row)
-    assert set(table["class_accuracy"]) == {"label", "rcg_class"}
-    for acc in table["class_accuracy"].values():  # every class asked for, equally often (the overall
-        assert set(acc["per_class"]) == set(CLASSES)  # accuracy is then the mean of the per-class ones)
+    assert set(table["class_accuracy"]) == {"label", "rcg_class", "cluster"}  # cluster: its majority classes
+    assert set(table["cas"]["modes"]) == {"label", "rcg_class", "cluster"}
+    # The class modes: every class asked for, equally often (the overall accuracy is then the mean of
+    # the per-class ones).
+    for acc in (table["class_accuracy"][m] for m in evaluation.CLASS_MODES):
+        assert set(acc["per_class"]) == set(CLASSES)
         assert acc["overall"] == pytest.approx(sum(acc["per_class"].values()) / len(CLASSES))
     # The class ids those modes were given: the stage's own choice, on this project's shards.
     manifest = json.loads((repo / "data" / "shards" / "manifest.json").read_text())

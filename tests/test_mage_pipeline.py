@@ -122,6 +122,18 @@ def test_each_condition_trains_reloads_and_samples(ws: Path, condition: str) -> 
         gen.sample(2, **_cond(condition, 2), x_T=torch.zeros(2, 49))
 
 
+@pytest.mark.parametrize("condition, network", [("cluster", "label"), ("contrastive", "rep")])
+def test_cluster_and_contrastive_conditions_train_a_mage(ws: Path, condition: str, network: str) -> None:
+    """A MAGE takes the cluster ids in the label slot (k = the 10 classes) and the posterior's draws in
+    the rep slot, through the same recipe."""
+    train_generator.run(_cfg(), condition=condition)
+    out = Path("models/generator") / condition
+    gen = ImageGenerator.load(out, "cpu")
+    assert gen.condition == network and gen.meta["condition"] == condition and gen.meta["kwargs"]["num_classes"] == 10
+    assert (out / "clusters.json").exists() == (condition == "cluster")
+    assert gen.sample(4, **_cond(network, 4), seed=1).shape == (4, 1, 28, 28)
+
+
 def test_rcg_samples_through_the_rdm_and_interpolates(ws: Path) -> None:
     train_generator.run(_cfg(), condition="rep")
     rcg = RCGGenerator.load("models/rdm", "models/generator/rep", device="cpu")

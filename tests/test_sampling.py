@@ -17,6 +17,7 @@ from rcg.generators import build_generator
 from rcg.generators.vae import PixelCodec
 from rcg.io import PipelineError
 from rcg.metrics.evaluation import CLASS_MODES, ModeGenerators
+from rcg.priors import hypersphere
 from rcg.rdm import sample_reps
 from rcg.sampling import GuidedDenoiser, load_image, sample_images, save_grid, save_pngs
 from tests.generator_workspace import build, chdir, load_cfg
@@ -237,6 +238,10 @@ def test_evaluation_modes_draw_from_the_loaded_generators(trained: Path, rcg_gen
     assert torch.equal(gens.sample("uncond", 4, **kw), none.sample(4, **kw))
     assert torch.equal(gens.sample("label", 4, class_ids=ids, **kw), label.sample(4, label=ids, **kw))
     assert gens.rcg() is gens.rcg() and gens.baseline("none") is gens.baseline("none")  # loaded once, kept
+    assert gens.rcg().image is gens.baseline("rep")  # the rep generator is loaded once for every mode
+    # The prior modes: the rep network on hypersphere samples drawn from the seed (images from seed + 1).
+    sphere = hypersphere(4, 256, seed=4)
+    assert torch.equal(gens.sample("hypersphere", 4, **kw), rcg_gen.from_reps(sphere, **kw))
     for mode in CLASS_MODES:
         with pytest.raises(PipelineError, match="class_ids"):
             gens.sample(mode, 4, steps=3)
@@ -284,3 +289,32 @@ def test_save_grid_upscales_small_images(tmp_path: Path) -> None:
     p = save_grid(torch.rand(4, 1, 28, 28), tmp_path / "g.png")
     w, h = Image.open(p).size
     assert w > 28 * 2 * 2 and h > 28 * 2 * 2  # 2x2 grid, upscaled 3x
+
+
+def test_cluster_and_contrastive_modes_draw_from_their_folders(trained: Path, tmp_path: Path) -> None:
+    """`cluster` samples its folder's label network with the given cluster ids and reads its
+    clustering record; `contrastive` feeds its rep network hypersphere samples (here stand-in folders:
+    copies of the label and rep generators, which have the same networks)."""
+    from rcg.clusters import Clusters, save_clusters
+
+    gen_dir = tmp_path / "generator"
+    gen_dir.mkdir()
+    for condition in ("rep", "none", "label"):
+        (gen_dir / condition).symlink_to(_folder(trained, condition))
+    shutil.copytree(_folder(trained, "label"), gen_dir / "cluster")
+    shutil.copytree(_folder(trained, "rep"), gen_dir / "contrastive")
+    save_clusters(Clusters(torch.zeros(10, 256), [], torch.zeros(0, dtype=torch.long),
+                           {"k": 10, "counts": [1] * 10, "majority_class": list(range(10))}), gen_dir / "cluster")
+    gens = ModeGenerators(gen_dir, trained / "models" / "rdm", device="cpu")
+    kw = dict(steps=3, seed=4, batch_size=3)
+    ids = torch.tensor([9, 0, 3])
+    label = ImageGenerator.load(_folder(trained, "label"), device="cpu")
+    rep = ImageGenerator.load(_folder(trained, "rep"), device="cpu")
+    assert torch.equal(gens.sample("cluster", 3, class_ids=ids, **kw), label.sample(3, label=ids, **kw))
+    assert torch.equal(gens.sample("contrastive", 3, **kw), rep.sample(3, rep=hypersphere(3, 256, seed=4), **kw))
+    assert gens.cluster_meta()["counts"] == [1] * 10
+    with pytest.raises(PipelineError, match="class_ids"):
+        gens.sample("cluster", 3, steps=3)
+    (gen_dir / "cluster" / "clusters.json").unlink()
+    with pytest.raises(PipelineError, match="clusters.json"):
+        gens.cluster_meta()

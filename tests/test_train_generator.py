@@ -1,8 +1,9 @@
-"""`rcg train-generator`: the three conditions end to end, the rep cache, resume (tiny preset)."""
+"""`rcg train-generator`: the five conditions end to end, the rep cache, resume (tiny preset)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def _metrics(condition: str) -> dict:
     return json.loads(Path(f"metrics/details/generator_{condition}.json").read_text())
 
 
-@pytest.mark.parametrize("condition", ["rep", "none", "label"])
+@pytest.mark.parametrize("condition", ["cluster", "contrastive", "rep", "none", "label"])
 def test_each_condition_trains_and_saves(ws: Path, condition: str) -> None:
     cfg = load_cfg()
     train_generator.run(cfg, condition=condition)
@@ -58,8 +59,20 @@ def test_each_condition_trains_and_saves(ws: Path, condition: str) -> None:
     assert Path(f"checkpoints/train_generator/{condition}/checkpoint-last.pt").exists()
     if condition == "label":
         assert model.cond.y_embedder.num_embeddings == 11
-    if condition == "rep":
-        assert model.cond.fake_latent.shape == (1, 256)
+    if condition in ("rep", "contrastive"):
+        assert model.cond.fake_latent.shape == (1, 256) and model.condition == "rep"
+    if condition == "cluster":  # the label network over k = 10 clusters (the classes' count), saved beside it
+        assert model.condition == "label" and model.cond.y_embedder.num_embeddings == 11
+        clusters = json.loads((out / "clusters.json").read_text())
+        assert clusters["k"] == 10 and sum(clusters["counts"]) == 256 and 0 < clusters["purity"] <= 1
+        assert meta["clusters"]["k"] == m["clusters"]["k"] == 10 and (out / "clusters.safetensors").exists()
+    if condition == "contrastive":  # the information bound of the posterior: per logged step, and its mean
+        bound = m["posterior"]["info_bound"]
+        assert 0 < bound < m["posterior"]["info_bound_max"] == pytest.approx(math.log(1024))
+        curve = Path("metrics/curves/generator_contrastive.tsv").read_text().splitlines()
+        assert "info_bound" in curve[0].split("\t") and len(curve) == 1 + len(range(2, 7, 2))
+    else:
+        assert "posterior" not in m
 
 
 def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,7 +121,8 @@ def test_interrupted_run_resumes_from_checkpoint(ws: Path, monkeypatch: pytest.M
 
 
 def test_checkpoints_resume_only_on_the_same_inputs(ws: Path) -> None:
-    """A new encoder invalidates the `rep` checkpoint (not the others); new shards invalidate all."""
+    """A new encoder invalidates the `rep` and `contrastive` checkpoints (not the others), new
+    features the `cluster` one; new shards invalidate all."""
     import shutil
 
     from rcg.encoders import load_encoder, save_encoder
@@ -118,15 +132,19 @@ def test_checkpoints_resume_only_on_the_same_inputs(ws: Path) -> None:
     target = enc_dir.resolve()
     enc_dir.unlink()  # the shared symlink: change a private copy
     shutil.copytree(target, enc_dir)
-    before = {c: train_generator.resume_fingerprint(cfg, c) for c in ("rep", "none", "label")}
-    assert len(set(before.values())) == 3
+    before = {c: train_generator.resume_fingerprint(cfg, c) for c in train_generator.CONDITIONS}
+    assert len(set(before.values())) == 5
     enc = load_encoder(enc_dir)
     with torch.no_grad():
         enc.vit.head[0].weight.mul_(1.01)  # a retrained encoder: other weights, same architecture
     save_encoder(enc, enc.spec, enc_dir)
     after = {c: train_generator.resume_fingerprint(cfg, c) for c in before}
-    assert after["rep"] != before["rep"]
-    assert (after["none"], after["label"]) == (before["none"], before["label"])
+    assert after["rep"] != before["rep"] and after["contrastive"] != before["contrastive"]
+    assert [after[c] for c in ("none", "label", "cluster")] == [before[c] for c in ("none", "label", "cluster")]
+    # The settings added with the cluster and posterior conditions, at their defaults, leave every
+    # fingerprint as it was before they existed (older checkpoints resume); changed, they count.
+    assert load_cfg().train_generator.rep_posterior == "none"
+    assert train_generator.resume_fingerprint(load_cfg(train_generator__clusters=5), "cluster") != after["cluster"]
 
     shards = Path("data/shards")
     target = shards.resolve()
@@ -182,5 +200,32 @@ def test_label_baseline_without_labels_is_a_recorded_skip(ws: Path, monkeypatch:
     assert "no classes" in reason and "label baseline" in reason
     assert _metrics("label") == {"condition": "label", "skipped": reason}
     assert not Path("models/generator/label/generator.safetensors").exists()
-    with pytest.raises(PipelineError, match="rep, none or label"):
+    with pytest.raises(PipelineError, match="rep, none, label, cluster or contrastive"):
         train_generator.run(load_cfg(), condition="labels")
+
+
+def test_rep_posterior_option_conditions_rep_on_bank_samples(ws: Path) -> None:
+    """`rep_posterior: contrastive` trains the rep generator on posterior draws: hypersphere samples
+    (per-sample mean 0, std 1), near the image's own rep at a low temperature, never the rep itself."""
+    from rcg.generators.training import Conditions, Inputs, uses_posterior
+
+    cfg = load_cfg(train_generator__rep_posterior="contrastive", train_generator__posterior_temperature=1e-6,
+                   train_generator__posterior_bank=64)
+    gcfg = cfg.train_generator
+    assert uses_posterior(gcfg, "rep") and uses_posterior(load_cfg().train_generator, "contrastive")
+    assert not uses_posterior(load_cfg().train_generator, "rep")
+    inputs = Inputs("data/features/train.parquet", "models/encoder", [], 256)
+    cond = Conditions(gcfg, inputs, "rep", torch.device("cpu"), verify=False)
+    from rcg.data.loader import make_loader
+
+    batch = next(iter(make_loader(cfg.data, "train", "once", 8)))
+    flipped = torch.zeros(8, dtype=torch.bool)
+    own = cond.rep(batch, batch["image"], flipped)
+    drawn = cond(batch, batch["image"], flipped)["rep"]
+    assert drawn.shape == own.shape and not torch.allclose(drawn, own)
+    assert torch.allclose(drawn.mean(1), torch.zeros(8), atol=1e-5) and torch.allclose(drawn.std(1), torch.ones(8), atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(drawn, own)
+    assert (cos > 0.1).all()  # the nearest of 64 random directions in 255 dims: clearly positive
+    assert cond.posterior.take_mean()["info_bound"] == pytest.approx(math.log(64), abs=1e-3)
+    train_generator.run(cfg, condition="rep")
+    assert _metrics("rep")["posterior"]["bank"] == 64

@@ -90,7 +90,7 @@ def test_every_stage_runs_and_a_generator_comes_out(unlabelled_run: Path) -> Non
     assert (repo / "models/generator/none/generator.safetensors").exists()
     encoder = _json(repo, "models/encoder/encoder.json")
     assert len(encoder["spec"]["mean"]) == 3 and _json(repo, "metrics/details/encoder.json")["normalisation"]["measured"]
-    for mode in ("uncond", "rcg", "rcg_cfg", "oracle"):
+    for mode in ("uncond", "rcg", "rcg_cfg", "oracle", "cluster", "hypersphere", "contrastive"):
         row = _json(repo, "metrics/details/eval.json")["modes"][mode]
         assert np.isfinite(row["fd"]) and "is" not in row, (mode, row)
     for name in ("samples_rcg", "samples_uncond", "interpolation"):
@@ -103,8 +103,11 @@ def test_what_needs_labels_is_skipped_with_its_reason(unlabelled_run: Path) -> N
     repo = unlabelled_run
     ev = _json(repo, "metrics/details/eval.json")
     assert ev["extractor"] == "evalnet-ssl" and "without labels" in ev["fd_is"] and "not FID" in ev["fd_is"]
-    assert set(ev["skipped"]) == {"label", "rcg_class", "is"} and not set(ev["skipped"]) & set(ev["modes"])
-    assert "no class labels" in ev["skipped"]["label"]
+    assert set(ev["skipped"]) == {"label", "rcg_class", "is", "cas"} and not set(ev["skipped"]) & set(ev["modes"])
+    assert "no class labels" in ev["skipped"]["label"] and "no labels" in ev["skipped"]["cas"]
+    # Cluster labels need no labels: k from the image count (round(sqrt(n / 100)), at least 2).
+    clusters = _json(repo, "models/generator/cluster/clusters.json")
+    assert clusters["k"] == 2 and clusters["majority_class"] is None and "cluster" in ev["modes"]
     assert "no classes" in _json(repo, "metrics/generator_label.json")["skipped"]
     assert (repo / "models/generator/label/skipped.json").exists()
     assert "no class labels" in _json(repo, "metrics/rdm.json")["class_cond"]["skipped"]

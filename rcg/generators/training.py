@@ -1,9 +1,12 @@
 """Training the representation-conditioned image generator and its baselines (paper section 3.3).
 
-One recipe, three conditions (Table 9a: same architecture and budget): `rep` (RCG: each crop's
+One recipe, five conditions (Table 9a: same architecture and budget): `rep` (RCG: each crop's
 representation conditions the generator, `rep_drop_prob` of them swapped for the learned
-`fake_latent` so guidance works), `none` (the unconditional baseline) and `label` (a class embedding
-in the representation's place). The representation comes from the same augmented crop the generator
+`fake_latent` so guidance works), `none` (the unconditional baseline), `label` (a class embedding
+in the representation's place), `cluster` (the label network on k-means cluster ids of the train
+representations, rcg.clusters: Table 9a's fourth row) and `contrastive` (the rep network, each image
+conditioned on a hypersphere sample drawn by the contrastive posterior of rcg.priors, which
+`train_generator.rep_posterior: contrastive` also applies to `rep`). The representation comes from the same augmented crop the generator
 sees: from the encode stage's cache (exact for flip-only augmentation, checked against the encoder
 on the first batch), or from the frozen encoder on every batch (`rep_source: encoder`, for random
 crops). AdamW (betas 0.9, 0.95), warm-up then constant lr, gradient clipping, EMA, bf16 autocast,
@@ -19,6 +22,7 @@ presets); without EMA the trained weights are the ones written.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rcg.clusters import Clusters, save_clusters
 from rcg.config import DataConfig, GeneratorConfig
 from rcg.data.loader import make_loader
 from rcg.diffusion import Diffusion, diffusion_meta
@@ -35,6 +40,7 @@ from rcg.generators import arch_kind, build_generator, save_generator
 from rcg.generators.tokens import TokenCodec, mage_kwargs, weight_decay_groups
 from rcg.generators.vae import Codec, codec_for
 from rcg.io import PipelineError
+from rcg.priors import contrastive_posterior, hypersphere
 from rcg.sampling import sample_images, sample_tokens, save_grid
 from rcg.training import DistInfo, LoopSpec, adamw, autocast, fit, seed_everything, unwrap
 
@@ -52,6 +58,11 @@ def sampling_settings(gcfg: GeneratorConfig, codec: Codec) -> dict[str, Any]:
     return {"sampler": gcfg.sampler, "steps": gcfg.sample_steps, "eta": gcfg.sample_eta, "amp": gcfg.amp, "clip_x0": clip}
 
 
+# What each training condition feeds the network (rcg.generators.conditioning): the network of a
+# `cluster` generator is a label network over the k clusters, a `contrastive` one a rep network.
+MODEL_CONDITION = {"rep": "rep", "none": "none", "label": "label", "cluster": "label", "contrastive": "rep"}
+
+
 @dataclass
 class Inputs:
     """Where a generator's training inputs are, besides the shards (data.shards_dir)."""
@@ -60,6 +71,55 @@ class Inputs:
     encoder_dir: str | Path  # the frozen encoder (rep_source encoder, and the cache check)
     classes: list[str]  # class names of the shards (the label baseline's embedding table)
     rep_dim: int  # the encoder's representation size
+    clusters: Clusters | None = None  # condition `cluster`: the k-means of the train reps
+
+    def num_classes(self, condition: str) -> int:
+        """Rows of the class table: the clusters for `cluster`, else the classes (at least 1)."""
+        if condition == "cluster":
+            if self.clusters is None:
+                raise PipelineError("condition cluster needs the k-means of the train reps (rcg.clusters)")
+            return self.clusters.k
+        return max(len(self.classes), 1)
+
+
+def uses_posterior(gcfg: GeneratorConfig, condition: str) -> bool:
+    """Whether `condition` trains on contrastive-posterior samples instead of its own reps."""
+    return condition == "contrastive" or (condition == "rep" and gcfg.rep_posterior == "contrastive")
+
+
+class Posterior:
+    """The contrastive posterior of training (rcg.priors): a fresh bank of hypersphere samples per
+    batch, from torch's global RNG (saved and restored by the loop's checkpoints), and the running mean
+    of the information bound since it was last read (the curve's `info_bound` column)."""
+
+    def __init__(self, temperature: float, bank: int) -> None:
+        self.temperature, self.bank = temperature, bank
+        self.total, self.count, self.run_total, self.run_count = 0.0, 0, 0.0, 0
+
+    def reset(self) -> None:
+        """Forget every bound so far (the draws for the sample grids are not training)."""
+        self.total, self.count, self.run_total, self.run_count = 0.0, 0, 0.0, 0
+
+    @property
+    def run_mean(self) -> float | None:
+        """The mean bound over every batch of this run that a log line reported."""
+        return self.run_total / self.run_count if self.run_count else None
+
+    def __call__(self, rep: Tensor) -> Tensor:
+        bank = hypersphere(self.bank, rep.shape[1])
+        drawn, bound = contrastive_posterior(rep, bank, self.temperature)
+        self.total, self.count = self.total + float(bound.sum()), self.count + len(bound)
+        return drawn.to(rep.device)
+
+    def take_mean(self, step: int = 0) -> dict[str, float]:
+        """{"info_bound": mean nats since the last call} (empty when no batch came); the loop's
+        `extras(step)`."""
+        if not self.count:
+            return {}
+        mean = self.total / self.count
+        self.run_total, self.run_count = self.run_total + self.total, self.run_count + self.count
+        self.total, self.count = 0.0, 0
+        return {"info_bound": mean}
 
 
 class Conditions:
@@ -69,28 +129,39 @@ class Conditions:
                  verify: bool) -> None:
         self.condition, self.device, self.amp = condition, device, gcfg.amp
         self.cache = self.encoder = None
-        if condition == "rep" and gcfg.rep_source == "cache":
+        self.clusters = inputs.clusters if condition == "cluster" else None
+        uses_rep = MODEL_CONDITION[condition] == "rep"
+        self.posterior = Posterior(gcfg.posterior_temperature, gcfg.posterior_bank) \
+            if uses_posterior(gcfg, condition) else None
+        if uses_rep and gcfg.rep_source == "cache":
             self.cache = RepCache(inputs.features)
-        if condition == "rep" and (gcfg.rep_source == "encoder" or verify):
+        if uses_rep and (gcfg.rep_source == "encoder" or verify):
             from rcg.encoders import load_encoder
 
             self.encoder = load_encoder(inputs.encoder_dir, device)
-        self.verify = condition == "rep" and verify and self.cache is not None
+        self.verify = uses_rep and verify and self.cache is not None
 
     def __call__(self, batch: dict[str, Any], x: Tensor, flipped: Tensor) -> dict[str, Tensor]:
         if self.condition == "label":
             return {"label": batch["label"].to(self.device)}
-        if self.condition != "rep":
+        if self.clusters is not None:  # the image's cluster, whichever view it is
+            return {"label": self.clusters.ids(batch["key"]).to(self.device)}
+        if MODEL_CONDITION[self.condition] != "rep":
             return {}
+        rep = self.rep(batch, x, flipped)
+        return {"rep": rep if self.posterior is None else self.posterior(rep)}
+
+    def rep(self, batch: dict[str, Any], x: Tensor, flipped: Tensor) -> Tensor:
+        """The crop's own representation: from the cache (checked once) or the encoder."""
         if self.cache is not None:
             rep = self.cache.lookup(batch["key"], flipped).to(self.device)
             if self.verify:  # once, on the first batch
                 err = self.cache.verify(rep, self.encoder, x)
                 log.info("cached reps match the encoder on the first batch (max abs diff %.2g)", err)
                 self.verify = False
-            return {"rep": rep}
+            return rep
         with torch.no_grad(), autocast(self.device, self.amp):
-            return {"rep": self.encoder(x).float()}
+            return self.encoder(x).float()
 
 
 def _grid_conditions(data_cfg: DataConfig, conditions: Conditions, n: int) -> dict[str, Tensor]:
@@ -102,6 +173,8 @@ def _grid_conditions(data_cfg: DataConfig, conditions: Conditions, n: int) -> di
     keep_verify, conditions.verify = conditions.verify, False
     cond = conditions(batch, x, torch.zeros(len(x), dtype=torch.bool))
     conditions.verify = keep_verify
+    if conditions.posterior is not None:
+        conditions.posterior.reset()
     return cond
 
 
@@ -149,7 +222,8 @@ def token_setup(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs, con
                             "not VAE latents; leave vae empty")
     codec = TokenCodec(gcfg.tokenizer).to(device)
     codec.latent_shape(data_cfg.channels, data_cfg.image_size)  # the tokenizer must fit the data
-    kwargs = mage_kwargs(codec, condition, inputs.rep_dim, max(len(inputs.classes), 1), gcfg.rep_drop_prob)
+    kwargs = mage_kwargs(codec, MODEL_CONDITION[condition], inputs.rep_dim, inputs.num_classes(condition),
+                         gcfg.rep_drop_prob)
     model = build_generator(gcfg.arch, **kwargs).to(device)
     opt = adamw(weight_decay_groups(model, gcfg.weight_decay), gcfg.lr, betas=(0.9, 0.95), device=device)
     return Setup(model, codec, None, None, kwargs, opt)
@@ -161,8 +235,8 @@ def setup(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs, condition
         return token_setup(gcfg, data_cfg, inputs, condition, device)
     codec = codec_for(gcfg.vae, gcfg.vae_scale or None).to(device)
     channels, size = codec.latent_shape(data_cfg.channels, data_cfg.image_size)
-    kwargs = dict(input_size=size, in_channels=channels, condition=condition, rep_dim=inputs.rep_dim,
-                  num_classes=max(len(inputs.classes), 1), rep_drop_prob=gcfg.rep_drop_prob)
+    kwargs = dict(input_size=size, in_channels=channels, condition=MODEL_CONDITION[condition], rep_dim=inputs.rep_dim,
+                  num_classes=inputs.num_classes(condition), rep_drop_prob=gcfg.rep_drop_prob)
     model = build_generator(gcfg.arch, **kwargs).to(device)
     schedule = diffusion_meta(gcfg.beta_schedule, gcfg.timesteps, parameterization=gcfg.parameterization)
     opt = adamw(model.parameters(), gcfg.lr, betas=(0.9, 0.95), weight_decay=gcfg.weight_decay, device=device)
@@ -220,15 +294,35 @@ def train_generator(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs,
             return unwrap(net).loss(b[0], **b[1], forward=net)
         return s.diffusion.training_loss(net, b[0], b[1])
 
-    trained = fit(spec, s.model, s.opt, loss, _data(gcfg, data_cfg, s, conditions, device), info, tracker, on_step=grid)
+    extras = conditions.posterior.take_mean if conditions.posterior is not None else None
+    trained = fit(spec, s.model, s.opt, loss, _data(gcfg, data_cfg, s, conditions, device), info, tracker,
+                  on_step=grid, extras=extras)
+    record = condition_record(conditions)
     if info.is_main:
         final = (trained.ema if trained.ema is not None else trained.model).eval()
         meta = {"arch": gcfg.arch, "kwargs": s.kwargs, "condition": condition, "codec": s.codec.meta(),
                 "diffusion": s.schedule, "classes": inputs.classes, "params": n_params,
                 "step": trained.summary["steps"], "sampling": sampling_settings(gcfg, s.codec),
-                "data": {"image_size": data_cfg.image_size, "channels": data_cfg.channels}}
+                "data": {"image_size": data_cfg.image_size, "channels": data_cfg.channels}, **record}
         if s.schedule is None:
             del meta["diffusion"]
         save_generator(out_dir, final, meta)
+        if conditions.clusters is not None:  # what evaluate draws cluster ids from
+            save_clusters(conditions.clusters, out_dir)
         _write_grid(final, s, grid_cond, gcfg, device, out_dir / "samples.png", tracker, trained.summary["steps"])
-    return {"condition": condition, "arch": gcfg.arch, "params": n_params, **trained.summary}
+    return {"condition": condition, "arch": gcfg.arch, "params": n_params, **record, **trained.summary}
+
+
+def condition_record(conditions: Conditions) -> dict[str, Any]:
+    """What generator.json and the metrics record say about a cluster or posterior condition: the
+    clustering's k and purity; the posterior's settings and its mean information bound (nats, over
+    the logged batches of this run; at most log(bank))."""
+    out: dict[str, Any] = {}
+    if conditions.clusters is not None:
+        meta = conditions.clusters.meta
+        out["clusters"] = {k: meta.get(k) for k in ("k", "k_rule", "iters", "purity", "mean_sq_distance")}
+    post = conditions.posterior
+    if post is not None:
+        out["posterior"] = {"kind": "contrastive", "prior": "hypersphere", "temperature": post.temperature,
+                            "bank": post.bank, "info_bound_max": math.log(post.bank), "info_bound": post.run_mean}
+    return out

@@ -10,17 +10,28 @@ the real val images under one extractor: Frechet distance (`fd`), IS, KID, preci
 - `rcg` / `rcg_cfg`: the representation-conditioned generator on RDM samples, without / with
   guidance (`evaluate.cfg`);
 - `rcg_class`: the same generator on class-conditional RDM samples (same labels as `label`);
-- `oracle`: the same generator on representations of real val images (paper Table 9a's oracle).
+- `oracle`: the same generator on representations of real val images (paper Table 9a's oracle);
+- `cluster`: the generator trained on k-means cluster ids of the train reps (rcg.clusters), given
+  cluster ids with the train split's cluster frequencies (paper Table 9a's fourth row);
+- `hypersphere`: the rep generator on samples of the hypersphere prior (rcg.priors) instead of
+  the RDM's: what the RDM adds over the simplest prior with the right support;
+- `contrastive`: the generator trained through the contrastive posterior (rcg.priors), on
+  hypersphere samples.
 
 `floor` scores N real train images the same way: the best any mode can do at this N. The
 classifier's accuracy on `label` and `rcg_class` samples against the asked-for class measures
-class-conditional quality. Sample grids and Fig. 7's interpolation strips come out as figures;
-writing files and MLflow records is the stage's part (rcg/stages/evaluate.py).
+class-conditional quality (for `cluster`: against each cluster's majority class of train labels).
+With `evaluate.seeds` every mode is drawn once per seed, for the spread of fd; with
+`evaluate.cas_samples` each class-conditional mode's first images train a classifier tested on
+real val images (rcg.metrics.cas). Sample grids and Fig. 7's interpolation strips come out as
+figures; writing files and MLflow records is the stage's part (rcg/stages/evaluate.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +40,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from rcg.clusters import read_cluster_meta
 from rcg.config import DataConfig, EvaluateConfig
 from rcg.data.loader import read_manifest
 from rcg.features import read_features
-from rcg.generation import ImageGenerator, RCGGenerator
+from rcg.generation import ImageGenerator, RCGGenerator, RepGenerator
 from rcg.io import PipelineError, file_digest, read_json
 from rcg.metrics.evalnet import EvalNet, class_accuracy, classify, load_evalnet
 from rcg.metrics.extractors import DESCRIPTIONS, EVALNET_SSL, extractor_setup
@@ -46,12 +58,16 @@ from rcg.metrics.fidelity import (
     score,
     to_uint8,
 )
+from rcg.priors import hypersphere
 
 log = logging.getLogger(__name__)
 
-MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle")
+MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle", "cluster", "hypersphere", "contrastive")
 CLASS_MODES = ("label", "rcg_class")  # modes that are asked for a class
-BASELINES = {"uncond": "none", "label": "label"}  # mode -> its generator's condition; the rest are RCG
+CAS_MODES = ("label", "rcg_class", "cluster")  # class-conditional modes: their images train CAS classifiers
+BASELINES = {"uncond": "none", "label": "label", "cluster": "cluster"}  # mode -> generator folder, sampled by label
+GENERATOR_OF = {**BASELINES, "contrastive": "contrastive"}  # mode -> generator folder; the rest: rep
+PRIOR_MODES = ("hypersphere", "contrastive")  # rep generators fed hypersphere samples
 INTERP_PAIRS, INTERP_POINTS = 4, 8  # interpolation strips: rows, images per row
 
 
@@ -72,6 +88,8 @@ class ModeSampler(Protocol):
     def interpolate(self, rep_a: Tensor, rep_b: Tensor, points: int = 8, *, seed: int = 0,
                     steps: int | None = None, batch_size: int = 250) -> Tensor: ...
 
+    # Mode `cluster` also asks `cluster_meta()` for the clustering's record (rcg.clusters.read_cluster_meta).
+
 
 class ModeGenerators:
     """The trained generators behind the modes, each loaded from its folder on first use and kept."""
@@ -84,34 +102,43 @@ class ModeGenerators:
 
     def skipped(self, mode: str) -> str | None:
         """Why `mode` has no generator, if its training stage recorded a skip (else None)."""
-        condition = BASELINES.get(mode, "rep")
+        condition = GENERATOR_OF.get(mode, "rep")
         path = self.generator_dir / condition / "skipped.json"
         return str(read_json(path).get("reason", "skipped")) if path.exists() else None
 
     def baseline(self, condition: str) -> ImageGenerator:
-        """The `none` or `label` generator of `<generator_dir>/<condition>`."""
+        """The generator of `<generator_dir>/<condition>` (`none`, `label`, `cluster`, `rep`, ...)."""
         if condition not in self._baselines:
             self._baselines[condition] = ImageGenerator.load(self.generator_dir / condition, self.device)
         return self._baselines[condition]
 
     def rcg(self) -> RCGGenerator:
-        """The RDM folder with `<generator_dir>/rep`."""
+        """The RDM folder with `<generator_dir>/rep` (the one `baseline("rep")` loaded, if it did)."""
         if self._rcg is None:
-            self._rcg = RCGGenerator.load(self.rdm_dir, self.generator_dir / "rep", device=self.device)
+            self._rcg = RCGGenerator(RepGenerator.load(self.rdm_dir, self.device), self.baseline("rep"))
         return self._rcg
+
+    def cluster_meta(self) -> dict[str, Any]:
+        """The `cluster` generator's clustering record (counts, majority classes)."""
+        return read_cluster_meta(self.generator_dir / "cluster")
 
     def sample(self, mode: str, n: int, *, class_ids: Tensor | None = None, reps: Tensor | None = None,
                cfg: float = 0.0, cfg_schedule: str = "linear", steps: int | None = None, seed: int = 0,
                batch_size: int = 250, progress: bool = False) -> Tensor:
         """n images [n, C, H, W] in [0, 1] of `mode` (module docstring); `class_ids` [n] for the class
-        modes, `reps` [n, D] for `oracle`; `rcg_cfg` is `rcg` with the caller's guidance `cfg`."""
+        modes (cluster ids for `cluster`), `reps` [n, D] for `oracle`; `rcg_cfg` is `rcg` with the
+        caller's guidance `cfg`. The prior modes draw their reps from `seed` (rcg.priors.hypersphere)
+        and the images from seed + 1, as RCG draws RDM samples (rcg.generation's seeding)."""
         check_modes([mode])
-        if mode in CLASS_MODES and class_ids is None:
+        if mode in (*CLASS_MODES, "cluster") and class_ids is None:
             raise PipelineError(f"mode {mode!r} needs class_ids")
         kw: dict[str, Any] = dict(cfg=cfg, cfg_schedule=cfg_schedule, steps=steps, seed=seed,
                                   batch_size=batch_size, progress=progress)
         if mode in BASELINES:
-            return self.baseline(BASELINES[mode]).sample(n, label=class_ids if mode == "label" else None, **kw)
+            return self.baseline(BASELINES[mode]).sample(n, label=class_ids if mode != "uncond" else None, **kw)
+        if mode in PRIOR_MODES:
+            image = self.baseline(GENERATOR_OF.get(mode, "rep"))
+            return image.sample(n, rep=hypersphere(n, int(image.meta["kwargs"]["rep_dim"]), seed=seed), **kw)
         if mode == "oracle":
             if reps is None or reps.shape[0] != n:
                 raise PipelineError(f"mode 'oracle' needs reps with {n} rows")
@@ -281,15 +308,70 @@ def class_targets(ev: EvaluateConfig, ref: Reference, evalnet_weights: str | Pat
         freq = torch.ones(k, dtype=torch.float64)
     else:
         freq = class_frequencies(ref.manifest, train_features)
-    class_ids = class_ids_for(freq, ref.n, ev.seed)
+    return class_ids_for(freq, ref.n, ev.seed), load_classifier(ref, evalnet_weights, CLASS_MODES)
+
+
+def load_classifier(ref: Reference, evalnet_weights: str | Path, modes: tuple[str, ...]) -> EvalNet | None:
+    """The evaluation classifier, checked against the shards' classes; None (with a warning naming
+    `modes`, whose class accuracy goes unmeasured) when its file is missing."""
     weights = Path(evalnet_weights)
     if not weights.exists():
-        log.warning("%s missing: class accuracy of %s not measured", weights, CLASS_MODES)
-        return class_ids, None
+        log.warning("%s missing: class accuracy of %s not measured", weights, modes)
+        return None
     classifier, meta = load_evalnet(weights)
     if meta.get("classes", ref.classes) != ref.classes:
         raise PipelineError(f"{weights}: trained on classes {meta.get('classes')}, shards have {ref.classes}")
-    return class_ids, classifier
+    return classifier
+
+
+
+def cluster_targets(meta: dict[str, Any], n: int, seed: int) -> tuple[Tensor, Tensor | None]:
+    """`n` cluster ids with the train split's cluster frequencies (`class_ids_for`), and each
+    cluster's majority class of train labels [k] (-1 for none; None when the images are unlabelled):
+    what the classifier and CAS hold mode `cluster`'s images to."""
+    ids = class_ids_for(torch.as_tensor(meta["counts"], dtype=torch.float64), n, seed)
+    majority = meta.get("majority_class")
+    classes = None if majority is None else torch.as_tensor([-1 if c is None else c for c in majority])
+    return ids, classes
+
+
+@dataclass
+class Targets:
+    """What one draw (one seed) asks the modes for."""
+
+    class_ids: Tensor | None = None  # label, rcg_class
+    cluster_ids: Tensor | None = None  # cluster
+    cluster_classes: Tensor | None = None  # [k]: each cluster's majority class
+    reps: Tensor | None = None  # oracle: real val reps
+
+    def ids(self, mode: str) -> Tensor | None:
+        """The ids `mode` is given: classes, clusters or none."""
+        return self.class_ids if mode in CLASS_MODES else self.cluster_ids if mode == "cluster" else None
+
+    def classes(self, mode: str) -> Tensor | None:
+        """The class each of `mode`'s images should show (clusters: their majority class), or None."""
+        if mode == "cluster":
+            if self.cluster_ids is None or self.cluster_classes is None:
+                return None
+            return self.cluster_classes[self.cluster_ids]
+        return self.ids(mode)
+
+
+def draw_targets(ev: EvaluateConfig, ref: Reference, gens: ModeSampler, modes: list[str], evalnet_weights: str | Path,
+                 features_dir: str | Path) -> tuple[Targets, EvalNet | None]:
+    """The targets of the draw with seed `ev.seed` and the classifier that checks the class modes."""
+    class_ids, classifier = class_targets(ev, ref, evalnet_weights, Path(features_dir) / "train.parquet")
+    t = Targets(class_ids=class_ids)
+    if "cluster" in modes:
+        meta = getattr(gens, "cluster_meta", None)
+        if meta is None:
+            raise PipelineError("mode cluster needs the clustering of its generator (cluster_meta)")
+        t.cluster_ids, t.cluster_classes = cluster_targets(meta(), ref.n, ev.seed)
+        if classifier is None and ref.classes and t.cluster_classes is not None:
+            classifier = load_classifier(ref, evalnet_weights, ("cluster",))
+    if "oracle" in modes:
+        t.reps = oracle_reps(Path(features_dir) / "val.parquet", ref.n, ev.seed)
+    return t, classifier
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,17 +386,18 @@ class Generated:
     features: Features
     grid: Tensor  # uint8, the first `evaluate.grid_size` images
     predictions: Tensor | None  # the classifier's class per image, when one was given
+    kept: Tensor | None = None  # uint8, the first `keep` images (CAS's training set)
 
 
 def generate_mode(gens: ModeSampler, mode: str, n: int, ev: EvaluateConfig, shape: tuple[int, int, int],
                   featurizer: Featurizer, *, class_ids: Tensor | None = None, reps: Tensor | None = None,
-                  seed: int = 0, classifier: EvalNet | None = None, writer: Any = None) -> Generated:
+                  seed: int = 0, classifier: EvalNet | None = None, writer: Any = None, keep: int = 0) -> Generated:
     """`n` images of `mode`, generated in chunks and turned into features as they come, so memory
-    holds one chunk of images at a time, whatever `n` is."""
+    holds one chunk of images at a time, whatever `n` is (and the first `keep` images)."""
     base = "rcg" if mode == "rcg_cfg" else mode  # rcg_cfg is the rcg mode with guidance
     scale = ev.cfg if mode == "rcg_cfg" else 0.0
     chunk = 10 * ev.batch_size
-    grid, preds = [], []
+    grid, preds, kept = [], [], []
     for i, start in enumerate(range(0, n, chunk)):
         m = min(chunk, n - start)
         x = gens.sample(base, m, class_ids=None if class_ids is None else class_ids[start : start + m],
@@ -332,7 +415,10 @@ def generate_mode(gens: ModeSampler, mode: str, n: int, ev: EvaluateConfig, shap
             writer.add(u8)
         if sum(len(g) for g in grid) < ev.grid_size:
             grid.append(u8[: ev.grid_size - sum(len(g) for g in grid)])
-    return Generated(featurizer.finish(), torch.cat(grid), torch.cat(preds) if preds else None)
+        if start < keep:
+            kept.append(u8[: keep - start])
+    return Generated(featurizer.finish(), torch.cat(grid), torch.cat(preds) if preds else None,
+                     torch.cat(kept) if kept else None)
 
 
 def interpolation_strips(gens: ModeSampler, reps: Tensor, ev: EvaluateConfig, pairs: int = INTERP_PAIRS,
@@ -348,41 +434,51 @@ class Evaluation:
 
     results: dict[str, Any]
     figures: dict[str, tuple[Tensor, int | None]] = field(default_factory=dict)
+    # CAS's training sets: mode -> (the first images, the class each should show)
+    cas_sets: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, evalnet_weights: str | Path,
                    features_dir: str | Path) -> Evaluation:
-    """Score the floor and every mode of `ev.modes` (paper section 4); nothing is written here
-    except, when evaluate.save_samples asks for them, the generated images."""
+    """Score the floor and every mode of `ev.modes` (paper section 4), once per seed of `ev.seeds`,
+    then CAS; nothing is written here except, when evaluate.save_samples asks for them, the
+    generated images (of the first seed)."""
     check_modes(ev.modes)
     ref = reference_set(ev, data, evalnet_weights)
     floor = floor_metrics(ref, data, ev.cache_dir)
-    class_ids, classifier = class_targets(ev, ref, evalnet_weights, Path(features_dir) / "train.parquet")
     out = Evaluation({
         "extractor": ref.extractor, "fd_is": DESCRIPTIONS[ref.extractor], "reference": ref.source,
         "n_samples": ref.n, "n_reference": ref.n_ref, "sample_steps": ev.sample_steps, "cfg": ev.cfg,
-        "floor": floor, "modes": {}, "class_accuracy": {}, "skipped": skipped_modes(ev.modes, ref, gens),
+        "seeds": list(ev.seeds), "floor": floor, "modes": {}, "class_accuracy": {},
+        "skipped": skipped_modes(ev.modes, ref, gens),
     })
     if ref.extractor == EVALNET_SSL:
         out.results["skipped"]["is"] = "IS needs class probabilities; the evaluation network was trained without labels"
     if ref.stats is not None and ref.features is None:
         for metric in ("kid", "precision", "recall"):
             out.results["skipped"][metric] = f"{ref.source} holds no reference images (arr_0), only mu/sigma"
-    reps_val = oracle_reps(Path(features_dir) / "val.parquet", ref.n, ev.seed) if "oracle" in ev.modes else None
     for mode in ev.modes:
         if mode in out.results["skipped"]:
             log.info("mode %s skipped: %s", mode, out.results["skipped"][mode])
-            continue
-        _score_mode(out, gens, mode, ev, data, ref, class_ids if mode in CLASS_MODES else None,
-                    reps_val if mode == "oracle" else None, classifier if mode in CLASS_MODES else None)
-    if reps_val is not None and len(reps_val) >= 2:
-        out.figures["interpolation"] = (interpolation_strips(gens, reps_val, ev), INTERP_POINTS)
+    modes = [m for m in ev.modes if m not in out.results["skipped"]]
+    for j, offset in enumerate(ev.seeds):
+        draw = dataclasses.replace(ev, seed=ev.seed + offset)
+        targets, classifier = draw_targets(draw, ref, gens, modes, evalnet_weights, features_dir)
+        for mode in modes:
+            if j == 0:
+                _score_mode(out, gens, mode, draw, data, ref, targets, classifier)
+            else:
+                _score_again(out, gens, mode, draw, data, ref, targets, offset)
+        if j == 0 and targets.reps is not None and len(targets.reps) >= 2:
+            out.figures["interpolation"] = (interpolation_strips(gens, targets.reps, draw), INTERP_POINTS)
+    summarise_seeds(out.results["modes"], list(ev.seeds))
+    _cas(out, ev, data, ref, evalnet_weights)
     return out
 
 
 def _score_mode(out: Evaluation, gens: ModeSampler, mode: str, ev: EvaluateConfig, data: DataConfig,
-                ref: Reference, class_ids: Tensor | None, reps: Tensor | None, classifier: EvalNet | None) -> None:
-    """Generate, featurise and score one mode into `out` (its row, class accuracy and grid)."""
+                ref: Reference, targets: Targets, classifier: EvalNet | None) -> None:
+    """Generate, featurise and score one mode into `out` (its row, class accuracy, grid, CAS set)."""
     from rcg.sampling import SampleWriter
 
     t0 = time.perf_counter()
@@ -391,19 +487,65 @@ def _score_mode(out: Evaluation, gens: ModeSampler, mode: str, ev: EvaluateConfi
     if ev.save_samples != "none":
         writer = SampleWriter(Path(ev.samples_dir) / mode, ref.n, shape, png=ev.save_samples in ("png", "both"),
                               npz=ev.save_samples in ("npz", "both"))
-    gen = generate_mode(gens, mode, ref.n, ev, shape, ref.featurizer, class_ids=class_ids, reps=reps,
-                        seed=ev.seed, classifier=classifier, writer=writer)
+    want = targets.classes(mode)  # the class each image should show (class modes, cluster)
+    keep = min(ev.cas_samples, ref.n) if mode in CAS_MODES and want is not None and ref.classes else 0
+    gen = generate_mode(gens, mode, ref.n, ev, shape, ref.featurizer, class_ids=targets.ids(mode),
+                        reps=targets.reps if mode == "oracle" else None, seed=ev.seed,
+                        classifier=classifier if want is not None else None, writer=writer, keep=keep)
     if writer is not None:
         writer.close()
     row = score_against(ref, gen.features)
-    if gen.predictions is not None:
-        acc = class_accuracy(gen.predictions, class_ids, ref.classes)
+    if gen.predictions is not None and want is not None:
+        acc = class_accuracy(gen.predictions, want, ref.classes)
         out.results["class_accuracy"][mode] = acc
         row["class_accuracy"] = acc["overall"]
+    if gen.kept is not None:
+        out.cas_sets[mode] = (gen.kept, want[: len(gen.kept)])
     row["seconds"] = round(time.perf_counter() - t0, 1)
     out.results["modes"][mode] = row
     out.figures[f"samples_{mode}"] = (gen.grid.float() / 255.0, None)
     log.info("mode %s: %s", mode, _fmt(row))
+
+
+def _score_again(out: Evaluation, gens: ModeSampler, mode: str, ev: EvaluateConfig, data: DataConfig,
+                 ref: Reference, targets: Targets, offset: int) -> None:
+    """Another draw of `mode` (seed `ev.seed`): its fd goes into the row as `fd_seed_<offset>`."""
+    shape = (data.channels, data.image_size, data.image_size)
+    gen = generate_mode(gens, mode, ref.n, ev, shape, ref.featurizer, class_ids=targets.ids(mode),
+                        reps=targets.reps if mode == "oracle" else None, seed=ev.seed)
+    fd = score_against(ref, gen.features)["fd"]
+    out.results["modes"][mode][f"fd_seed_{offset}"] = fd
+    log.info("mode %s, seed %d: fd=%.4g", mode, ev.seed, fd)
+
+
+def summarise_seeds(rows: dict[str, dict[str, Any]], seeds: list[int]) -> None:
+    """With more than one seed, each row gets `fd_seed_<first>` (its own fd), `fd_mean` and `fd_std`
+    (the sample standard deviation over the seeds); with one, the rows stay as they are."""
+    if len(seeds) < 2:
+        return
+    for row in rows.values():
+        row[f"fd_seed_{seeds[0]}"] = row["fd"]
+        fds = [float(row[f"fd_seed_{s}"]) for s in seeds]
+        row["fd_mean"], row["fd_std"] = statistics.fmean(fds), statistics.stdev(fds)
+
+
+def _cas(out: Evaluation, ev: EvaluateConfig, data: DataConfig, ref: Reference, evalnet_weights: str | Path) -> None:
+    """CAS of the class-conditional modes scored (rcg.metrics.cas) into `out`, or the reason it is not."""
+    from rcg.metrics.cas import cas_table
+
+    asked = [m for m in CAS_MODES if m in out.results["modes"]]
+    if ev.cas_samples == 0 or not asked:
+        return
+    if not ref.classes:
+        out.results["skipped"]["cas"] = "CAS tests a classifier on labelled val images; the shards carry no labels"
+        return
+    if not Path(evalnet_weights).exists() or not out.cas_sets:
+        out.results["skipped"]["cas"] = f"{evalnet_weights} (the classifier's architecture) is missing"
+        return
+    table = cas_table(out.cas_sets, ev, data, evalnet_weights, ref.classes)
+    out.results["cas"] = table
+    for mode, acc in table["modes"].items():
+        out.results["modes"][mode]["cas"] = acc
 
 
 def skipped_modes(modes: list[str] | tuple[str, ...], ref: Reference, gens: ModeSampler) -> dict[str, str]:

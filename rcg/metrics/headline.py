@@ -21,7 +21,8 @@ ENCODER = ("knn_top1", "knn_top1_pixels", "knn_top1_random_init", "knn_skipped",
            "images_per_s")
 RDM = ("fd_train", "fd_floor_train", "fd_train_over_floor", "fd_val", "train_steps", "train_seconds",
        "class_cond.fd_per_class_train", "class_cond.fd_per_class_floor_train", "class_cond.skipped")
-GENERATOR = ("steps", "final_loss", "train_seconds_total", "images_per_s", "skipped")
+GENERATOR = ("steps", "final_loss", "train_seconds_total", "images_per_s", "clusters.k", "clusters.purity",
+             "posterior.info_bound", "skipped")
 EVALNET = ("test_accuracy", "steps", "train_seconds_total", "skipped")
 
 

@@ -7,7 +7,9 @@ representations (0.48), next to the noise floor of 50k real training representat
 them (0.38). `score_rdm` measures both, against the train and the val split, with N samples per draw
 on each side (the same N, so the finite-sample bias is the same), averaged over independent draws.
 For a class-conditional RDM it draws N // K samples per class, as the reference's
-`arange(K).repeat`, and scores each class against that class's representations.
+`arange(K).repeat`, and scores each class against that class's representations. `score_prior` scores
+the hypersphere prior (rcg.priors) the same way, beside the RDM: what the RDM learns beyond the
+support of the standardised representations.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from rcg.config import RDMConfig
 from rcg.metrics.frechet import Stats, feature_statistics, frechet_distance
+from rcg.priors import hypersphere
 from rcg.rdm import RDMBundle, sample_reps
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ class _References:
 
 
 def _references(
-    bundle: RDMBundle,
+    bundle: RDMBundle | None,
     n_eval: int,
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor] | None,
@@ -61,7 +65,7 @@ def _references(
     n = min(n_eval, train_reps.shape[0])
     st_val = feature_statistics(val[0]) if val is not None else None
     refs = _References(feature_statistics(train_reps), st_val, n)
-    if bundle.class_cond:
+    if bundle is not None and bundle.class_cond:
         refs.per_class_n = max(2, n // bundle.num_classes)
         for c in range(bundle.num_classes):
             rows = torch.nonzero(train_labels == c).flatten()
@@ -81,14 +85,7 @@ def _score_draw(
     out: dict[str, Any] = {}
     if not bundle.class_cond:
         samples = sample_reps(bundle, refs.n, seed=seed, batch_size=batch_size, progress=True)
-        real = _random_rows(train_reps, refs.n, seed + 1)
-        out["fd_train"] = frechet_distance(samples, refs.train)
-        out["fd_floor_train"] = frechet_distance(real, refs.train)
-        if refs.val is not None:
-            out["fd_val"] = frechet_distance(samples, refs.val)
-            out["fd_floor_val"] = frechet_distance(real, refs.val)
-        out["sample_norm_mean"] = float(samples.norm(dim=1).mean())
-        return out
+        return _score_samples(samples, seed, train_reps, refs)
 
     per = refs.per_class_n
     ids = torch.arange(bundle.num_classes).repeat_interleave(per)
@@ -106,6 +103,29 @@ def _score_draw(
             row["fd_floor_val"] = frechet_distance(real_c, st_vc)
         per_class[str(c)] = row
     out["per_class"] = per_class
+    return out
+
+
+def _score_samples(samples: Tensor, seed: int, train_reps: Tensor, refs: _References) -> dict[str, Any]:
+    """One draw of unconditional samples, and N random train reps (from seed + 1), against `refs`."""
+    real = _random_rows(train_reps, refs.n, seed + 1)
+    out = {"fd_train": frechet_distance(samples, refs.train), "fd_floor_train": frechet_distance(real, refs.train)}
+    if refs.val is not None:
+        out["fd_val"] = frechet_distance(samples, refs.val)
+        out["fd_floor_val"] = frechet_distance(real, refs.val)
+    out["sample_norm_mean"] = float(samples.norm(dim=1).mean())
+    return out
+
+
+def score_prior(sample: Callable[[int, int], Tensor], train: tuple[Tensor, Tensor],
+                val: tuple[Tensor, Tensor] | None, *, n_eval: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """`score_rdm` for an unconditional sampler `sample(n, seed) -> [n, D]` other than the RDM (the
+    hypersphere prior): the same N, draws and seeds, so its floors are the RDM's."""
+    refs = _references(None, n_eval, train, val)
+    draws = [_score_samples(sample(refs.n, s), s, train[0], refs)
+             for s in (seed + r * _DRAW_SEED_STRIDE for r in range(repeats))]
+    out: dict[str, Any] = {"n_eval": refs.n, "eval_repeats": repeats, **_mean_over_draws(draws)}
+    out["fd_train_over_floor"] = out["fd_train"] / max(out["fd_floor_train"], 1e-12)
     return out
 
 
@@ -187,4 +207,8 @@ def score_trained(rc: RDMConfig, trained: list[tuple[str, RDMBundle, dict[str, A
     result = _record(scores)
     if class_skipped:
         result["class_cond"] = {"skipped": class_skipped}
+    dim = train[0].shape[1]
+    result["hypersphere"] = score_prior(lambda n, s: hypersphere(n, dim, seed=s), train, val,
+                                        n_eval=rc.n_eval, repeats=rc.eval_repeats, seed=rc.seed)
+    log.info("hypersphere prior: %s", {k: round(v, 4) for k, v in result["hypersphere"].items() if isinstance(v, float)})
     return result

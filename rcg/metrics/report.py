@@ -1,9 +1,10 @@
 """The evaluation table as Markdown, with the paper's ImageNet numbers beside it (`rcg report`).
 
 One row per generation mode of metrics/eval.json, the real-data floor, and whether the paper's
-claims (Table 9a's ordering) hold at this scale. The paper's numbers are ImageNet 256x256 FID / IS
-with 50k samples: orientation, not a target; our `fd` is only comparable to them when the
-extractor is Inception.
+claims (Table 9a's ordering) hold at this scale; then CAS (rcg.metrics.cas) and, from the train_rdm
+stage's record, how far the RDM's and the hypersphere prior's representations are from the real
+ones. The paper's numbers are ImageNet 256x256 FID / IS with 50k samples: orientation, not a
+target; our `fd` is only comparable to them when the extractor is Inception.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ PAPER: dict[str, tuple[str, str]] = {
     "rcg_cfg": ("3.19 / 214.9", "MAGE-B, cfg 1.0, README"),
     "rcg_class": ("3.50 / 194.9", "MAGE-B, class-conditional RDM, README"),
     "oracle": ("4.37 / 149.0", "MAGE-B on real-image reps, Table 9a"),
+    "cluster": ("6.60 / 121.9", "MAGE-B on k-means cluster labels of MoCo v3 reps, Table 9a"),
+    "hypersphere": ("-", "not in the paper: a prior raised in its review"),
+    "contrastive": ("-", "not in the paper: a posterior raised in its review"),
 }
+# Paper Table 9a (MAGE-B, FID), the rows our modes stand for: what `rcg report` sets the table beside.
+TABLE_9A = {"oracle": 4.37, "rcg": 5.07, "label": 5.83, "cluster": 6.60}
 LABELS = {
     "uncond": "uncond (no condition)",
     "label": "label (real class labels)",
@@ -28,6 +34,9 @@ LABELS = {
     "rcg_cfg": "rcg_cfg (RDM reps + guidance)",
     "rcg_class": "rcg_class (class-cond. RDM)",
     "oracle": "oracle (real val reps)",
+    "cluster": "cluster (k-means cluster labels)",
+    "hypersphere": "hypersphere (uniform prior reps)",
+    "contrastive": "contrastive (posterior-trained, hypersphere reps)",
 }
 
 
@@ -41,7 +50,7 @@ def _num(row: dict[str, Any], key: str, digits: int = 3) -> str:
 def _claims(results: dict[str, Any]) -> list[str]:
     """The issue's targets at small scale (paper Table 9a's ordering), checked on the numbers."""
     modes = results.get("modes", {})
-    fd = {m: r.get("fd") for m, r in modes.items()}
+    fd = {m: r.get("fd_mean", r.get("fd")) for m, r in modes.items()}  # over the seeds, as the table
     out = []
 
     def check(ok: bool | None, text: str) -> None:
@@ -57,6 +66,8 @@ def _claims(results: dict[str, Any]) -> list[str]:
           f"rcg fd <= label fd ({_num(fd, 'rcg')} vs {_num(fd, 'label')}; paper 5.07 vs 5.83)")
     check(fd["oracle"] <= fd["rcg"] if both("oracle", "rcg") else None,
           f"oracle fd <= rcg fd ({_num(fd, 'oracle')} vs {_num(fd, 'rcg')}; paper 4.37 vs 5.07)")
+    check(fd["label"] <= fd["cluster"] if both("label", "cluster") else None,
+          f"label fd <= cluster fd ({_num(fd, 'label')} vs {_num(fd, 'cluster')}; paper 5.83 vs 6.60)")
     acc = modes.get("rcg_class", {}).get("class_accuracy")
     check(None if acc is None else acc >= 0.8,
           f"rcg_class samples classified as the asked-for class >= 0.8 ({_num({'a': acc}, 'a')})")
@@ -77,37 +88,91 @@ def _evalnet_line(evalnet: dict[str, Any]) -> str:
     return f"Evaluation classifier: test accuracy {evalnet['test_accuracy']:.4f} ({steps})."
 
 
-def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None) -> str:
-    """The Markdown report of an eval.json mapping (and the evalnet metrics, if given)."""
-    ext = results.get("extractor", "?")
-    fd_name = "FID" if ext == "inception-v3-compat" else f"fd ({ext})"
+def _fd_cell(row: dict[str, Any]) -> str:
+    """The fd of a row: mean +- std over the seeds when there were several, else the one draw's."""
+    if row.get("fd_mean") is not None:
+        return f"{row['fd_mean']:.3f} ± {row['fd_std']:.3f}"
+    return _num(row, "fd")
+
+
+def _table(results: dict[str, Any], fd_name: str) -> list[str]:
+    """The mode rows and the floor row of the Markdown table."""
     n = results.get("n_samples")
     lines = [
-        f"## RCG evaluation: {n} samples per mode, {results.get('sample_steps')} sampling steps, "
-        f"against {results.get('n_reference')} real val images",
-        "",
-        f"`{fd_name}`: {results.get('fd_is', '')}. IS, KID, precision and recall use the same "
-        f"extractor. Paper columns: ImageNet 256x256, 50k samples, Inception FID / IS.",
-        *_skipped(results.get("skipped", {})),
-        "",
-        f"| mode | {fd_name} | IS | KID | precision | recall | class acc | seconds | paper FID / IS | paper setting |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| mode | {fd_name} | IS | KID | precision | recall | class acc | CAS | seconds | paper FID / IS | paper setting |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, row in results.get("modes", {}).items():
         paper, where = PAPER.get(mode, ("-", ""))
         lines.append(
-            f"| {LABELS.get(mode, mode)} | {_num(row, 'fd')} | {_num(row, 'is', 2)} | {_num(row, 'kid')} | "
+            f"| {LABELS.get(mode, mode)} | {_fd_cell(row)} | {_num(row, 'is', 2)} | {_num(row, 'kid')} | "
             f"{_num(row, 'precision')} | {_num(row, 'recall')} | {_num(row, 'class_accuracy')} | "
-            f"{_num(row, 'seconds', 0)} | {paper} | {where} |"
+            f"{_num(row, 'cas')} | {_num(row, 'seconds', 0)} | {paper} | {where} |"
         )
     floor = results.get("floor")
     if floor:
         lines.append(
             f"| *floor: {n} real train images* | {_num(floor, 'fd')} | {_num(floor, 'is', 2)} | "
-            f"{_num(floor, 'kid')} | {_num(floor, 'precision')} | {_num(floor, 'recall')} | - | "
+            f"{_num(floor, 'kid')} | {_num(floor, 'precision')} | {_num(floor, 'recall')} | - | - | "
             f"{_num(floor, 'seconds', 0)} | - | |"
         )
-    lines += ["", "Claims (paper Table 9a ordering, checked at this scale):", *_claims(results)]
+    return lines
+
+
+def _table_9a(results: dict[str, Any], fd_name: str) -> list[str]:
+    """The paper's Table 9a beside ours, with the caveat that the two are different measures."""
+    modes = results.get("modes", {})
+    ours = ", ".join(f"{m} {_fd_cell(modes[m])}" for m in TABLE_9A if m in modes) or "none of its rows"
+    paper = ", ".join(f"{m} {v:.2f}" for m, v in TABLE_9A.items())
+    return ["", f"Paper Table 9a (MAGE-B, ImageNet 256x256, FID): {paper}. Ours ({fd_name}): {ours}. "
+                "A different measure on different data: compare the ordering, not the values."]
+
+
+def _cas_lines(results: dict[str, Any]) -> list[str]:
+    """CAS (Ravuri & Vinyals 2019) beside real-data training, when it was measured."""
+    cas = results.get("cas")
+    if not cas:
+        return []
+    real = cas.get("real_evalnet")
+    return ["", f"CAS (Ravuri & Vinyals 2019): the evaluation classifier's architecture trained on "
+                f"{cas['images']} generated images per mode ({cas['steps']} steps; `cluster`: each image "
+                f"labelled with its cluster's majority class of train labels), tested on {cas['test']}: "
+                + ", ".join(f"{m} {a:.4f}" for m, a in cas["modes"].items())
+                + f". Real data: {cas['real_same_budget']:.4f} with the same training on {cas['images']} real "
+                  f"train images; {'-' if real is None else f'{real:.4f}'} for the evaluation network (its own training)."]
+
+
+def _prior_lines(rdm: dict[str, Any] | None) -> list[str]:
+    """The representation FDs of the train_rdm stage: RDM and hypersphere samples beside the floor."""
+    if not rdm or "hypersphere" not in rdm or "fd_train" not in rdm:
+        return []
+    h = rdm["hypersphere"]
+    return ["", f"Representation FD against the train reps (train_rdm, {rdm.get('n_eval')} samples, "
+                f"mean of {rdm.get('eval_repeats')} draws): RDM {rdm['fd_train']:.4f}, hypersphere prior "
+                f"{h['fd_train']:.4f}, floor (real train reps) {rdm['fd_floor_train']:.4f}."]
+
+
+def format_report(results: dict[str, Any], evalnet: dict[str, Any] | None = None,
+                  rdm: dict[str, Any] | None = None) -> str:
+    """The Markdown report of an eval.json mapping (and the evalnet and train_rdm records, if given)."""
+    ext = results.get("extractor", "?")
+    fd_name = "FID" if ext == "inception-v3-compat" else f"fd ({ext})"
+    seeds = results.get("seeds") or [0]
+    spread = f" The fd column is the mean ± std over {len(seeds)} seeds." if len(seeds) > 1 else ""
+    lines = [
+        f"## RCG evaluation: {results.get('n_samples')} samples per mode, {results.get('sample_steps')} sampling "
+        f"steps, against {results.get('n_reference')} real val images",
+        "",
+        f"`{fd_name}`: {results.get('fd_is', '')}. IS, KID, precision and recall use the same "
+        f"extractor. Paper columns: ImageNet 256x256, 50k samples, Inception FID / IS.{spread}",
+        *_skipped(results.get("skipped", {})),
+        "",
+        *_table(results, fd_name),
+        *_table_9a(results, fd_name),
+        "", "Claims (paper Table 9a ordering, checked at this scale):", *_claims(results),
+        *_cas_lines(results),
+        *_prior_lines(rdm),
+    ]
     per_class = results.get("class_accuracy", {})
     if per_class:
         lines += ["", "Per-class accuracy of the evaluation classifier on conditional samples:", ""]

@@ -38,6 +38,8 @@ def evaluate(cfg: Config, generators: ModeSampler, tracker: Tracker | None = Non
     tracker.log_metrics({f"floor.{k}": v for k, v in results["floor"].items()})
     for mode, row in results["modes"].items():
         tracker.log_metrics({f"{mode}.{k}": v for k, v in row.items()})
+    if "cas" in results:  # each mode's CAS is in its row; the real-data baseline here
+        tracker.log_metrics({"cas.real_same_budget": results["cas"]["real_same_budget"]})
     tracker.log_table(table_rows(results), "eval_table.json")  # MLflow's table view of the run
     tracker.log_pipeline(headline_metrics(results), tags)  # the pipeline run's own metrics
     plots = Path(ev.plots_dir)

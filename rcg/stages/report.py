@@ -10,7 +10,9 @@ from rcg.metrics.report import format_report
 
 
 def run(cfg: Config, **options: object) -> None:
-    """Print the report of metrics/details/eval.json (and metrics/evalnet.json when present) to stdout."""
+    """Print the report of metrics/details/eval.json (with metrics/evalnet.json and
+    metrics/details/rdm.json when present) to stdout."""
     results = read_json(cfg.evaluate.details_file)
-    evalnet_path = Path(cfg.evalnet.metrics_file)
-    print(format_report(results, read_json(evalnet_path) if evalnet_path.exists() else None))
+    evalnet_path, rdm_path = Path(cfg.evalnet.metrics_file), Path(cfg.train_rdm.details_file)
+    print(format_report(results, read_json(evalnet_path) if evalnet_path.exists() else None,
+                        read_json(rdm_path) if rdm_path.exists() else None))

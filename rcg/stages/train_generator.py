@@ -1,10 +1,12 @@
-"""`rcg train-generator --condition rep|none|label`: the image generator (paper section 3.3) and its
-baselines (Table 9a), with the recipe of rcg.generators.training.
+"""`rcg train-generator --condition rep|none|label|cluster|contrastive`: the image generator (paper
+section 3.3), its baselines (Table 9a: no condition, class labels, k-means cluster labels) and the
+rep generator trained through the contrastive posterior, with the recipe of rcg.generators.training.
 
 Outputs: models/generator/<condition>/generator.{safetensors,json} (EMA weights) and samples.png,
 checkpoints/train_generator/<condition>/checkpoint-last.pt, metrics/details/generator_<condition>.json
 (the run's record), its headline in metrics/generator_<condition>.json (rcg.metrics.headline), and
-the training curve metrics/curves/generator_<condition>.tsv.
+the training curve metrics/curves/generator_<condition>.tsv. A `cluster` generator's folder also
+holds its k-means (rcg.clusters: clusters.safetensors, clusters.json), which evaluate draws ids from.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from rcg.config import Config, GeneratorConfig
 from rcg.data.loader import read_manifest, shards_id
 from rcg.generators import arch_kind
 from rcg.generators.tokens import tokenizer_digest
-from rcg.generators.training import Inputs, train_generator
+from rcg.clusters import fit_clusters
+from rcg.generators.training import MODEL_CONDITION, Inputs, train_generator
 from rcg.io import PipelineError, atomic_dir, file_digest, write_json
 from rcg.metrics import headline
 from rcg.metrics.plots import Curve, CurveTracker
@@ -37,20 +40,25 @@ _RUN_ONLY = ("steps", "ckpt_every", "log_every", "sample_every", "sample_steps",
              "out_dir", "verify_cache", "tokenizer", "choice_temperature")
 # Keys added after the first checkpoints were written: left out of the fingerprint while they hold
 # their default, so that a checkpoint written before they existed still resumes.
-_ADDED_LATER = ("tokenizer", "choice_temperature", "lr_schedule", "accum_steps")
+_ADDED_LATER = ("tokenizer", "choice_temperature", "lr_schedule", "accum_steps", "clusters", "cluster_iters",
+                "rep_posterior", "posterior_temperature", "posterior_bank")
+CONDITIONS = tuple(MODEL_CONDITION)  # rep, none, label, cluster, contrastive
 
 
 def resume_fingerprint(cfg: Config, condition: str) -> str:
     """What a checkpoint must match to be resumed: the settings that change what is learned, and the
-    inputs (the shards; for `rep` also the encoder whose representations condition the model; for
-    a MAGE arch the tokenizer whose ids it learns)."""
+    inputs (the shards; for `rep` and `contrastive` also the encoder whose representations condition
+    the model; for `cluster` the train features it clusters; for a MAGE arch the tokenizer whose ids
+    it learns)."""
     default = GeneratorConfig()
     run_cfg = dataclasses.replace(cfg.train_generator, **{k: getattr(default, k) for k in _RUN_ONLY})
     settings = {k: v for k, v in dataclasses.asdict(run_cfg).items()
                 if k not in _ADDED_LATER or v != getattr(default, k)}
     inputs = [shards_id(cfg.data.shards_dir)]
-    if condition == "rep":
+    if MODEL_CONDITION[condition] == "rep":
         inputs.append(file_digest(Path(cfg.encoder.out_dir) / "encoder.safetensors"))
+    if condition == "cluster":
+        inputs.append(file_digest(Path(cfg.encode.out_dir) / "train.parquet"))
     if arch_kind(cfg.train_generator.arch) == "tokens":
         inputs.append(tokenizer_digest(cfg.train_generator.tokenizer))
     return fingerprint(settings, cfg.data.image_size, cfg.data.channels, cfg.encoder.rep_dim, condition, inputs)
@@ -78,8 +86,8 @@ def skip(cfg: Config, condition: str, reason: str) -> None:
 def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
     """Train one generator and write its metrics file."""
     gcfg = cfg.train_generator
-    if condition not in ("rep", "none", "label"):
-        raise PipelineError(f"--condition must be rep, none or label, got {condition!r}")
+    if condition not in CONDITIONS:
+        raise PipelineError(f"--condition must be {', '.join(CONDITIONS[:-1])} or {CONDITIONS[-1]}, got {condition!r}")
     classes = list(read_manifest(cfg.data.shards_dir).get("classes", []))
     if condition == "label" and not classes:
         skip(cfg, condition, f"{cfg.data.shards_dir}/manifest.json lists no classes: the label baseline "
@@ -91,6 +99,10 @@ def run(cfg: Config, condition: str = "rep", **options: Any) -> None:
     metrics_file, details_file, curve_file = output_files(gcfg, condition)
     info = setup_distributed(cfg.dist.tf32, cfg.dist.compile)
     try:
+        if condition == "cluster":  # every rank clusters alike (deterministic), in seconds
+            inputs.clusters = fit_clusters(inputs.features, gcfg.clusters, gcfg.cluster_iters, gcfg.seed, info.device)
+            log.info("k-means of %s: %s", inputs.features,
+                     {k: inputs.clusters.meta[k] for k in ("k", "k_rule", "purity", "mean_sq_distance")})
         with stage_run(cfg, "train_generator", rank=info.rank, condition=condition, resume_key=resume_fingerprint(cfg, condition)) as tracker:
             tracker.set_tags({"condition": condition, "arch": gcfg.arch})
             # The model folder (weights, generator.json, samples.png) and the metrics file are one set:
