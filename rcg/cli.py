@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"rcg {args.command}: error: {e}", file=sys.stderr)
         return 1
-    if args.command in TRAINING_COMMANDS:
+    # Converting an official encoder checkpoint trains nothing: one process does it.
+    converting = args.command == "encoder" and bool(cfg.encoder.checkpoint)
+    if args.command in TRAINING_COMMANDS and not converting:
         from rcg.launch import maybe_relaunch
 
         # dist.nproc_per_node > 1: this process becomes `torchrun ... -m rcg.cli <same args>`; a

@@ -13,6 +13,7 @@ file the way the shards are read (the input of paper Fig. 6 / Fig. 7), PNG files
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,33 +87,41 @@ def sample_images(
     meaningful in pixel space, where the data range is known).
     """
     device = torch.device(device)
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    denoiser = GuidedDenoiser(model, diffusion.num_timesteps, cfg_scale, cfg_schedule, amp)
+    clip = clip_x0 if clip_x0 > 0 else None
+    out = []
+    for b, i, j, kw, single in _batches(n, cond, batch_size, progress, device):
+        g = batch_generator(seed, b)
+        xt = None if x_T is None else x_T[i:j]
+        if sampler == "ddim":
+            z = ddim_sample(denoiser, diffusion, (j - i, *shape), steps, eta=eta, model_kwargs=kw, generator=g,
+                            device=device, progress=progress and single, x_T=xt, clip_x0=clip)
+        else:
+            z = ddpm_sample(denoiser, diffusion, (j - i, *shape), steps, model_kwargs=kw, generator=g,
+                            device=device, progress=progress and single, x_T=xt, clip_x0=clip)
+        out.append(codec.decode(z).cpu())
+    return torch.cat(out) if out else torch.zeros(0, *shape)
+
+
+def _batches(n: int, cond: dict[str, Tensor] | None, batch_size: int, progress: bool,
+             device: torch.device) -> Iterator[tuple[int, int, int, dict[str, Tensor], bool]]:
+    """(batch index, start, end, its condition rows on `device`, whether it is the only batch) for
+    n samples in batches; a progress bar over the batches when there are several."""
     cond = cond or {}
     for k, v in cond.items():
         if v.shape[0] != n:
             raise ValueError(f"condition {k!r} has {v.shape[0]} rows, expected {n}")
-    denoiser = GuidedDenoiser(model, diffusion.num_timesteps, cfg_scale, cfg_schedule, amp)
-    clip = clip_x0 if clip_x0 > 0 else None
-    out = []
-    starts = range(0, n, batch_size)
-    if progress and len(starts) > 1:
+    starts: Iterable[int] = range(0, n, batch_size)
+    single = len(starts) <= 1
+    if progress and not single:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", unit="batch")
     for b, i in enumerate(starts):
         j = min(n, i + batch_size)
-        kw = {k: v[i:j].to(device) for k, v in cond.items()}
-        g = batch_generator(seed, b)
-        xt = None if x_T is None else x_T[i:j]
-        if sampler == "ddim":
-            z = ddim_sample(denoiser, diffusion, (j - i, *shape), steps, eta=eta, model_kwargs=kw, generator=g,
-                            device=device, progress=progress and len(starts) == 1, x_T=xt, clip_x0=clip)
-        elif sampler == "ddpm":
-            z = ddpm_sample(denoiser, diffusion, (j - i, *shape), steps, model_kwargs=kw, generator=g,
-                            device=device, progress=progress and len(starts) == 1, x_T=xt, clip_x0=clip)
-        else:
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-        out.append(codec.decode(z).cpu())
-    return torch.cat(out) if out else torch.zeros(0, *shape)
+        yield b, i, j, {k: v[i:j].to(device) for k, v in cond.items()}, single
 
 
 @torch.no_grad()
@@ -137,19 +146,8 @@ def sample_tokens(
     logits (0: none), then the tokenizer's decoder. Batch b draws its decoding noise from
     `batch_generator(seed, b)`, as `sample_images` draws its starting noise."""
     device = torch.device(device)
-    cond = cond or {}
-    for k, v in cond.items():
-        if v.shape[0] != n:
-            raise ValueError(f"condition {k!r} has {v.shape[0]} rows, expected {n}")
-    starts = range(0, n, batch_size)
-    if progress and len(starts) > 1:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generate", unit="batch")
     out = []
-    for b, i in enumerate(starts):
-        j = min(n, i + batch_size)
-        kw = {k: v[i:j].to(device) for k, v in cond.items()}
+    for b, i, j, kw, _ in _batches(n, cond, batch_size, progress, device):
         with autocast(device, amp and device.type in ("cpu", "cuda")):
             ids = model.generate(j - i, **kw, num_iter=steps, choice_temperature=choice_temperature, cfg=cfg_scale,
                                  cfg_schedule=cfg_schedule, generator=batch_generator(seed, b))  # (B, T)

@@ -21,10 +21,11 @@ def uniformity(reps: torch.Tensor, t: float = 2.0) -> float:
     if n < 2:
         return float("nan")
     total = torch.zeros((), dtype=torch.float64)
-    for i in range(0, n, 2048):
-        sq = torch.cdist(z[i : i + 2048], z).pow(2)  # (chunk, n)
+    step = max(1, min(2048, 2**22 // n))  # blocks of at most 4M pairs (32 MB of float64) whatever n is
+    for i in range(0, n, step):
+        sq = torch.cdist(z[i : i + step], z).pow(2)  # (chunk, n)
         e = torch.exp(-t * sq)
-        rows = torch.arange(i, min(i + 2048, n))
+        rows = torch.arange(i, min(i + step, n))
         e[rows - i, rows] = 0.0  # exclude self-pairs
         total += e.sum()
     return float(torch.log(total / (n * (n - 1))))
