@@ -525,7 +525,8 @@ class TokenizerConfig:
 
 
 # The generation modes of docs/design.md (rcg.metrics.evaluation.MODES, which a test compares).
-EVAL_MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle", "cluster", "hypersphere", "contrastive")
+EVAL_MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle", "oracle_val", "cluster", "hypersphere",
+              "contrastive")
 
 
 @dataclass
@@ -562,7 +563,10 @@ class EvaluateConfig:
     # One scored draw of every mode per entry, with seed `seed + entry` (its images, class or cluster
     # ids and oracle reps): the rows keep the first draw's numbers, and with more than one entry add
     # fd_mean, fd_std and fd_seed_<entry>. [0]: one draw, the table as before.
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # The modes drawn again for every further seed ([]: all of `modes`); the others are drawn once.
+    # By default the rows of the paper's Table 9a ordering and the prior that replaces the RDM.
+    seed_modes: list[str] = field(default_factory=lambda: ["oracle", "rcg", "label", "cluster", "hypersphere"])
     # Classification Accuracy Score (Ravuri & Vinyals 2019): the evaluation classifier's architecture
     # trained on the first `cas_samples` generated images of each class-conditional mode (label,
     # rcg_class, cluster; at most n_samples; 0: off) with their asked-for classes, tested on the real
@@ -586,6 +590,7 @@ class EvaluateConfig:
         "cfg_schedule": FREE, "kid_subset_size": Range(ge=2, why="KID's unbiased estimate needs pairs"),
         "prc_neighborhood": COUNT, "grid_size": COUNT, "seed": SEED,
         "seeds": Range(nonempty=True, unique=True, item=SEED),
+        "seed_modes": Range(unique=True, item=Range(choices=EVAL_MODES)),
         "cas_samples": Range(ge=2, zero_ok=True, why="0 turns CAS off; a classifier needs examples"),
         "cas_steps": COUNT, "cas_batch_size": Range(ge=2, why="the classifier has BatchNorm"), "cas_lr": POSITIVE,
         "metrics_file": PATH, "details_file": PATH, "plots_dir": PATH, "cache_dir": PATH,

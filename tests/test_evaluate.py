@@ -21,7 +21,8 @@ from rcg.stages import evaluate as evaluate_stage
 from tests.conftest import tiny_params
 from tests.fakes import adm_reference_npz
 
-MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03, "cluster": 0.1,
+MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03, "oracle_val": 0.05,
+              "cluster": 0.1,
               "hypersphere": 0.3, "contrastive": 0.35}
 # The stand-in's clustering: 5 clusters, uneven, each showing one class (its majority class).
 CLUSTERS = {"k": 5, "counts": [50, 5, 10, 20, 15], "majority_class": [1, 3, 5, 7, 9]}
@@ -134,12 +135,14 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     assert int((calls["label"]["class_ids"] == 3).sum()) == 18
     assert torch.bincount(calls["cluster"]["class_ids"], minlength=5).tolist() == [16, 2, 3, 6, 5]
     assert calls["hypersphere"]["class_ids"] is None and calls["contrastive"]["reps"] is None
-    val_reps = _read_val_reps()
-    assert all(any(torch.equal(r, v) for v in val_reps) for r in calls["oracle"]["reps"])
+    # oracle: real train reps (Table 9a's); oracle_val: real val reps.
+    val_reps, train_reps = _read_reps("val"), _read_reps("train")
+    assert all(any(torch.equal(r, v) for v in train_reps) for r in calls["oracle"]["reps"])
+    assert all(any(torch.equal(r, v) for v in val_reps) for r in calls["oracle_val"]["reps"])
 
     # Fig. 7's strips: 4 rows between consecutive pairs of the oracle's val reps, 8 images each.
     (strip,) = gen.strips
-    oracle = calls["oracle"]["reps"]
+    oracle = calls["oracle_val"]["reps"]
     assert strip["points"] == evaluation.INTERP_POINTS and strip["seed"] == ev.seed
     assert torch.equal(strip["rep_a"], oracle[0:8:2]) and torch.equal(strip["rep_b"], oracle[1:8:2])
 
@@ -170,10 +173,10 @@ def test_evaluate_writes_every_mode_floor_class_accuracy_and_plots(
     assert set(rows) == {*ev.modes, "floor"} and rows["label"]["cas"] == cas["modes"]["label"]
 
 
-def _read_val_reps() -> torch.Tensor:
+def _read_reps(split: str) -> torch.Tensor:
     from rcg.features import read_features
 
-    return read_features("data/features/val.parquet", view="orig").reps
+    return read_features(f"data/features/{split}.parquet", view="orig").reps
 
 
 def test_unknown_mode_is_a_clear_error_and_too_many_samples_are_capped(
@@ -235,10 +238,22 @@ def test_report_claims_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
                   "rcg_class": {"fd": 6.5, "class_accuracy": 0.85}},
     }
     text = format_report(results)
-    assert "- [yes] rcg fd <= 0.7 x uncond fd" in text
+    assert "- [NO] rcg fd <= 0.5 x uncond fd" in text
     assert "- [NO] rcg fd <= label fd" in text
     assert "- [yes] oracle fd <= rcg fd" in text
+    assert "- [NO] rcg fd <= 10 x the floor's (6.000 vs 10 x 0.500)" in text
     assert "- [yes] rcg_class samples classified" in text
+    assert "noise" not in text  # one draw: no spread to judge by
+
+    # Three seeds: an ordering is beyond the noise when the means differ by more than 2 standard errors.
+    seeded = json.loads(json.dumps(results))
+    seeded["seeds"] = [0, 1, 2]
+    seeded["modes"]["rcg"].update(fd_mean=6.0, fd_std=0.3)
+    seeded["modes"]["label"].update(fd_mean=6.1, fd_std=0.3)  # 0.1 apart, 2 s.e. = 0.49
+    seeded["modes"]["oracle"].update(fd_mean=4.0, fd_std=0.1)  # 2.0 apart, 2 s.e. = 0.37
+    text = format_report(seeded)
+    assert "- [yes] rcg fd <= label fd (6.000 vs 6.100; paper 5.07 vs 5.83), within the noise (2 x s.e. 0.490)" in text
+    assert "- [yes] oracle fd <= rcg fd (4.000 vs 6.000; paper 4.37 vs 5.07), beyond the noise (2 x s.e. 0.365)" in text
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(tiny_params())
@@ -313,27 +328,37 @@ def test_uniform_classes_and_samples_written_for_other_evaluators(workspace: Pat
 
 
 def test_seeds_give_each_mode_a_mean_and_spread_of_fd(workspace: Path) -> None:
-    """evaluate.seeds: one draw per seed (its images, class ids), the rows keep the first draw's
-    numbers and add fd_seed_<s>, fd_mean and fd_std; the report shows mean +- std."""
+    """evaluate.seeds: one draw per seed (its images, class ids) of the modes in evaluate.seed_modes,
+    the others drawn once; the seeded rows keep the first draw's numbers and add fd_seed_<s>, fd_mean
+    and fd_std; the report shows mean +- std for them and the one fd for the others."""
     cfg = config.load("params.yaml")
-    cfg.evaluate.modes, cfg.evaluate.seeds, cfg.evaluate.cas_samples = ["uncond", "label"], [0, 2], 0
+    ev = cfg.evaluate
+    ev.modes, ev.seeds, ev.seed_modes, ev.cas_samples = ["uncond", "label"], [0, 2], ["label", "rcg"], 0
     gen = StandIn(cfg)
     res = evaluate_stage.evaluate(cfg, gen)
     assert res["seeds"] == [0, 2] and "cas" not in res and "cas" not in res["skipped"]
-    for row in res["modes"].values():
-        assert row["fd_seed_0"] == row["fd"] and row["fd_seed_2"] != row["fd"]
-        assert row["fd_mean"] == pytest.approx((row["fd_seed_0"] + row["fd_seed_2"]) / 2)
-        assert row["fd_std"] == pytest.approx(abs(row["fd_seed_0"] - row["fd_seed_2"]) / 2 ** 0.5)
+    row = res["modes"]["label"]
+    assert row["fd_seed_0"] == row["fd"] and row["fd_seed_2"] != row["fd"]
+    assert row["fd_mean"] == pytest.approx((row["fd_seed_0"] + row["fd_seed_2"]) / 2)
+    assert row["fd_std"] == pytest.approx(abs(row["fd_seed_0"] - row["fd_seed_2"]) / 2 ** 0.5)
+    assert not any(k.startswith("fd_") for k in res["modes"]["uncond"])  # not a seed mode: one draw
     first = {c["mode"]: c for c in gen.calls if c["seed"] == 0}
     second = {c["mode"]: c for c in gen.calls if c["seed"] == 2}
-    assert set(first) == set(second) == {"uncond", "label"}
+    assert set(first) == {"uncond", "label"} and set(second) == {"label"}
     assert torch.equal(torch.bincount(first["label"]["class_ids"]), torch.bincount(second["label"]["class_ids"]))
     assert not torch.equal(first["label"]["class_ids"], second["label"]["class_ids"])  # the draw's own order
-    assert read_json(cfg.evaluate.metrics_file)["modes"]["label"] == {"fd": res["modes"]["label"]["fd"]}
+    assert read_json(ev.metrics_file)["modes"]["label"] == {"fd": row["fd"]}
     text = format_report(res)
-    assert "mean ± std over 2 seeds" in text
-    assert f"| uncond (no condition) | {res['modes']['uncond']['fd_mean']:.3f} ± " in text
-    assert f"rcg fd <= label fd (- vs {res['modes']['label']['fd_mean']:.3f};" in text  # claims: the means too
+    assert "mean ± std, over 2 seeds" in text
+    assert f"| label (real class labels) | {row['fd_mean']:.3f} ± {row['fd_std']:.3f} |" in text
+    assert f"| uncond (no condition) | {res['modes']['uncond']['fd']:.3f} |" in text
+
+    # seed_modes []: every mode is drawn once per seed.
+    ev.seed_modes = []
+    gen = StandIn(cfg)
+    res = evaluate_stage.evaluate(cfg, gen)
+    assert all("fd_std" in r for r in res["modes"].values())
+    assert sorted(c["mode"] for c in gen.calls if c["seed"] == 2) == ["label", "uncond"]
 
 
 def test_cas_is_high_for_real_images_of_their_class_and_chance_for_noise(in_workspace: Path) -> None:

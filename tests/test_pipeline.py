@@ -109,11 +109,12 @@ def _check_metrics_width(repo: Path, dvc: list[str], env: dict[str, str]) -> Non
     files = [f"metrics/{n}.json" for n in ("encoder", "rdm", "generator_rep", "generator_none",
                                            "generator_label", "evalnet", "eval")]
     table = _run(dvc + ["metrics", "show", *files], repo, {**env, "COLUMNS": "200"}).stdout
-    assert max(len(line) for line in table.splitlines()) <= 550, table
-    assert len(table.splitlines()[0].split()) <= 30, table
-    # The evaluation's headline alone: the nine modes' fd, the floor's and the time (220 characters).
-    alone = _run(dvc + ["metrics", "show", "metrics/eval.json"], repo, {**env, "COLUMNS": "240"}).stdout
-    assert max(len(line) for line in alone.splitlines()) <= 240, alone
+    # Ten evaluation modes' fd are most of it (555 characters, 29 columns).
+    assert max(len(line) for line in table.splitlines()) <= 600, table
+    assert len(table.splitlines()[0].split()) <= 32, table
+    # The evaluation's headline alone: the ten modes' fd, the floor's and the time (about 240 characters).
+    alone = _run(dvc + ["metrics", "show", "metrics/eval.json"], repo, {**env, "COLUMNS": "300"}).stdout
+    assert max(len(line) for line in alone.splitlines()) <= 260, alone
 
 
 def _check_artifacts(repo: Path, dvc: list[str], env: dict[str, str], out: Path) -> None:

@@ -10,7 +10,10 @@ the real val images under one extractor: Frechet distance (`fd`), IS, KID, preci
 - `rcg` / `rcg_cfg`: the representation-conditioned generator on RDM samples, without / with
   guidance (`evaluate.cfg`);
 - `rcg_class`: the same generator on class-conditional RDM samples (same labels as `label`);
-- `oracle`: the same generator on representations of real val images (paper Table 9a's oracle);
+- `oracle`: the same generator on representations of real train images (paper Table 9a's oracle,
+  as its authors describe it: the representations the generator was trained on);
+- `oracle_val`: the same on representations of real val images; its gap to `oracle` says how far
+  the generator has fitted its training representations rather than the representation space;
 - `cluster`: the generator trained on k-means cluster ids of the train reps (rcg.clusters), given
   cluster ids with the train split's cluster frequencies (paper Table 9a's fourth row);
 - `hypersphere`: the rep generator on samples of the hypersphere prior (rcg.priors) instead of
@@ -21,7 +24,8 @@ the real val images under one extractor: Frechet distance (`fd`), IS, KID, preci
 `floor` scores N real train images the same way: the best any mode can do at this N. The
 classifier's accuracy on `label` and `rcg_class` samples against the asked-for class measures
 class-conditional quality (for `cluster`: against each cluster's majority class of train labels).
-With `evaluate.seeds` every mode is drawn once per seed, for the spread of fd; with
+With `evaluate.seeds` every mode (or those of `evaluate.seed_modes`) is drawn once per seed, for
+the spread of fd; with
 `evaluate.cas_samples` each class-conditional mode's first images train a classifier tested on
 real val images (rcg.metrics.cas). Sample grids and Fig. 7's interpolation strips come out as
 figures; writing files and MLflow records is the stage's part (rcg/stages/evaluate.py).
@@ -62,7 +66,9 @@ from rcg.priors import hypersphere
 
 log = logging.getLogger(__name__)
 
-MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle", "cluster", "hypersphere", "contrastive")
+MODES = ("uncond", "label", "rcg", "rcg_cfg", "rcg_class", "oracle", "oracle_val", "cluster", "hypersphere",
+         "contrastive")
+ORACLE_SPLITS = {"oracle": "train", "oracle_val": "val"}  # oracle modes -> the split whose real reps they get
 CLASS_MODES = ("label", "rcg_class")  # modes that are asked for a class
 CAS_MODES = ("label", "rcg_class", "cluster")  # class-conditional modes: their images train CAS classifiers
 BASELINES = {"uncond": "none", "label": "label", "cluster": "cluster"}  # mode -> generator folder, sampled by label
@@ -126,7 +132,7 @@ class ModeGenerators:
                cfg: float = 0.0, cfg_schedule: str = "linear", steps: int | None = None, seed: int = 0,
                batch_size: int = 250, progress: bool = False) -> Tensor:
         """n images [n, C, H, W] in [0, 1] of `mode` (module docstring); `class_ids` [n] for the class
-        modes (cluster ids for `cluster`), `reps` [n, D] for `oracle`; `rcg_cfg` is `rcg` with the
+        modes (cluster ids for `cluster`), `reps` [n, D] for the oracle modes; `rcg_cfg` is `rcg` with the
         caller's guidance `cfg`. The prior modes draw their reps from `seed` (rcg.priors.hypersphere)
         and the images from seed + 1, as RCG draws RDM samples (rcg.generation's seeding)."""
         check_modes([mode])
@@ -139,9 +145,9 @@ class ModeGenerators:
         if mode in PRIOR_MODES:
             image = self.baseline(GENERATOR_OF.get(mode, "rep"))
             return image.sample(n, rep=hypersphere(n, int(image.meta["kwargs"]["rep_dim"]), seed=seed), **kw)
-        if mode == "oracle":
+        if mode in ORACLE_SPLITS:
             if reps is None or reps.shape[0] != n:
-                raise PipelineError(f"mode 'oracle' needs reps with {n} rows")
+                raise PipelineError(f"mode {mode!r} needs reps with {n} rows")
             return self.rcg().from_reps(reps, **kw)
         return self.rcg().sample(n, class_ids if mode == "rcg_class" else None, **kw)
 
@@ -181,11 +187,12 @@ def class_ids_for(freq: Tensor, n: int, seed: int) -> Tensor:
     return ids[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
-def oracle_reps(val_features: str | Path, n: int, seed: int) -> Tensor:
-    """Representations of `n` real val images (original view), drawn without replacement if possible."""
-    feats = read_features(Path(val_features), view="orig")
+def oracle_reps(features: str | Path, n: int, seed: int) -> Tensor:
+    """Representations of `n` real images of one split's features file (original view), drawn without
+    replacement if possible."""
+    feats = read_features(Path(features), view="orig")
     if len(feats) == 0:
-        raise PipelineError(f"{val_features}: no val representations for mode oracle")
+        raise PipelineError(f"{features}: no representations for the oracle modes")
     g = torch.Generator().manual_seed(seed)
     if n <= len(feats):
         idx = torch.randperm(len(feats), generator=g)[:n]
@@ -342,7 +349,7 @@ class Targets:
     class_ids: Tensor | None = None  # label, rcg_class
     cluster_ids: Tensor | None = None  # cluster
     cluster_classes: Tensor | None = None  # [k]: each cluster's majority class
-    reps: Tensor | None = None  # oracle: real val reps
+    reps: dict[str, Tensor] = field(default_factory=dict)  # oracle modes: real train / val reps
 
     def ids(self, mode: str) -> Tensor | None:
         """The ids `mode` is given: classes, clusters or none."""
@@ -369,8 +376,9 @@ def draw_targets(ev: EvaluateConfig, ref: Reference, gens: ModeSampler, modes: l
         t.cluster_ids, t.cluster_classes = cluster_targets(meta(), ref.n, ev.seed)
         if classifier is None and ref.classes and t.cluster_classes is not None:
             classifier = load_classifier(ref, evalnet_weights, ("cluster",))
-    if "oracle" in modes:
-        t.reps = oracle_reps(Path(features_dir) / "val.parquet", ref.n, ev.seed)
+    for mode in modes:
+        if mode in ORACLE_SPLITS:
+            t.reps[mode] = oracle_reps(Path(features_dir) / f"{ORACLE_SPLITS[mode]}.parquet", ref.n, ev.seed)
     return t, classifier
 
 
@@ -461,16 +469,18 @@ def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, e
         if mode in out.results["skipped"]:
             log.info("mode %s skipped: %s", mode, out.results["skipped"][mode])
     modes = [m for m in ev.modes if m not in out.results["skipped"]]
+    again = [m for m in modes if m in ev.seed_modes] if ev.seed_modes else modes
     for j, offset in enumerate(ev.seeds):
         draw = dataclasses.replace(ev, seed=ev.seed + offset)
-        targets, classifier = draw_targets(draw, ref, gens, modes, evalnet_weights, features_dir)
-        for mode in modes:
+        targets, classifier = draw_targets(draw, ref, gens, modes if j == 0 else again, evalnet_weights, features_dir)
+        for mode in modes if j == 0 else again:
             if j == 0:
                 _score_mode(out, gens, mode, draw, data, ref, targets, classifier)
             else:
                 _score_again(out, gens, mode, draw, data, ref, targets, offset)
-        if j == 0 and targets.reps is not None and len(targets.reps) >= 2:
-            out.figures["interpolation"] = (interpolation_strips(gens, targets.reps, draw), INTERP_POINTS)
+        strip_reps = targets.reps.get("oracle_val", targets.reps.get("oracle"))
+        if j == 0 and strip_reps is not None and len(strip_reps) >= 2:
+            out.figures["interpolation"] = (interpolation_strips(gens, strip_reps, draw), INTERP_POINTS)
     summarise_seeds(out.results["modes"], list(ev.seeds))
     _cas(out, ev, data, ref, evalnet_weights)
     return out
@@ -490,7 +500,7 @@ def _score_mode(out: Evaluation, gens: ModeSampler, mode: str, ev: EvaluateConfi
     want = targets.classes(mode)  # the class each image should show (class modes, cluster)
     keep = min(ev.cas_samples, ref.n) if mode in CAS_MODES and want is not None and ref.classes else 0
     gen = generate_mode(gens, mode, ref.n, ev, shape, ref.featurizer, class_ids=targets.ids(mode),
-                        reps=targets.reps if mode == "oracle" else None, seed=ev.seed,
+                        reps=targets.reps.get(mode), seed=ev.seed,
                         classifier=classifier if want is not None else None, writer=writer, keep=keep)
     if writer is not None:
         writer.close()
@@ -512,7 +522,7 @@ def _score_again(out: Evaluation, gens: ModeSampler, mode: str, ev: EvaluateConf
     """Another draw of `mode` (seed `ev.seed`): its fd goes into the row as `fd_seed_<offset>`."""
     shape = (data.channels, data.image_size, data.image_size)
     gen = generate_mode(gens, mode, ref.n, ev, shape, ref.featurizer, class_ids=targets.ids(mode),
-                        reps=targets.reps if mode == "oracle" else None, seed=ev.seed)
+                        reps=targets.reps.get(mode), seed=ev.seed)
     fd = score_against(ref, gen.features)["fd"]
     out.results["modes"][mode][f"fd_seed_{offset}"] = fd
     log.info("mode %s, seed %d: fd=%.4g", mode, ev.seed, fd)
@@ -524,6 +534,8 @@ def summarise_seeds(rows: dict[str, dict[str, Any]], seeds: list[int]) -> None:
     if len(seeds) < 2:
         return
     for row in rows.values():
+        if not all(f"fd_seed_{s}" in row for s in seeds[1:]):
+            continue  # drawn once (not in evaluate.seed_modes)
         row[f"fd_seed_{seeds[0]}"] = row["fd"]
         fds = [float(row[f"fd_seed_{s}"]) for s in seeds]
         row["fd_mean"], row["fd_std"] = statistics.fmean(fds), statistics.stdev(fds)
