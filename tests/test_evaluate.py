@@ -52,7 +52,7 @@ class StandIn:
                 want = torch.tensor(CLUSTERS["majority_class"])[class_ids]
             else:
                 want = class_ids if mode == "label" else (class_ids + 1) % k
-            idx = torch.stack([torch.nonzero(self.labels == c)[int(torch.randint(100, ()))
+            idx = torch.stack([torch.nonzero(self.labels == c)[int(torch.randint(100, (), generator=g))
                                % int((self.labels == c).sum())][0] for c in want])
         else:
             idx = torch.randint(len(self.images), (n,), generator=g)
