@@ -20,10 +20,10 @@ import torch
 
 from rcg import config
 from rcg.data.loader import make_loader
-from rcg.generators.tokens import (IDS_FILE, TokenCache, TokenCodec, encode_train_ids, fixed_crop_reason,
-                                   write_token_ids)
+from rcg.generators.tokens import IDS_FILE, TokenCache, TokenCodec, fixed_crop_reason, write_token_ids
 from rcg.generators.training import Conditions, Inputs, TokenIds, _data, token_setup
 from rcg.io import PipelineError
+from rcg.stages.tokenizer import encode_train_ids
 from rcg.tokenizers import build_vqgan, save_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

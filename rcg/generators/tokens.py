@@ -12,7 +12,7 @@ What it needs beside the network of rcg.generators.mage:
   (norms), as timm's `add_weight_decay` in the reference;
 - the token id cache: with MAGE's fixed-per-image augmentation (resize and centre crop, paper
   section 3.3; here square images and an optional flip) an image's ids never change, so the
-  tokenizer stage encodes the train split once (`encode_train_ids`, both views with the flip) into
+  tokenizer stage encodes the train split once (both views with the flip) into
   `<tokenizer>/ids.parquet` (`write_token_ids`), and training looks a batch's ids up there
   (`TokenCache`, an rcg.views.ViewCache) instead of running the tokenizer on every batch.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -130,31 +129,6 @@ def fixed_crop_reason(rep_source: str) -> str | None:
             "an image's ids are not fixed")
 
 
-@torch.no_grad()
-def encode_train_ids(codec: TokenCodec, data_cfg: Any, views: tuple[str, ...], batch_size: int,
-                     device: torch.device | str = "cpu", progress: bool = True) -> tuple[list[str], list[str], Tensor]:
-    """Ids of every train image (the resize and centre crop of the loader's `once` stream) in each
-    of `views` ("orig", and "flip" for the mirror image): (keys, views, ids [N, T]) of every row."""
-    from tqdm import tqdm
-
-    from rcg.data.loader import make_loader, read_manifest
-
-    total = read_manifest(data_cfg.shards_dir).get("splits", {}).get("train", {}).get("written")
-    loader = make_loader(data_cfg, "train", "once", batch_size, num_workers=0)
-    keys: list[str] = []
-    names: list[str] = []
-    chunks = []
-    bar_total = math.ceil(total / batch_size) if isinstance(total, int) else None
-    for batch in tqdm(loader, desc="tokenize train", unit="batch", total=bar_total, disable=not progress):
-        x = batch["image"].to(device)
-        both = torch.cat([x if v == "orig" else x.flip(-1) for v in views])  # every view in one pass
-        chunks.append(codec.encode(both).cpu())
-        keys += [k for _ in views for k in batch["key"]]
-        names += [v for v in views for _ in batch["key"]]
-    ids = torch.cat(chunks) if chunks else torch.zeros(0, codec.num_tokens, dtype=torch.long)
-    return keys, names, ids
-
-
 def write_token_ids(path: str | Path, keys: list[str], views: list[str], ids: Tensor, digest: str,
                     codebook_size: int) -> None:
     """Write the ids file (module docstring) atomically; a PipelineError on a repeated (key, view)."""
@@ -208,5 +182,5 @@ class TokenCache(ViewCache):
         return diff
 
 
-__all__ = ["IDS_FILE", "NEAR_TIES", "TokenCache", "TokenCodec", "encode_train_ids", "fixed_crop_reason",
+__all__ = ["IDS_FILE", "NEAR_TIES", "TokenCache", "TokenCodec", "fixed_crop_reason",
            "mage_kwargs", "tokenizer_digest", "weight_decay_groups", "write_token_ids"]

@@ -22,15 +22,19 @@ tokenizer, so the DAG, in which train_generator always depends on the tokenizer 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from tqdm import tqdm
 
 from rcg.config import Config
+from rcg.data.loader import make_loader, read_manifest
 from rcg.generators import arch_kind
-from rcg.generators.tokens import IDS_FILE, TokenCodec, encode_train_ids, fixed_crop_reason, write_token_ids
+from rcg.generators.tokens import IDS_FILE, TokenCodec, fixed_crop_reason, write_token_ids
 from rcg.io import atomic_dir, write_json
 from rcg.metrics import headline
 from rcg.tokenizers.official import official_tokenizer
@@ -55,6 +59,27 @@ def skip(cfg: Config, reason: str) -> None:
     Path(tc.checkpoint_dir).mkdir(parents=True, exist_ok=True)  # a DVC output
     headline.write_metrics({"skipped": reason}, tc.metrics_file, tc.details_file, HEADLINE)
     log.info("tokenizer skipped: %s", reason)
+
+
+@torch.no_grad()
+def encode_train_ids(codec: TokenCodec, data_cfg: Any, views: tuple[str, ...], batch_size: int,
+                     device: torch.device | str = "cpu", progress: bool = True) -> tuple[list[str], list[str], Tensor]:
+    """Ids of every train image (the resize and centre crop of the loader's `once` stream) in each
+    of `views` ("orig", and "flip" for the mirror image): (keys, views, ids [N, T]) of every row."""
+    total = read_manifest(data_cfg.shards_dir).get("splits", {}).get("train", {}).get("written")
+    loader = make_loader(data_cfg, "train", "once", batch_size, num_workers=0)
+    keys: list[str] = []
+    names: list[str] = []
+    chunks = []
+    bar_total = math.ceil(total / batch_size) if isinstance(total, int) else None
+    for batch in tqdm(loader, desc="tokenize train", unit="batch", total=bar_total, disable=not progress):
+        x = batch["image"].to(device)
+        both = torch.cat([x if v == "orig" else x.flip(-1) for v in views])  # every view in one pass
+        chunks.append(codec.encode(both).cpu())
+        keys += [k for _ in views for k in batch["key"]]
+        names += [v for v in views for _ in batch["key"]]
+    ids = torch.cat(chunks) if chunks else torch.zeros(0, codec.num_tokens, dtype=torch.long)
+    return keys, names, ids
 
 
 def cache_ids(cfg: Config, folder: Path, device: torch.device) -> dict[str, Any]:
