@@ -79,7 +79,8 @@ def test_the_tokenizer_stage_trains_for_a_mage_arch(mage_root: Path) -> None:
 def test_the_tokenizer_stage_skips_for_a_diffusion_arch(ws: Path) -> None:
     """What dvc.yaml runs for the DiT/U-Net presets: a marker in seconds, which a MAGE refuses."""
     blocks = dict(tokenizer__out_dir="models/tok_skip", tokenizer__checkpoint_dir="checkpoints/tok_skip",
-                  tokenizer__metrics_file="metrics/tok_skip.json", tokenizer__details_file="metrics/details/tok_skip.json")
+                  tokenizer__metrics_file="metrics/tok_skip.json",
+                  tokenizer__details_file="metrics/details/tok_skip.json")
     tokenizer.run(load_cfg(**blocks), if_needed=True)  # the tiny preset: dit_tiny
     reason = json.loads(Path("models/tok_skip/skipped.json").read_text())["reason"]
     assert "'dit_tiny' is not a MAGE arch" in reason

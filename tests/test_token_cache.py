@@ -32,8 +32,8 @@ TOK = "models/tokenizer"
 
 
 def _cfg(*sets: str) -> config.Config:
-    return config.load("params.yaml", config.parse_set(["train_generator.arch=mage_tiny", f"train_generator.tokenizer={TOK}",
-                                                         *sets]))
+    sets = ("train_generator.arch=mage_tiny", f"train_generator.tokenizer={TOK}", *sets)
+    return config.load("params.yaml", config.parse_set(list(sets)))
 
 
 @pytest.fixture
@@ -94,7 +94,8 @@ def test_first_batch_verification_reports_mismatches(codec: TokenCodec, caplog: 
     # Through training's data path: a file whose ids are off fails on the first batch, once.
     table = pq.read_table(Path(TOK) / IDS_FILE)
     keys_all, views_all = table["key"].to_pylist(), table["view"].to_pylist()
-    stale = (torch.as_tensor(table["ids"].combine_chunks().values.to_numpy().copy()).view(len(table), 49).long() + 1) % 32
+    stored = torch.as_tensor(table["ids"].combine_chunks().values.to_numpy().copy()).view(len(table), 49)
+    stale = (stored.long() + 1) % 32
     write_token_ids(Path(TOK) / IDS_FILE, keys_all, views_all, stale, codec.digest, 32)
     ids_of = TokenIds(codec, "cache", True, verify=True)
     batch = {"key": keys}
