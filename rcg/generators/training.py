@@ -40,8 +40,7 @@ from rcg.data.loader import make_loader
 from rcg.diffusion import Diffusion, diffusion_meta
 from rcg.features import RepCache
 from rcg.generators import arch_kind, build_generator, save_generator
-from rcg.generators.tokens import (IDS_FILE, TokenCache, TokenCodec, fixed_crop_reason, mage_kwargs,
-                                   weight_decay_groups)
+from rcg.generators.tokens import IDS_FILE, TokenCache, TokenCodec, fixed_crop_reason, mage_kwargs, weight_decay_groups
 from rcg.generators.vae import Codec, codec_for
 from rcg.io import PipelineError
 from rcg.priors import contrastive_posterior, hypersphere

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from rcg.clusters import fit_clusters
 from rcg.config import Config, GeneratorConfig
 from rcg.data.loader import read_manifest, shards_id
 from rcg.generators import arch_kind
 from rcg.generators.tokens import tokenizer_digest
-from rcg.clusters import fit_clusters
 from rcg.generators.training import MODEL_CONDITION, Inputs, train_generator
 from rcg.io import PipelineError, atomic_dir, file_digest, write_json
 from rcg.metrics import headline
