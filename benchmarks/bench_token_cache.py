@@ -8,25 +8,29 @@ augmentation is the horizontal flip, each image has exactly two id grids (orig, 
 computed once, as the encode stage already does for the representations (rcg.features.RepCache).
 This script measures what that would save, on real Fashion-MNIST batches, in one process:
 
-  A (per step): tokenize the flipped batch + MAGE loss forward/backward under bf16 autocast (the
-                default preset's train_generator.amp) + clipping + AdamW (+ the EMA update when the
-                preset keeps one), as rcg.training's step does;
+  A (per step): tokenize the batch + MAGE loss forward/backward under bf16 autocast (the default
+                preset's train_generator.amp) + gradient clipping + AdamW, as rcg.training's step
+                does, with the MAGE recipe (weight decay 0.05 off biases and norms, clip 3.0, no
+                EMA: the imagenet256_mage_* presets, tests/test_mage_pipeline.py);
   B (cached):   the same step fed the batch's ids looked up in a precomputed pass (the tokenize
                 part removed).
 
 Both get the same batches, the same representations (with rep_source cache, the default, the
 reps are a Parquet lookup in both: nothing to save there) and the same model code; batches are
-read into memory first, so the loader's cost (the same in A and B) is left out. A and B alternate
-(ABAB), each round `--steps` steps after a warm-up; the tokenizer alone is timed in each round too.
+read into memory first, so the loader's cost (the same in A and B) is left out. After a warm-up, A
+and B alternate step by step (ABAB, the tokenizer alone timed between them), `--rounds` rounds of
+`--steps` steps each; each round gives a ratio B/A of its mean step times.
 
-The tokenizer is `vq_fmnist` with random weights (rcg.tokenizers), its codebook initialised as the
-tokenizer stage initialises it (k-means of the first batch's encoder outputs), so that the ids
-spread over the codebook as a trained one's do. Exactness: the ids the loader path computes for a
+The tokenizer is the folder `--tokenizer` names when it holds one (a trained `rcg tokenizer`),
+else `vq_fmnist` with random weights (rcg.tokenizers), its codebook initialised as the tokenizer
+stage initialises it (k-means of the first batch's encoder outputs), so that the ids spread over
+the codebook as a trained one's do. Exactness: the ids the loader path computes for a
 batch (batch of `--batch`, flipped views included) must equal those of the precomputed pass (once
 over the split, batches of tokenizer.eval_batch_size, both views); both run in fp32
 (TokenCodec.encode disables autocast).
 
     .venv/bin/python benchmarks/bench_token_cache.py [--batch 128] [--rounds 6] [--steps 10] [--threads 2]
+                                                     [--tokenizer models/tokenizer]
 
 The last line prints the cached / per-step ratio of seconds per step (< 1.0: caching is faster).
 """
@@ -134,13 +138,16 @@ def step_fn(cfg: config_mod.Config, codec: TokenCodec, batches: list[Batch], rep
     model = build_generator("mage_fmnist", **mage_kwargs(codec, "rep", 256, 10, gcfg.rep_drop_prob)).train()
     opt = adamw(weight_decay_groups(model, gcfg.weight_decay), gcfg.lr, betas=(0.9, 0.95), device=device)
     ema = EMA(model, gcfg.ema_decay) if gcfg.ema_decay > 0 else None
+    # Each side draws its mask ratios and masks from its own stream with the same seed, so step i of
+    # A and of B keep the same number of tokens (the encoder's cost follows it).
+    masks = torch.Generator().manual_seed(gcfg.seed)
 
     def step(i: int) -> None:
         b = batches[i % len(batches)]
         ids = codec.encode(b.x) if cached is None else cached[i % len(batches)]
         opt.zero_grad(set_to_none=True)
         with autocast(device, gcfg.amp):
-            loss = model.loss(ids, rep=reps[i % len(batches)])
+            loss = model.loss(ids, rep=reps[i % len(batches)], generator=masks)
         loss.backward()
         if gcfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), gcfg.grad_clip)
@@ -157,18 +164,27 @@ def spread(values: list[float], scale: float = 1e3) -> str:
 
 
 def alternate(sides: dict[str, Callable[[int], None]], tokenize: Callable[[int], None], rounds: int,
-              steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Seconds per step of each side and of the tokenizer alone, per round (A, B, tokenize, A, B, ...),
-    and the CPU seconds of each round."""
+              steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each side and of the tokenizer alone: the mean of each round, wall and
+    CPU, and the fastest single step (the least disturbed by neighbours). Within a round the three
+    alternate step by step (A, B, tokenize, A, B, ...): on a shared machine the neighbours' load
+    changes within seconds, and adjacent steps see about the same."""
     per_step: dict[str, list[float]] = {k: [] for k in [*sides, "tokenize only"]}
     cpu: dict[str, list[float]] = {k: [] for k in per_step}
-    for r in range(rounds):  # alternated, so load changes from neighbours hit both alike
-        for name, fn in [*sides.items(), ("tokenize only", tokenize)]:
-            wall = timed(lambda fn=fn: [fn(r * steps + i) for i in range(steps)], cpu[name])
-            per_step[name].append(wall / steps)
+    fastest = dict.fromkeys(per_step, float("inf"))
+    for r in range(rounds):
+        wall = dict.fromkeys(per_step, 0.0)
+        used: dict[str, list[float]] = {k: [] for k in per_step}
+        for i in range(r * steps, (r + 1) * steps):
+            for name, fn in [*sides.items(), ("tokenize only", tokenize)]:
+                dt = timed(lambda fn=fn: fn(i), used[name])
+                wall[name], fastest[name] = wall[name] + dt, min(fastest[name], dt)
+        for name in per_step:
+            per_step[name].append(wall[name] / steps)
+            cpu[name].append(sum(used[name]))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms ({cpu[k][-1] / steps * 1e3:.0f} CPU-ms)"
                                              for k, v in per_step.items()), flush=True)
-    return per_step, cpu
+    return per_step, cpu, fastest
 
 
 def main() -> None:
@@ -179,6 +195,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per round and side")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tokenizer", default="models/tokenizer", help="a trained tokenizer folder, if present")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -186,11 +203,16 @@ def main() -> None:
     cfg = config_mod.preset_config("default")
     cfg.tracking.enabled = False  # no MLflow store in the working directory
     cfg.train_generator.arch, cfg.train_generator.batch_size = "mage_fmnist", args.batch
+    # The MAGE recipe; hflip stays on so that the exactness check covers both views (a flip costs
+    # the same in A and B, and is done before the timing).
+    cfg.train_generator.weight_decay, cfg.train_generator.grad_clip, cfg.train_generator.ema_decay = 0.05, 3.0, 0.0
     gcfg = cfg.train_generator
     with tempfile.TemporaryDirectory(prefix="bench-token-cache-") as tmp:
         cfg.data.shards_dir, cfg.shard.max_per_split = str(Path(tmp) / "shards"), args.n
         shard.run(cfg)
-        codec = make_tokenizer(cfg, Path(tmp) / "tokenizer")
+        trained = (Path(args.tokenizer) / "tokenizer.safetensors").is_file()
+        codec = TokenCodec(args.tokenizer) if trained else make_tokenizer(cfg, Path(tmp) / "tokenizer")
+        print(f"tokenizer: {args.tokenizer if trained else 'vq_fmnist, random weights, k-means codebook'}")
         views, pass_s = precomputed_ids(cfg, codec)
         batches = training_batches(cfg, max(args.steps, 4))
     diff, total = check_exact(codec, batches, views)
@@ -204,8 +226,10 @@ def main() -> None:
     for fn in sides.values():
         for i in range(args.warmup):
             fn(i)
-    per_step, cpu = alternate(sides, lambda i: codec.encode(batches[i % len(batches)].x), args.rounds, args.steps)
-    print(f"mage_fmnist on vq_fmnist ids (7x7 of 256 codes), batch {args.batch}, {args.threads} thread(s), "
+    tokenize = lambda i: codec.encode(batches[i % len(batches)].x)  # noqa: E731
+    per_step, cpu, fastest = alternate(sides, tokenize, args.rounds, args.steps)
+    grid = "x".join(map(str, codec.grid))
+    print(f"mage_fmnist on {grid} ids of {codec.codebook_size} codes, batch {args.batch}, {args.threads} thread(s), "
           f"{'bf16 autocast' if gcfg.amp else 'fp32'}, grad clip {gcfg.grad_clip}, "
           f"EMA {gcfg.ema_decay or 'off'}, hflip {gcfg.hflip}; {args.rounds} ABAB rounds of {args.steps} steps "
           "(shared CPU: expect noise)")
@@ -215,6 +239,9 @@ def main() -> None:
               f"CPU-ms {spread(cpu_ms)}")
     print(f"precomputed pass: {pass_s * 1e3:.3f} ms per image for both views "
           f"({pass_s * 60000:.0f} s for Fashion-MNIST's 60k train images)")
+    a, b, t = (fastest[k] * 1e3 for k in per_step)
+    print(f"fastest single steps: A {a:.0f} ms, B {b:.0f} ms (ratio {b / a:.3f}); A - B {a - b:.0f} ms, "
+          f"tokenize only {t:.0f} ms")
     ratios = sorted(b / a for a, b in zip(per_step["A per-step"], per_step["B cached"]))
     cpu_ratio = sum(cpu["B cached"]) / sum(cpu["A per-step"])
     print(f"round ratios B/A: {' '.join(f'{r:.3f}' for r in ratios)}; CPU-time ratio B/A {cpu_ratio:.3f}")

@@ -376,7 +376,9 @@ class GeneratorConfig:
     # data.image_size) and much cheaper than running the encoder; `encoder` runs it on the fly
     # (needed for random crops, e.g. ImageNet).
     rep_source: Literal["cache", "encoder"] = "cache"
-    verify_cache: bool = True  # check the first batch's cached reps against the encoder once
+    # Check the first batch's cached reps against the encoder once (and a MAGE's cached token ids,
+    # tokenizer.cache_ids, against the tokenizer).
+    verify_cache: bool = True
     hflip: bool = True  # random horizontal flip (reference: RandomCrop + HFlip)
     # Optimisation (reference DiT: AdamW lr 1e-4 constant, betas (0.9, 0.95), wd 0, EMA 0.9999).
     steps: int = 1000  # unet_fmnist: ~0.8 CPU-s per step at batch 128, ~800 CPU-s (~8 min on 2 quiet cores)
@@ -480,8 +482,10 @@ class TokenizerConfig:
 
     With `checkpoint` set, the official MaskGIT VQGAN file (`vqgan_jax_strongaug.ckpt`, arch
     `maskgit_f16`, RGB) is loaded strictly; otherwise the `arch` is trained on the train shards, since
-    a new domain needs its own codebook. Either way models/tokenizer/ and metrics/tokenizer.json
-    (reconstruction error, Frechet distance of reconstructions, codebook usage on val) are written.
+    a new domain needs its own codebook. Either way models/tokenizer/ (with the train split's ids when
+    `cache_ids`), metrics/details/tokenizer.json (reconstruction error, Frechet distance of
+    reconstructions, codebook usage on val, the training summary) and its headline in
+    metrics/tokenizer.json are written.
     """
 
     checkpoint: str = ""  # official tokenizer file; empty = train `arch` on the train shards
@@ -504,13 +508,19 @@ class TokenizerConfig:
     amp: bool = True  # bf16 autocast where it measures faster here (rcg.precision)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     eval_images: int = 10000  # val images scored in metrics/tokenizer.json (0: the whole val split)
-    eval_batch_size: int = 500  # images per encode/decode batch when scoring
+    eval_batch_size: int = 500  # images per encode/decode batch when scoring (and for the ids pass)
+    # For a MAGE arch whose training crops are fixed per image (train_generator.rep_source cache: the
+    # flip is the only augmentation), tokenize the train split once, both views when
+    # train_generator.hflip, into <out_dir>/ids.parquet; training then reads each batch's ids there
+    # instead of running the tokenizer per step (rcg.generators.tokens; docs/measurements.md#token-id-cache).
+    cache_ids: bool = True
     ckpt_every: int = 250  # optimiser steps between resumable checkpoints
     log_every: int = 50  # optimiser steps between loss logs (progress bar, MLflow)
     seed: int = 0
     out_dir: str = "models/tokenizer"
     checkpoint_dir: str = "checkpoints/tokenizer"  # resumable training state (dvc: persist, no cache)
-    metrics_file: str = "metrics/tokenizer.json"
+    metrics_file: str = "metrics/tokenizer.json"  # the headline numbers (`dvc metrics show`)
+    details_file: str = "metrics/details/tokenizer.json"  # everything the stage measured
 
     RANGES: ClassVar[dict[str, Range | None]] = {
         "checkpoint": FREE, "arch": Range(nonempty=True, why="a name in rcg.tokenizers.vqgan.VQ_ARCHS"),
@@ -519,8 +529,8 @@ class TokenizerConfig:
         "restart_every": NON_NEGATIVE, "restart_below": Range(ge=0, le=1, why="a share of the average code's use"),
         "amp": FREE, "threads": NON_NEGATIVE,
         "eval_images": Range(ge=2, zero_ok=True, why="0 means the whole val split; the distance needs 2"),
-        "eval_batch_size": COUNT, "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
-        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH,
+        "eval_batch_size": COUNT, "cache_ids": FREE, "ckpt_every": COUNT, "log_every": COUNT, "seed": SEED,
+        "out_dir": PATH, "checkpoint_dir": PATH, "metrics_file": PATH, "details_file": PATH,
     }
 
 

@@ -28,8 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rcg.io import PipelineError, atomic_path
-
-VIEWS = ("orig", "flip")
+from rcg.views import VIEWS, ViewCache
 
 
 def schema(rep_dim: int = 256) -> pa.Schema:
@@ -127,26 +126,18 @@ def read_features(path: str | Path, view: str | None = None) -> Features:
     )
 
 
-class RepCache:
+class RepCache(ViewCache):
     """The encode stage's reps indexed by (key, view), for training on cached representations.
 
     Exact when the only augmentation is a horizontal flip: the cache holds both views of the same
     decoded image (the author's later MAR caches the same way). `lookup(keys, flipped)` gathers the
-    rows of a batch; view 1 is the flipped image.
+    rows of a batch; view 1 is the flipped image (rcg.views.ViewCache).
     """
 
     def __init__(self, path: str | Path) -> None:
         feats = read_features(path)
-        self.index = {(k, 1 if v == "flip" else 0): i for i, (k, v) in enumerate(zip(feats.keys, feats.views))}
+        super().__init__(feats.keys, feats.views, feats.reps, path, "rep", "rerun `rcg encode`")
         self.reps = feats.reps
-        self.path = Path(path)
-
-    def lookup(self, keys: list[str], flipped: torch.Tensor) -> torch.Tensor:
-        try:
-            rows = [self.index[(k, int(f))] for k, f in zip(keys, flipped.tolist())]
-        except KeyError as e:
-            raise PipelineError(f"{self.path}: no cached rep for sample {e.args[0]} (rerun `rcg encode`)") from None
-        return self.reps[torch.as_tensor(rows)]
 
     def verify(self, cached: torch.Tensor, encoder: torch.nn.Module, images: torch.Tensor) -> float:
         """Max |cached - encoder(images)|; a stale or inexact cache is an error."""

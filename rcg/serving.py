@@ -447,9 +447,12 @@ def _bundle(cfg: Config, files: dict[str, Path], stage: Path) -> dict[str, str]:
             shutil.copy2(f, rdm / f.name)
     (stage / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     artifacts = {"rdm": str(rdm), "generator": str(stage / "generator"), "config": str(stage / "config.json")}
+    from rcg.generators.tokens import IDS_FILE
+
     for key in CODEC_FOLDERS.values():
         if key in files:
-            shutil.copytree(files[key], stage / key)
+            # The train split's token ids are for training only: the served model leaves them behind.
+            shutil.copytree(files[key], stage / key, ignore=shutil.ignore_patterns(IDS_FILE))
             artifacts[key] = str(stage / key)
     if "eval" in files:
         artifacts["eval"] = str(files["eval"])

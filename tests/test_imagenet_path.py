@@ -417,7 +417,7 @@ def test_mage_preset_on_the_official_vqgan_reruns_only_the_generator_side(dit_ru
     assert vq.meta["arch"] == "maskgit_f16" and vq.meta["provenance"]["source"] == "checkpoint"
     assert vq.meta["provenance"]["file"] == VQGAN_FILE
     assert all(torch.equal(v, state[k]) for k, v in vq.state_dict().items())
-    tok = json.loads((repo / "metrics" / "tokenizer.json").read_text())
+    tok = json.loads((repo / "metrics" / "details" / "tokenizer.json").read_text())
     assert (tok["token_grid"], tok["codebook_size"], tok["input_size"]) == ([4, 4], 1024, IMAGE_SIZE), tok
     assert tok["val_images"] == VAL_PER_CLASS * len(CLASSES) and math.isfinite(tok["mse"])
     for condition in ("rep", "none", "label"):

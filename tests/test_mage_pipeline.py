@@ -71,18 +71,22 @@ def test_the_tokenizer_stage_trains_for_a_mage_arch(mage_root: Path) -> None:
     meta = json.loads((mage_root / "models/tokenizer/tokenizer.json").read_text())
     assert meta["arch"] == "vq_tiny" and meta["token_grid"] == [7, 7] and meta["codebook_size"] == 32
     assert not (mage_root / "models/tokenizer/skipped.json").exists()
-    assert "mse" in json.loads((mage_root / "metrics/tokenizer.json").read_text())
+    record = json.loads((mage_root / "metrics/details/tokenizer.json").read_text())
+    assert "mse" in record and record["ids"]["views"] == ["orig", "flip"]  # the train ids, cached
+    assert json.loads((mage_root / "metrics/tokenizer.json").read_text())["psnr"] == record["psnr"]
 
 
 def test_the_tokenizer_stage_skips_for_a_diffusion_arch(ws: Path) -> None:
     """What dvc.yaml runs for the DiT/U-Net presets: a marker in seconds, which a MAGE refuses."""
     blocks = dict(tokenizer__out_dir="models/tok_skip", tokenizer__checkpoint_dir="checkpoints/tok_skip",
-                  tokenizer__metrics_file="metrics/tok_skip.json")
+                  tokenizer__metrics_file="metrics/tok_skip.json",
+                  tokenizer__details_file="metrics/details/tok_skip.json")
     tokenizer.run(load_cfg(**blocks), if_needed=True)  # the tiny preset: dit_tiny
     reason = json.loads(Path("models/tok_skip/skipped.json").read_text())["reason"]
     assert "'dit_tiny' is not a MAGE arch" in reason
     assert sorted(p.name for p in Path("models/tok_skip").iterdir()) == ["skipped.json"]
     assert json.loads(Path("metrics/tok_skip.json").read_text()) == {"skipped": reason}
+    assert json.loads(Path("metrics/details/tok_skip.json").read_text()) == {"skipped": reason}
     assert Path("checkpoints/tok_skip").is_dir()  # a DVC output, even when nothing trained
     with pytest.raises(PipelineError, match="tok_skip: the tokenizer stage skipped it"):
         train_generator.run(_cfg(train_generator__tokenizer="models/tok_skip"), condition="none")
@@ -101,6 +105,8 @@ def test_each_condition_trains_reloads_and_samples(ws: Path, condition: str) -> 
     assert (kw["num_tokens"], kw["codebook_size"], kw["num_classes"]) == (49, 32, 10)  # from the tokenizer
     assert gen.meta["sampling"] == {"sampler": "mage", "steps": 3, "choice_temperature": 6.0, "amp": True}
     assert gen.max_steps == 49 and gen.start_noise(2) is None and (out / "samples.png").stat().st_size > 0
+    details = json.loads(Path(f"metrics/details/generator_{condition}.json").read_text())
+    assert details["token_ids"] == "cache"  # the tokenizer stage's ids.parquet, not the tokenizer per step
 
     # No EMA: the written weights are the trained ones; AdamW decays only the >= 2-D weights.
     state = torch.load(f"checkpoints/train_generator/{condition}/checkpoint-last.pt", weights_only=True)

@@ -234,18 +234,30 @@ def test_stage_trains_writes_the_model_and_metrics(in_workspace: Path) -> None:
     tokenizer.run(cfg)
     vq = load_tokenizer("models/tokenizer")
     assert vq.meta["arch"] == "vq_tiny" and vq.meta["provenance"]["source"] == "trained"
-    m = json.loads(Path("metrics/tokenizer.json").read_text())
+    m = json.loads(Path("metrics/details/tokenizer.json").read_text())  # the whole record
     assert m["token_grid"] == [7, 7] and m["codebook_size"] == 32 and m["val_images"] == 256
     assert 0 < m["mse"] < 0.15 and m["psnr"] == pytest.approx(10 * math.log10(1 / m["mse"]))
     assert 1 < m["usage"]["perplexity"] <= 32 and 0 < m["usage"]["used_share"] <= 1
     assert "models/evalnet" in m["skipped"]["fd"] and "fidelity" not in m
     assert m["train"]["steps"] == cfg.tokenizer.steps
+    # The headline `dvc metrics show` lists: the same values, a few of them.
+    top = json.loads(Path("metrics/tokenizer.json").read_text())
+    assert top == {"psnr": m["psnr"], "usage": {k: m["usage"][k] for k in ("perplexity", "used_share")},
+                   "wall_time_s": m["wall_time_s"], "skipped": m["skipped"]}
+    # The train split's ids, both views (the tiny preset flips), cached beside the weights.
+    assert m["ids"] == {"file": "models/tokenizer/ids.parquet", "images": 256, "views": ["orig", "flip"],
+                        "seconds": m["ids"]["seconds"]}
+    from rcg.generators.tokens import TokenCache, tokenizer_digest
+
+    assert len(TokenCache("models/tokenizer/ids.parquet", tokenizer_digest("models/tokenizer"))) == 512
     # With the evaluation network there, the Frechet distance of reconstructions is reported.
     evalnet.run(cfg)
     tokenizer.run(cfg)  # resumes at the end: the same weights, now scored under evalnet too
-    m2 = json.loads(Path("metrics/tokenizer.json").read_text())
+    m2 = json.loads(Path("metrics/details/tokenizer.json").read_text())
     assert m2["fidelity"]["extractor"] == "evalnet" and math.isfinite(m2["fidelity"]["fd"]) and "skipped" not in m2
     assert m2["mse"] == m["mse"]
+    top2 = json.loads(Path("metrics/tokenizer.json").read_text())
+    assert top2["fidelity"] == {"fd": m2["fidelity"]["fd"]} and "skipped" not in top2
 
 
 def test_stage_converts_an_official_checkpoint(in_workspace: Path) -> None:
@@ -260,7 +272,7 @@ def test_stage_converts_an_official_checkpoint(in_workspace: Path) -> None:
     assert vq.meta["provenance"]["source"] == "checkpoint" and vq.meta["channels"] == 3
     for k, v in vq.state_dict().items():
         assert torch.equal(v, state[k]), k
-    m = json.loads(Path("metrics/tokenizer.json").read_text())
+    m = json.loads(Path("metrics/details/tokenizer.json").read_text())
     assert m["source"] == "checkpoint" and "train" not in m and m["val_images"] == 256
     with pytest.raises(PipelineError, match="tokenizes 3-channel images, but data.channels is 1"):
         tokenizer.run(config.load("params.yaml", config.parse_set(sets)))

@@ -16,7 +16,10 @@ A MAGE arch (paper section 3.3, the paper's main generator) trains through the s
 same conditions on the ids of the frozen tokenizer in `train_generator.tokenizer`
 (rcg.generators.tokens): its loss is MAGE's masked-token cross-entropy, and its recipe (cosine
 lr, weight decay off biases and norms, no EMA) comes from the config (the imagenet256_mage_*
-presets); without EMA the trained weights are the ones written.
+presets); without EMA the trained weights are the ones written. Its ids come, like the
+representations, from a cache when the crops are fixed per image: the tokenizer stage's ids of both
+views (`TokenIds`, checked against the tokenizer on the first batch), else from the tokenizer on
+every batch.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from rcg.data.loader import make_loader
 from rcg.diffusion import Diffusion, diffusion_meta
 from rcg.features import RepCache
 from rcg.generators import arch_kind, build_generator, save_generator
-from rcg.generators.tokens import TokenCodec, mage_kwargs, weight_decay_groups
+from rcg.generators.tokens import IDS_FILE, TokenCache, TokenCodec, fixed_crop_reason, mage_kwargs, weight_decay_groups
 from rcg.generators.vae import Codec, codec_for
 from rcg.io import PipelineError
 from rcg.priors import contrastive_posterior, hypersphere
@@ -164,6 +167,52 @@ class Conditions:
             return self.encoder(x).float()
 
 
+class TokenIds:
+    """The ids a MAGE trains on for a batch of crops: looked up in the tokenizer stage's ids file
+    (exact when the crops are fixed per image; the first batch checked against the tokenizer when
+    `verify`), or, without a usable file, the tokenizer run on the crops (the log says why)."""
+
+    def __init__(self, codec: TokenCodec, rep_source: str, hflip: bool, verify: bool) -> None:
+        self.codec = codec
+        self.cache, why = token_cache(codec, rep_source, hflip)
+        self.verify = verify and self.cache is not None
+        if self.cache is None:
+            log.info("token ids: the tokenizer runs on every batch (%s)", why)
+        else:
+            log.info("token ids: read from %s (%d rows; views %s)", self.cache.path, len(self.cache),
+                     "+".join(self.cache.views))
+
+    @property
+    def source(self) -> str:
+        return "tokenizer" if self.cache is None else "cache"
+
+    def __call__(self, batch: dict[str, Any], x: Tensor, flipped: Tensor) -> Tensor:
+        if self.cache is None:
+            return self.codec.encode(x)
+        ids = self.cache.lookup(batch["key"], flipped).to(x.device)
+        if self.verify:  # once, on the first batch
+            diff = self.cache.verify(ids, self.codec, x)
+            (log.warning if diff else log.info)("cached token ids match the tokenizer on the first batch "
+                                                "(%d of %d differ)", diff, ids.numel())
+            self.verify = False
+        return ids
+
+
+def token_cache(codec: TokenCodec, rep_source: str, hflip: bool) -> tuple[TokenCache | None, str]:
+    """The ids file beside `codec`'s tokenizer when it can stand in for the tokenizer, else None; and why.
+    A file of another tokenizer is an error (TokenCache), not a reason to fall back."""
+    path = codec.path / IDS_FILE
+    why = fixed_crop_reason(rep_source)
+    if why is not None:
+        return None, why
+    if not path.is_file():
+        return None, f"no {path}: tokenizer.cache_ids was off, or the tokenizer stage predates the cache"
+    cache = TokenCache(path, codec.digest)
+    if hflip and "flip" not in cache.views:
+        return None, f"{path} holds no flipped views (written with train_generator.hflip off), and hflip is on"
+    return cache, f"{path}"
+
+
 def _grid_conditions(data_cfg: DataConfig, conditions: Conditions, n: int) -> dict[str, Tensor]:
     """The first `n` train images' conditions (unflipped), so every grid of a run shows the same ones."""
     if conditions.condition == "none" or n == 0:
@@ -243,14 +292,18 @@ def setup(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs, condition
     return Setup(model, codec, Diffusion.from_meta(schedule), schedule, kwargs, opt)
 
 
-def _data(gcfg: GeneratorConfig, data_cfg: DataConfig, s: Setup, conditions: Conditions, device: torch.device) -> Any:
-    """`data(start)` for the loop: horizontally flipped crops, their conditions, encoded by the codec."""
+def _data(gcfg: GeneratorConfig, data_cfg: DataConfig, s: Setup, conditions: Conditions, device: torch.device,
+          ids: TokenIds | None = None) -> Any:
+    """`data(start)` for the loop: horizontally flipped crops, their conditions, encoded by the codec
+    (a MAGE's: the crops' token ids from `ids`)."""
 
     def prepare(batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch["image"].to(device, non_blocking=True)
         flipped = (torch.rand(x.shape[0]) < 0.5) if gcfg.hflip else torch.zeros(x.shape[0], dtype=torch.bool)
         x = torch.where(flipped.to(device)[:, None, None, None], x.flip(-1), x)  # the augmented crop
         cond = conditions(batch, x, flipped)
+        if ids is not None:
+            return ids(batch, x, flipped), cond
         with torch.no_grad():
             return s.codec.encode(x), cond
 
@@ -274,6 +327,8 @@ def train_generator(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs,
     log.info("generator %s (%s, %.2fM params) on %s, condition=%s", gcfg.arch, s.codec.meta()["type"],
              n_params / 1e6, device, condition)
     conditions = Conditions(gcfg, inputs, condition, device, verify=gcfg.verify_cache and info.is_main)
+    ids = TokenIds(s.codec, gcfg.rep_source, gcfg.hflip, gcfg.verify_cache and info.is_main) \
+        if isinstance(s.codec, TokenCodec) else None
     spec = LoopSpec(
         name=f"train_generator ({condition})", steps=gcfg.steps, lr=gcfg.lr, warmup_steps=gcfg.warmup_steps,
         decay=gcfg.lr_schedule, batch_size=gcfg.batch_size * info.world_size * gcfg.accum_steps,
@@ -295,7 +350,7 @@ def train_generator(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs,
         return s.diffusion.training_loss(net, b[0], b[1])
 
     extras = conditions.posterior.take_mean if conditions.posterior is not None else None
-    trained = fit(spec, s.model, s.opt, loss, _data(gcfg, data_cfg, s, conditions, device), info, tracker,
+    trained = fit(spec, s.model, s.opt, loss, _data(gcfg, data_cfg, s, conditions, device, ids), info, tracker,
                   on_step=grid, extras=extras)
     record = condition_record(conditions)
     if info.is_main:
@@ -310,7 +365,8 @@ def train_generator(gcfg: GeneratorConfig, data_cfg: DataConfig, inputs: Inputs,
         if conditions.clusters is not None:  # what evaluate draws cluster ids from
             save_clusters(conditions.clusters, out_dir)
         _write_grid(final, s, grid_cond, gcfg, device, out_dir / "samples.png", tracker, trained.summary["steps"])
-    return {"condition": condition, "arch": gcfg.arch, "params": n_params, **record, **trained.summary}
+    source = {"token_ids": ids.source} if ids is not None else {}  # cache or tokenizer (TokenIds)
+    return {"condition": condition, "arch": gcfg.arch, "params": n_params, **record, **source, **trained.summary}
 
 
 def condition_record(conditions: Conditions) -> dict[str, Any]:

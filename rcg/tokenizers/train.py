@@ -155,7 +155,7 @@ def train_tokenizer(tc: Any, data_cfg: Any, resume_id: str, info: Any,
 # Tokenizer settings that do not change what training computes (kept out of the resume fingerprint
 # and the provenance).
 NOT_TRAINING = {"checkpoint", "steps", "threads", "eval_images", "eval_batch_size", "ckpt_every", "log_every",
-                "out_dir", "checkpoint_dir", "metrics_file"}
+                "out_dir", "checkpoint_dir", "metrics_file", "details_file", "cache_ids"}
 
 
 def training_block(tc: Any) -> dict[str, Any]:
