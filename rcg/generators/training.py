@@ -97,7 +97,7 @@ class Posterior:
 
     def __init__(self, temperature: float, bank: int) -> None:
         self.temperature, self.bank = temperature, bank
-        self.total, self.count, self.run_total, self.run_count = 0.0, 0, 0.0, 0
+        self.reset()
 
     def reset(self) -> None:
         """Forget every bound so far (the draws for the sample grids are not training)."""

@@ -14,8 +14,9 @@ own test accuracy (real data, its longer training).
 from __future__ import annotations
 
 import logging
-import math
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +34,36 @@ WEIGHT_DECAY = 1e-4  # the evaluation classifier's own (evalnet.weight_decay)
 
 
 def train_classifier(images: Tensor, labels: Tensor, arch: dict[str, Any], *, steps: int, batch_size: int,
-                     lr: float, seed: int, device: torch.device | str = "cpu") -> EvalNet:
-    """An EvalNet of `arch` trained on uint8 images [N, C, H, W] with class labels [N]: AdamW,
-    half-cosine lr decay, batches drawn with replacement from `seed` (its init too); eval mode."""
+                     lr: float, seed: int, device: torch.device | str = "cpu", name: str = "CAS") -> EvalNet:
+    """An EvalNet of `arch` trained on uint8 images [N, C, H, W] with class labels [N] through the
+    shared loop (rcg.training.fit): AdamW, half-cosine lr decay, batches drawn with replacement from
+    `seed` (its init too), fp32; eval mode. A throw-away model: its checkpoint goes to a temporary
+    folder, so nothing resumes it."""
+    from rcg.training import DistInfo, LoopSpec, adamw, fit
+
     if len(images) != len(labels) or len(images) == 0:
         raise PipelineError(f"CAS: {len(images)} images for {len(labels)} labels")
+    device = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # the init from `seed`, the caller's RNG untouched
         torch.manual_seed(seed)
         model = EvalNet(**arch).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    opt = adamw(model.parameters(), lr, weight_decay=WEIGHT_DECAY, device=device)
     g = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(len(images), (batch_size,), generator=g)
-        x = images[idx].to(device).float() / 255.0
-        loss = F.cross_entropy(model(x), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
+
+    def data(start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            idx = torch.randint(len(images), (batch_size,), generator=g)
+            yield images[idx].to(device).float() / 255.0, labels[idx].to(device)
+
+    def loss(net: torch.nn.Module, batch: tuple[Tensor, Tensor], step: int) -> Tensor:
+        return F.cross_entropy(net(batch[0]), batch[1])
+
+    with tempfile.TemporaryDirectory(prefix="rcg-cas-") as tmp:
+        spec = LoopSpec(name=name, steps=steps, lr=lr, checkpoint_dir=tmp, fingerprint=f"cas/{seed}",
+                        batch_size=batch_size, decay="cosine", amp=False, log_every=steps, ckpt_every=steps,
+                        config_key="evaluate")
+        trained = fit(spec, model, opt, loss, data, DistInfo(0, 1, 0, device), generators={"cas": g})
+    return trained.model.eval()
 
 
 def real_train_set(data: DataConfig, n: int) -> tuple[Tensor, Tensor]:
@@ -85,14 +95,14 @@ def cas_table(sets: dict[str, tuple[Tensor, Tensor]], ev: EvaluateConfig, data: 
     device = default_device()
     t0 = time.perf_counter()
 
-    def score(images: Tensor, labels: Tensor) -> float:
+    def score(images: Tensor, labels: Tensor, name: str) -> float:
         model = train_classifier(images, labels, arch, steps=ev.cas_steps, batch_size=ev.cas_batch_size,
-                                 lr=ev.cas_lr, seed=ev.seed, device=device)
+                                 lr=ev.cas_lr, seed=ev.seed, device=device, name=f"CAS ({name})")
         return float(val_accuracy(model, data, classes, device)["overall"])
 
-    modes = {mode: score(x, y) for mode, (x, y) in sets.items()}
+    modes = {mode: score(x, y, mode) for mode, (x, y) in sets.items()}
     n = max(len(x) for x, _ in sets.values())
-    real = score(*real_train_set(data, n))
+    real = score(*real_train_set(data, n), "real")
     table = {"images": n, "steps": ev.cas_steps, "batch_size": ev.cas_batch_size, "test": f"{data.shards_dir}/val",
              "modes": modes, "real_same_budget": real, "real_evalnet": meta.get("test_accuracy"),
              "seconds": round(time.perf_counter() - t0, 1)}

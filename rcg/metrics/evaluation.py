@@ -187,18 +187,22 @@ def class_ids_for(freq: Tensor, n: int, seed: int) -> Tensor:
     return ids[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
-def oracle_reps(features: str | Path, n: int, seed: int) -> Tensor:
-    """Representations of `n` real images of one split's features file (original view), drawn without
-    replacement if possible."""
-    feats = read_features(Path(features), view="orig")
-    if len(feats) == 0:
+def oracle_pool(features: str | Path) -> Tensor:
+    """Every representation (original view) of one split's features file: what the oracle modes draw from."""
+    reps = read_features(Path(features), view="orig").reps
+    if len(reps) == 0:
         raise PipelineError(f"{features}: no representations for the oracle modes")
+    return reps
+
+
+def oracle_reps(pool: Tensor, n: int, seed: int) -> Tensor:
+    """`n` representations of `pool` (oracle_pool), drawn without replacement if possible."""
     g = torch.Generator().manual_seed(seed)
-    if n <= len(feats):
-        idx = torch.randperm(len(feats), generator=g)[:n]
+    if n <= len(pool):
+        idx = torch.randperm(len(pool), generator=g)[:n]
     else:
-        idx = torch.randint(len(feats), (n,), generator=g)
-    return feats.reps[idx].clone()
+        idx = torch.randint(len(pool), (n,), generator=g)
+    return pool[idx].clone()
 
 
 @dataclass
@@ -365,8 +369,9 @@ class Targets:
 
 
 def draw_targets(ev: EvaluateConfig, ref: Reference, gens: ModeSampler, modes: list[str], evalnet_weights: str | Path,
-                 features_dir: str | Path) -> tuple[Targets, EvalNet | None]:
-    """The targets of the draw with seed `ev.seed` and the classifier that checks the class modes."""
+                 features_dir: str | Path, pools: dict[str, Tensor] | None = None) -> tuple[Targets, EvalNet | None]:
+    """The targets of the draw with seed `ev.seed` and the classifier that checks the class modes.
+    `pools` keeps the oracle splits' representations (oracle_pool) from one seed's draw to the next."""
     class_ids, classifier = class_targets(ev, ref, evalnet_weights, Path(features_dir) / "train.parquet")
     t = Targets(class_ids=class_ids)
     if "cluster" in modes:
@@ -376,9 +381,13 @@ def draw_targets(ev: EvaluateConfig, ref: Reference, gens: ModeSampler, modes: l
         t.cluster_ids, t.cluster_classes = cluster_targets(meta(), ref.n, ev.seed)
         if classifier is None and ref.classes and t.cluster_classes is not None:
             classifier = load_classifier(ref, evalnet_weights, ("cluster",))
+    pools = {} if pools is None else pools
     for mode in modes:
         if mode in ORACLE_SPLITS:
-            t.reps[mode] = oracle_reps(Path(features_dir) / f"{ORACLE_SPLITS[mode]}.parquet", ref.n, ev.seed)
+            split = ORACLE_SPLITS[mode]
+            if split not in pools:
+                pools[split] = oracle_pool(Path(features_dir) / f"{split}.parquet")
+            t.reps[mode] = oracle_reps(pools[split], ref.n, ev.seed)
     return t, classifier
 
 
@@ -470,10 +479,12 @@ def evaluate_modes(gens: ModeSampler, ev: EvaluateConfig, data: DataConfig, *, e
             log.info("mode %s skipped: %s", mode, out.results["skipped"][mode])
     modes = [m for m in ev.modes if m not in out.results["skipped"]]
     again = [m for m in modes if m in ev.seed_modes] if ev.seed_modes else modes
+    pools: dict[str, Tensor] = {}  # the oracle splits' reps, read once for every seed
     for j, offset in enumerate(ev.seeds):
         draw = dataclasses.replace(ev, seed=ev.seed + offset)
-        targets, classifier = draw_targets(draw, ref, gens, modes if j == 0 else again, evalnet_weights, features_dir)
-        for mode in modes if j == 0 else again:
+        drawn = modes if j == 0 else again
+        targets, classifier = draw_targets(draw, ref, gens, drawn, evalnet_weights, features_dir, pools)
+        for mode in drawn:
             if j == 0:
                 _score_mode(out, gens, mode, draw, data, ref, targets, classifier)
             else:
