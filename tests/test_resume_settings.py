@@ -8,6 +8,10 @@ and its upstream stages. Then, one `-S` at a time:
   - `train_rdm.steps=60`: only the length changed: resumed from step 20.
 Each time both RDMs (unconditional and class-conditional) and metrics/rdm.json describe the model
 on disk.
+
+Marked slow (four `dvc exp run`s, about 70 s): the default run keeps the same rules in process
+(tests/test_training.py: fewer steps start over; tests/test_rdm.py: a checkpoint of other settings
+is not loaded, more steps resume); this module checks them as DVC users meet them (`make test-all`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -57,6 +62,7 @@ def _metrics(repo: Path) -> dict:
     return json.loads((repo / "metrics" / "rdm.json").read_text())
 
 
+@pytest.mark.slow
 def test_changed_settings_start_over_and_more_steps_resume(tmp_path: Path) -> None:
     repo = tmp_path / "project"
     repo.mkdir()
