@@ -11,8 +11,9 @@ embedding + learned positions (LayerNorm, dropout), the representation's Linear 
 position 0, the kept tokens picked with a boolean index, torch's own `nn.TransformerEncoderLayer`
 (norm_first, GELU, eps 1e-6, dropout 0.1) for the encoder and decoder blocks, the decoder input
 padded back with copies of position 0's token by an index assignment, an MLM head on the detached
-word embeddings, and the masked label-smoothed (0.1) cross-entropy. `--baselines` adds `explicit`:
-the same with each block written out (softmax(QK^T)V attention, no fused kernel).
+word embeddings, and the masked label-smoothed (0.1) cross-entropy (baseline `torch`). Baseline
+`explicit` is the same with each block written out (softmax(QK^T)V attention, no fused kernel);
+`--baselines` picks them (default both; the headline ratio is against `torch`).
 
 Identical on both sides: the parameter count and layout (the baseline is loaded from rcg's weights
 with a strict state dict, so both start from the same weights), the batches (random token ids and
@@ -29,7 +30,10 @@ each round gives the ratio baseline seconds / rcg seconds of its mean step times
 
     .venv/bin/python benchmarks/bench_mage.py [--arch mage_fmnist] [--batch 128] [--rounds 6] [--steps 5]
         [--warmup 2] [--threads 1] [--precision auto|bf16|fp32] [--baselines torch,explicit]
-    .venv/bin/python benchmarks/bench_mage.py --arch MAGE-B --batch 8 --rounds 3 --steps 1 --baselines torch
+    .venv/bin/python benchmarks/bench_mage.py --arch MAGE-B --batch 8 --rounds 5 --steps 1 --warmup 1 --precision bf16
+
+`--rcg-attention explicit` times a what-if instead of rcg's code: its MAGE with the attention
+written out (softmax(QK^T)V) in place of scaled_dot_product_attention.
 
 The last line prints baseline time / rcg time per step (>= 0.9 is the target: rcg at least 0.9x
 the plain PyTorch transformer's speed), the median over rounds against the `torch` baseline.
@@ -242,6 +246,21 @@ def plain_step(model: PlainMAGE, batches: list[tuple[Tensor, Tensor]], bf16: boo
     return step
 
 
+def explicit_rcg_attention() -> None:
+    """What-if for `--rcg-attention explicit`: rcg's Attention computes softmax(QK^T)V itself
+    instead of calling scaled_dot_product_attention (same function, same dropout placement)."""
+    from rcg.generators import mage
+
+    def forward(self: mage.Attention, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(dim=-1)
+        y = F.dropout(attn, self.dropout, self.training) @ v
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(n, t, d)))
+
+    mage.Attention.forward = forward
+
+
 def choose_precision(choice: str, model: MAGE, batch: tuple[Tensor, Tensor]) -> bool:
     """Whether both sides run under bf16 autocast: given, or what rcg.precision would choose for
     this MAGE on this machine (its probe: fastest forward + backward in each precision)."""
@@ -272,7 +291,11 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="both sides' precision; auto: what rcg.precision picks for rcg's MAGE here")
     ap.add_argument("--baselines", default="torch,explicit", help="comma list of torch, explicit")
+    ap.add_argument("--rcg-attention", choices=("sdpa", "explicit"), default="sdpa",
+                    help="explicit: a what-if, rcg's MAGE with its attention written out (not rcg's code)")
     args = ap.parse_args()
+    if args.rcg_attention == "explicit":
+        explicit_rcg_attention()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -314,7 +337,8 @@ def main() -> None:
                                               for kind in plains), flush=True)
 
     timed_losses = {name: v[args.warmup:] for name, v in losses.items()}
-    print(f"MAGE {args.arch}, batch {args.batch}, {args.threads} thread(s), {'bf16 autocast' if bf16 else 'fp32'} "
+    what = " (what-if: rcg's attention written out)" if args.rcg_attention == "explicit" else ""
+    print(f"MAGE {args.arch}{what}, batch {args.batch}, {args.threads} thread(s), {'bf16 autocast' if bf16 else 'fp32'} "
           f"on both sides; {args.rounds} ABAB rounds of {args.steps} steps after {args.warmup} warm-up steps "
           "(shared CPU: expect noise)")
     for name, v in per_step.items():
