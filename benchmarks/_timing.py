@@ -8,6 +8,7 @@ both. Imported by the scripts in this folder (`python benchmarks/bench_x.py` put
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from typing import Callable
 
@@ -25,3 +26,9 @@ def timed(fn: Callable[[], object], cpu: list[float]) -> float:
     wall = time.perf_counter() - t
     cpu.append(cpu_seconds() - c)
     return wall
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    """The median, min and max of repeated measurements (rounds), each formatted with `fmt`."""
+    return (f"median {fmt.format(statistics.median(values))}, min {fmt.format(min(values))}, "
+            f"max {fmt.format(max(values))}")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _timing import timed
+from _timing import spread, timed
 
 MAGE_RUN_STEPS = 12  # README.md's MAGE run: train_generator.sample_steps=12, evaluate.sample_steps=12
 
@@ -80,10 +80,6 @@ def save_rdm(cfg: Any, folder: Path) -> Path:
     rdm.save_rdm(net, meta, folder / "rdm", "rdm")
     return folder / "rdm"
 
-
-def spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    return (f"median {fmt.format(statistics.median(values))}, min {fmt.format(min(values))}, "
-            f"max {fmt.format(max(values))}")
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import timed
+from _timing import spread, timed
 from torch import Tensor, nn
 
 from rcg.generators import build_generator
@@ -273,10 +273,6 @@ def choose_precision(choice: str, model: MAGE, batch: tuple[Tensor, Tensor]) -> 
           f"forward + backward -> {'bf16 autocast' if bf16 else 'fp32'} (bf16 unless fp32 is {MARGIN}x faster)")
     return bf16
 
-
-def spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    return (f"median {fmt.format(statistics.median(values))}, min {fmt.format(min(values))}, "
-            f"max {fmt.format(max(values))}")
 
 
 def main() -> None:

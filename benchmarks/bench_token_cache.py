@@ -51,7 +51,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch
-from _timing import timed
+from _timing import spread, timed
 from torch import Tensor, nn
 
 from rcg import config as config_mod
@@ -158,10 +158,6 @@ def step_fn(cfg: config_mod.Config, codec: TokenCodec, batches: list[Batch], rep
     return step
 
 
-def spread(values: list[float], scale: float = 1e3) -> str:
-    med, lo, hi = statistics.median(values) * scale, min(values) * scale, max(values) * scale
-    return f"median {med:7.1f}  min {lo:7.1f}  max {hi:7.1f}"
-
 
 def alternate(sides: dict[str, Callable[[int], None]], tokenize: Callable[[int], None], rounds: int,
               steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
@@ -235,8 +231,8 @@ def main() -> None:
           "(shared CPU: expect noise)")
     for name, v in per_step.items():
         cpu_ms = [c / args.steps for c in cpu[name]]
-        print(f"  {name:14s} ms per batch: {spread(v)}  ({args.batch / statistics.median(v):6.0f} img/s); "
-              f"CPU-ms {spread(cpu_ms)}")
+        print(f"  {name:14s} ms per batch: {spread([x * 1e3 for x in v], '{:.1f}')}  "
+              f"({args.batch / statistics.median(v):6.0f} img/s); CPU-ms {spread([x * 1e3 for x in cpu_ms], '{:.1f}')}")
     print(f"precomputed pass: {pass_s * 1e3:.3f} ms per image for both views "
           f"({pass_s * 60000:.0f} s for Fashion-MNIST's 60k train images)")
     a, b, t = (fastest[k] * 1e3 for k in per_step)
