@@ -22,8 +22,7 @@ from tests.conftest import tiny_params
 from tests.fakes import adm_reference_npz
 
 MODE_NOISE = {"uncond": 0.45, "label": 0.1, "rcg": 0.15, "rcg_class": 0.1, "oracle": 0.03, "oracle_val": 0.05,
-              "cluster": 0.1,
-              "hypersphere": 0.3, "contrastive": 0.35}
+              "cluster": 0.1, "hypersphere": 0.3, "contrastive": 0.35}
 # The stand-in's clustering: 5 clusters, uneven, each showing one class (its majority class).
 CLUSTERS = {"k": 5, "counts": [50, 5, 10, 20, 15], "majority_class": [1, 3, 5, 7, 9]}
 
